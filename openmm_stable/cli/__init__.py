@@ -1,0 +1,51 @@
+"""The `openmm-stable` command line: one sub-module per stage, each with `register(subparsers)`.
+
+A sub-module's `register` adds its sub-command and sets `func` on the parser; the
+function receives the parsed arguments and returns an exit code.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Stage modules, in pipeline order. Each lives in openmm_stable/cli/<name>.py.
+_STAGES = ["data", "pretrain", "export", "simulate", "refine"]
+
+
+class UserError(Exception):
+    """A problem with the user's input; printed without a traceback, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="openmm-stable",
+        description="Stability-aware training (StABlE) of ML force fields with OpenMM.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for stage in _STAGES:
+        try:
+            module = importlib.import_module(f"openmm_stable.cli.{stage}")
+        except ModuleNotFoundError as err:
+            if err.name == f"openmm_stable.cli.{stage}":
+                continue  # stage not built yet
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, ValueError, FileNotFoundError) as err:
+        print(f"openmm-stable {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

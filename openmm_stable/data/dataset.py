@@ -1,0 +1,119 @@
+"""`QMDataset`: frames of one molecule (or one periodic box) with QM energies and forces.
+
+Units are Angstrom, eV, eV/Angstrom, ps and Angstrom/ps throughout; loaders convert on
+the way in (see `openmm_stable.units`). A dataset holds one composition: every frame has
+the same atoms in the same order, which is what MD17/MD22 and MD trajectories provide.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Any, Optional
+
+import numpy as np
+
+MAX_ATOMIC_NUMBER = 118
+
+
+class DatasetError(ValueError):
+    """Bad dataset input; the message names the source and the field."""
+
+
+@dataclasses.dataclass
+class QMDataset:
+    atomic_numbers: np.ndarray  # (N,) int
+    positions: np.ndarray  # (F, N, 3) Angstrom
+    energies: Optional[np.ndarray] = None  # (F,) eV
+    forces: Optional[np.ndarray] = None  # (F, N, 3) eV/Angstrom
+    box: Optional[np.ndarray] = None  # (3, 3) Angstrom, rows are box vectors; None if not periodic
+    times: Optional[np.ndarray] = None  # (F,) ps, for time-ordered data
+    velocities: Optional[np.ndarray] = None  # (F, N, 3) Angstrom/ps
+    temperature: Optional[float] = None  # K at which the frames were sampled, if known
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)  # provenance, method, ...
+    source: str = "<memory>"  # where the data came from, for error messages
+
+    def __post_init__(self) -> None:
+        self.atomic_numbers = np.asarray(self.atomic_numbers, dtype=np.int64).reshape(-1)
+        self.positions = np.asarray(self.positions, dtype=np.float64)
+        if self.positions.ndim == 2:
+            self.positions = self.positions[None]
+        for name in ("energies", "forces", "times", "velocities", "box"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, np.asarray(value, dtype=np.float64))
+        if self.energies is not None:
+            self.energies = self.energies.reshape(-1)
+        self.validate()
+
+    # --- checks -------------------------------------------------------------------------
+    def _fail(self, field: str, message: str) -> None:
+        raise DatasetError(f"{self.source}: field '{field}': {message}")
+
+    def validate(self) -> None:
+        """Raise `DatasetError` naming the source and field for any inconsistent input."""
+        z = self.atomic_numbers
+        if z.size == 0:
+            self._fail("atomic_numbers", "no atoms")
+        bad = z[(z < 1) | (z > MAX_ATOMIC_NUMBER)]
+        if bad.size:
+            self._fail("atomic_numbers", f"unknown atomic number(s) {sorted(set(bad.tolist()))}")
+        n_atoms = z.size
+        if self.positions.ndim != 3 or self.positions.shape[1:] != (n_atoms, 3):
+            self._fail("positions", f"shape {self.positions.shape}, expected (frames, {n_atoms}, 3)")
+        n_frames = self.positions.shape[0]
+        if n_frames == 0:
+            self._fail("positions", "no frames")
+        expected = {
+            "energies": (n_frames,),
+            "forces": (n_frames, n_atoms, 3),
+            "times": (n_frames,),
+            "velocities": (n_frames, n_atoms, 3),
+            "box": (3, 3),
+        }
+        for name in ("positions", *expected):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if name in expected and value.shape != expected[name]:
+                self._fail(name, f"shape {value.shape}, expected {expected[name]}")
+            if not np.all(np.isfinite(value)):
+                where = np.argwhere(~np.isfinite(value))[0]
+                self._fail(name, f"non-finite value (NaN or inf) at index {tuple(where.tolist())}")
+
+    # --- basic properties ------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.positions.shape[0]
+
+    @property
+    def n_atoms(self) -> int:
+        return int(self.atomic_numbers.size)
+
+    @property
+    def periodic(self) -> bool:
+        return self.box is not None
+
+    @property
+    def has_labels(self) -> bool:
+        return self.energies is not None and self.forces is not None
+
+    def subset(self, indices) -> "QMDataset":
+        """Frames at `indices` (order kept), sharing atoms, box and metadata."""
+        idx = np.asarray(indices, dtype=np.int64)
+        pick = lambda a: None if a is None else a[idx]  # noqa: E731
+        return dataclasses.replace(
+            self,
+            positions=self.positions[idx],
+            energies=pick(self.energies),
+            forces=pick(self.forces),
+            times=pick(self.times),
+            velocities=pick(self.velocities),
+            metadata=dict(self.metadata),
+        )
+
+    def fingerprint(self) -> str:
+        """Short hash of atoms, positions and labels: identifies the data a model saw."""
+        h = hashlib.sha256()
+        for array in (self.atomic_numbers, self.positions, self.energies, self.forces):
+            if array is not None:
+                h.update(np.ascontiguousarray(array).tobytes())
+        return h.hexdigest()[:16]

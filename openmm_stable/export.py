@@ -1,0 +1,180 @@
+"""Export a model as an OpenMM force (openmm-torch), and the openmm-ml plugin.
+
+The exported TorchScript module takes OpenMM's positions (nm, float64 on the CPU
+platform) and optional box vectors (nm), casts them to the model's dtype, and returns the
+energy in kJ/mol; OpenMM gets forces by autograd. In replica form it evaluates R copies of
+the molecule, given as one particle array of R * N atoms, in one batched call: the copies
+do not interact, which is what the replica engine relies on.
+
+>>> from openmm_stable.export import export_model, create_system
+>>> export_model(model, "model.pt", atomic_numbers)              # doctest: +SKIP
+>>> system = create_system(topology, "model.pt")                  # doctest: +SKIP
+
+In a production script, through openmm-ml (plugin in `openmm_stable.openmmml_plugin`)::
+
+    from openmmml import MLPotential
+    potential = MLPotential("openmm-stable", modelPath="model.ckpt")
+    system = potential.createSystem(pdb.topology)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from openmm_stable.models import NNIP, load_model
+from openmm_stable.units import EV_IN_KJ_PER_MOL, NM_IN_ANGSTROM
+
+# Masses (amu) per atomic number come from OpenMM's element table when a System is built.
+
+
+class OpenMMForceModule(nn.Module):
+    """positions (n_particles, 3) nm [, box (3, 3) nm] -> total energy (kJ/mol).
+
+    ``atom_indices`` selects the particles the model sees (openmm-ml's ``atoms``
+    argument); ``n_replicas`` copies of the molecule follow one another in the array.
+    """
+
+    def __init__(self, model: nn.Module, atomic_numbers: Sequence[int], n_replicas: int = 1,
+                 atom_indices: Optional[Sequence[int]] = None, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        z = torch.as_tensor(np.asarray(atomic_numbers), dtype=torch.long)
+        # Only the network changes dtype: NNIP keeps its energy offsets in float64.
+        (model.net if isinstance(model, NNIP) else model).to(dtype)
+        self.model = model
+        self.n_atoms = int(z.numel())
+        self.n_replicas = int(n_replicas)
+        self.register_buffer("z", z.repeat(n_replicas))
+        self.register_buffer("batch", torch.arange(n_replicas).repeat_interleave(self.n_atoms))
+        self.use_subset = atom_indices is not None
+        indices = torch.as_tensor(list(atom_indices) if atom_indices is not None else [], dtype=torch.long)
+        self.register_buffer("atom_indices", indices)
+        # Carries the model dtype and the nm -> Angstrom factor in one buffer.
+        self.register_buffer("nm_to_angstrom", torch.tensor(NM_IN_ANGSTROM, dtype=dtype))
+        self.ev_to_kj_per_mol = EV_IN_KJ_PER_MOL
+
+    @torch.jit.export
+    def replica_energies(self, positions: Tensor, box: Optional[Tensor] = None) -> Tensor:
+        """Energy of each replica (kJ/mol), shape (n_replicas,)."""
+        if self.use_subset:
+            positions = positions[self.atom_indices]
+        pos = positions.to(self.nm_to_angstrom.dtype) * self.nm_to_angstrom
+        box_angstrom: Optional[Tensor] = None
+        if box is not None:
+            box_angstrom = box.to(self.nm_to_angstrom.dtype) * self.nm_to_angstrom
+        return self.model(self.z, pos, self.batch, box_angstrom) * self.ev_to_kj_per_mol
+
+    def forward(self, positions: Tensor, box: Optional[Tensor] = None) -> Tensor:
+        return self.replica_energies(positions, box).sum()
+
+
+def script_force_module(model: nn.Module, atomic_numbers: Sequence[int], n_replicas: int = 1,
+                        atom_indices: Optional[Sequence[int]] = None,
+                        dtype: torch.dtype = torch.float32) -> torch.jit.ScriptModule:
+    """TorchScript form of `OpenMMForceModule` around a copy of `model` (on the CPU)."""
+    import copy
+
+    model = copy.deepcopy(model).cpu().eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    module = OpenMMForceModule(model, atomic_numbers, n_replicas, atom_indices, dtype)
+    return torch.jit.script(module)
+
+
+def export_model(model: nn.Module, path, atomic_numbers: Sequence[int], n_replicas: int = 1,
+                 dtype: torch.dtype = torch.float32) -> Path:
+    """Write a TorchScript file that ``openmmtorch.TorchForce(path)`` loads."""
+    path = Path(path)
+    script_force_module(model, atomic_numbers, n_replicas, dtype=dtype).save(str(path))
+    return path
+
+
+def load_exported(path) -> torch.jit.ScriptModule:
+    """Load an exported file, registering torchmd-net's custom ops first if present."""
+    _register_extension_ops()
+    return torch.jit.load(str(path))
+
+
+def _register_extension_ops() -> None:
+    try:  # torchmd-net models call ops that this import registers
+        import openmm_stable.models.torchmdnet  # noqa: F401  (quiets warp)
+        import torchmdnet.models.model  # noqa: F401
+    except ImportError:
+        pass
+
+
+def make_torch_force(module_or_path, periodic: bool = False):
+    """An ``openmmtorch.TorchForce`` from a scripted module or an exported file."""
+    import torch  # noqa: F401  (must precede openmmtorch: it preloads libnvrtc)
+    from openmmtorch import TorchForce
+
+    _register_extension_ops()
+    if isinstance(module_or_path, (str, Path)):
+        force = TorchForce(str(module_or_path))
+    else:
+        force = TorchForce(module_or_path)
+    force.setUsesPeriodicBoundaryConditions(bool(periodic))
+    return force
+
+
+def atomic_numbers_of(topology, atoms: Optional[Iterable[int]] = None) -> list[int]:
+    """Atomic numbers of a topology's atoms (or the `atoms` subset), with a clear error."""
+    all_atoms = list(topology.atoms())
+    chosen = all_atoms if atoms is None else [all_atoms[i] for i in atoms]
+    numbers = []
+    for atom in chosen:
+        if atom.element is None:
+            raise ValueError(f"atom {atom.index} ({atom.name}) has no element; the model needs atomic numbers")
+        numbers.append(atom.element.atomic_number)
+    return numbers
+
+
+def _as_model(model_or_path) -> nn.Module:
+    return load_model(model_or_path) if isinstance(model_or_path, (str, Path)) else model_or_path
+
+
+def add_model_force(system, topology, model_or_path, atoms: Optional[Iterable[int]] = None,
+                    force_group: int = 0, dtype: torch.dtype = torch.float32):
+    """Add the model (an `NNIP` or a saved model file) as a TorchForce to `system`."""
+    atoms = None if atoms is None else list(atoms)
+    z = atomic_numbers_of(topology, atoms)
+    module = script_force_module(_as_model(model_or_path), z, 1, atom_indices=atoms, dtype=dtype)
+    force = make_torch_force(module, periodic=topology.getPeriodicBoxVectors() is not None)
+    force.setForceGroup(force_group)
+    system.addForce(force)
+    return force
+
+
+def create_system(topology, model_or_path, remove_cm_motion: bool = True, dtype: torch.dtype = torch.float32):
+    """A System with the topology's masses and the model as its only force."""
+    import openmm
+
+    system = openmm.System()
+    if topology.getPeriodicBoxVectors() is not None:
+        system.setDefaultPeriodicBoxVectors(*topology.getPeriodicBoxVectors())
+    for atom in topology.atoms():
+        system.addParticle(atom.element.mass if atom.element is not None else 0.0)
+    add_model_force(system, topology, model_or_path, dtype=dtype)
+    if remove_cm_motion:
+        system.addForce(openmm.CMMotionRemover())
+    return system
+
+
+def topology_from_atomic_numbers(atomic_numbers: Sequence[int], n_copies: int = 1, box_angstrom=None):
+    """An OpenMM Topology of `n_copies` molecules (one residue each) from atomic numbers."""
+    from openmm import Vec3, app, unit
+
+    topology = app.Topology()
+    for copy_index in range(n_copies):
+        chain = topology.addChain()
+        residue = topology.addResidue("MOL", chain)
+        for k, number in enumerate(atomic_numbers):
+            element = app.Element.getByAtomicNumber(int(number))
+            topology.addAtom(f"{element.symbol}{k + 1}", element, residue)
+    if box_angstrom is not None:
+        box = np.asarray(box_angstrom, dtype=float) / NM_IN_ANGSTROM
+        topology.setPeriodicBoxVectors([Vec3(*row) for row in box] * unit.nanometer)
+    return topology

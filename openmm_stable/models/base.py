@@ -1,0 +1,73 @@
+"""The model protocol and the wrapper every architecture lives in.
+
+Protocol: a `torch.nn.Module` whose ``forward(z, pos, batch, box)`` returns the energies
+(eV) of a batch of structures, shape ``(n_structures,)``, from atomic numbers ``z`` (N,),
+positions ``pos`` (N, 3) in Angstrom, a structure index ``batch`` (N,) sorted ascending, and
+an optional periodic box ``box`` (3, 3) in Angstrom (rows are box vectors). Forces come from
+autograd. Anything meeting it can be trained, exported and refined; `NNIP` adds the fitted
+per-element energy offsets and the energy scale around such a network.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+MAX_Z = 119
+
+
+class NNIP(nn.Module):
+    """Energy (float64, eV) = scale * net(z, pos, batch, box) + sum of per-element offsets.
+
+    The offsets (fitted on the training split) carry the large atomisation part of QM
+    energies so that the network only learns the small, geometry-dependent remainder.
+    ``spec`` records how to rebuild the network (architecture name and hyper-parameters);
+    it is plain Python data, kept outside TorchScript.
+    """
+
+    def __init__(self, net: nn.Module, spec: Optional[dict] = None):
+        super().__init__()
+        self.net = net
+        self.register_buffer("atom_energies", torch.zeros(MAX_Z, dtype=torch.float64))
+        self.register_buffer("energy_scale", torch.ones((), dtype=torch.float64))
+        self.spec: dict = dict(spec or {})
+
+    def forward(self, z: Tensor, pos: Tensor, batch: Tensor, box: Optional[Tensor] = None) -> Tensor:
+        n_structures = int(batch[-1].item()) + 1 if batch.numel() > 0 else 0
+        # float64 output: QM energies are ~1e4 eV, where float32 resolves only ~1 meV.
+        energy = self.net(z, pos, batch, box).reshape(-1).to(torch.float64) * self.energy_scale.to(torch.float64)
+        offsets = self.atom_energies.to(torch.float64)[z]
+        return energy + torch.zeros(n_structures, dtype=torch.float64, device=energy.device).index_add(0, batch, offsets)
+
+
+def energy_and_forces(
+    model: nn.Module,
+    z: Tensor,
+    pos: Tensor,
+    batch: Tensor,
+    box: Optional[Tensor] = None,
+    create_graph: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Energies (n_structures,) in eV and forces (N, 3) in eV/Angstrom by autograd.
+
+    ``create_graph=True`` keeps the graph so a force loss can be back-propagated into the
+    parameters (training); evaluation leaves it off.
+    """
+    pos = pos.detach().requires_grad_(True)
+    energies = model(z, pos, batch, box)
+    (grad,) = torch.autograd.grad(energies.sum(), pos, create_graph=create_graph)
+    return energies, -grad
+
+
+def batch_index(n_structures: int, n_atoms: int, device=None) -> Tensor:
+    """Structure index for ``n_structures`` copies of an ``n_atoms`` molecule."""
+    return torch.arange(n_structures, device=device).repeat_interleave(n_atoms)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(iter(model.parameters())).device
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    return next(iter(model.parameters())).dtype
