@@ -1,0 +1,177 @@
+"""`openmm-stable data ...`: inspect, generate and split datasets.
+
+    openmm-stable data info aspirin.npz
+    openmm-stable data generate --molecule aspirin --frames 1000 --stride 10 --out aspirin_xtb.npz
+    openmm-stable data split aspirin_xtb.npz --train 1k --val 100 --test 200 --out-prefix aspirin
+
+Every file-reading command reports bad input as a one-line error (exit code 2) naming
+the file and the field, via the `DatasetError` raised by the loaders.
+"""
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+
+import numpy as np
+
+from openmm_stable.data import FORMATS, QMDataset, load_dataset, save_dataset, split_dataset
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("data", help="inspect, generate and split QM datasets")
+    parser.set_defaults(func=lambda args: (parser.print_help(), 1)[1])
+    commands = parser.add_subparsers(dest="data_command", metavar="ACTION")
+
+    info = commands.add_parser("info", help="summarise a dataset file (frames, atoms, units, energies, forces)")
+    info.add_argument("file")
+    _add_load_options(info)
+    info.set_defaults(func=cmd_info)
+
+    gen = commands.add_parser(
+        "generate",
+        help="make a reference dataset by Langevin MD with GFN2-xTB (no download needed)",
+        description="Langevin MD with tblite (GFN2-xTB) through ASE; every STRIDE-th step is recorded. "
+        "Frames are appended to OUT.partial.extxyz as they are made; --resume continues an interrupted run.",
+    )
+    # What to simulate. Exactly one source; a periodic `--system` (e.g. a water box) is
+    # meant to join this group as a second option.
+    what = gen.add_mutually_exclusive_group(required=True)
+    what.add_argument("--molecule", help="built-in name (aspirin, ethanol, Ac-Ala3-NHMe, ...), SMILES, or structure file")
+    gen.add_argument("--frames", type=int, required=True, help="number of frames to record")
+    gen.add_argument("--stride", type=int, default=10, help="MD steps between recorded frames (default 10)")
+    gen.add_argument("--temperature", type=float, default=500.0, help="K (default 500)")
+    gen.add_argument("--timestep", type=float, default=0.5, help="fs (default 0.5)")
+    gen.add_argument("--equilibration-steps", type=int, default=None, help="steps before recording (default 1000)")
+    gen.add_argument("--friction", type=float, default=None, help="Langevin friction in 1/fs (default 0.01)")
+    gen.add_argument("--method", default="GFN2-xTB", help="tblite method (GFN2-xTB, GFN1-xTB, IPEA1-xTB)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--out", required=True, help="output file (project format, .npz)")
+    gen.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.partial.extxyz")
+    gen.add_argument("--no-progress", action="store_true", help="no progress bar")
+    gen.set_defaults(func=cmd_generate)
+
+    split = commands.add_parser("split", help="write train/val/test files (random or contiguous in time)")
+    split.add_argument("file")
+    _add_load_options(split)
+    split.add_argument("--train", required=True, help="size: 1k, 200, 0.8 (fraction) or 80%%")
+    split.add_argument("--val", required=True, help="size, as --train")
+    split.add_argument("--test", default=None, help="size, as --train (default: all remaining frames)")
+    split.add_argument("--mode", choices=["random", "contiguous"], default="random")
+    split.add_argument("--seed", type=int, default=0)
+    split.add_argument("--out-prefix", required=True, help="writes PREFIX_train.npz, PREFIX_val.npz, PREFIX_test.npz")
+    split.set_defaults(func=cmd_split)
+
+
+def _add_load_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", default=None, help=f"file format ({', '.join(FORMATS)}, or an ASE format); default: detect")
+    parser.add_argument("--energy-unit", default=None, help="override the energy unit the format implies (eV, kcal/mol, ...)")
+    parser.add_argument("--length-unit", default=None, help="override the length unit the format implies (Angstrom, nm, Bohr)")
+
+
+def _load(args) -> QMDataset:
+    return load_dataset(args.file, format=args.format, energy_unit=args.energy_unit, length_unit=args.length_unit)
+
+
+# --- info ------------------------------------------------------------------------------------
+def hill_formula(atomic_numbers) -> str:
+    """Chemical formula in Hill order (C, H, then alphabetical)."""
+    from ase.data import chemical_symbols
+
+    counts = Counter(chemical_symbols[int(z)] for z in atomic_numbers)
+    order = (["C", "H"] if "C" in counts else []) + sorted(s for s in counts if not ("C" in counts and s in ("C", "H")))
+    return "".join(f"{s}{counts[s] if counts[s] > 1 else ''}" for s in order)
+
+
+def describe(ds: QMDataset) -> list[str]:
+    """Human-readable summary lines, in internal units."""
+    lines = [
+        f"source      {ds.source}",
+        f"format      {ds.metadata.get('source_format', 'unknown')}",
+        f"frames      {len(ds)}",
+        f"atoms       {ds.n_atoms}  formula {hill_formula(ds.atomic_numbers)}",
+    ]
+    original = ds.metadata.get("original_units")
+    units = "eV, Angstrom, eV/Angstrom, ps, Angstrom/ps (internal)"
+    if original:
+        units += f"; file units: energy {original.get('energy')}, length {original.get('length')}"
+    lines.append(f"units       {units}")
+    if ds.energies is not None:
+        e = ds.energies
+        lines.append(
+            f"energy      min {e.min():.6f}  max {e.max():.6f}  range {e.max() - e.min():.6f}  "
+            f"mean {e.mean():.6f}  std {e.std():.6f} eV"
+        )
+    else:
+        lines.append("energy      none")
+    if ds.forces is not None:
+        norms = np.linalg.norm(ds.forces, axis=-1)
+        rms = np.sqrt(np.mean(ds.forces**2))
+        lines.append(f"forces      mean |F| {norms.mean():.4f}  max |F| {norms.max():.4f}  RMS component {rms:.4f} eV/A")
+    else:
+        lines.append("forces      none")
+    if ds.box is not None:
+        lengths = np.linalg.norm(ds.box, axis=1)
+        lines.append(f"box         periodic, vector lengths {' x '.join(f'{x:.4f}' for x in lengths)} A, volume {abs(np.linalg.det(ds.box)):.3f} A^3")
+    else:
+        lines.append("box         none (not periodic)")
+    if ds.times is not None:
+        dt = np.diff(ds.times)
+        spacing = f", spacing {np.median(dt):.6g} ps" if dt.size else ""
+        lines.append(f"times       {ds.times[0]:.6g} .. {ds.times[-1]:.6g} ps{spacing}")
+    else:
+        lines.append("times       none")
+    lines.append(f"velocities  {'yes' if ds.velocities is not None else 'none'}")
+    lines.append(f"temperature {'%g K' % ds.temperature if ds.temperature is not None else 'unknown'}")
+    for key in ("method", "complete", "split"):
+        if key in ds.metadata:
+            lines.append(f"{key:<11} {ds.metadata[key]}")
+    if "molecule" in ds.metadata:
+        lines.append(f"molecule    {ds.metadata['molecule'].get('spec')}")
+    lines.append(f"fingerprint {ds.fingerprint()}")
+    return lines
+
+
+def cmd_info(args) -> int:
+    print("\n".join(describe(_load(args))))
+    return 0
+
+
+# --- generate -----------------------------------------------------------------------------
+def cmd_generate(args) -> int:
+    from openmm_stable.data.generate import (
+        DEFAULT_EQUILIBRATION_STEPS,
+        DEFAULT_FRICTION_PER_FS,
+        generate_xtb_dataset,
+    )
+
+    ds = generate_xtb_dataset(
+        args.molecule,
+        args.out,
+        n_frames=args.frames,
+        temperature=args.temperature,
+        timestep_fs=args.timestep,
+        stride=args.stride,
+        equilibration_steps=DEFAULT_EQUILIBRATION_STEPS if args.equilibration_steps is None else args.equilibration_steps,
+        seed=args.seed,
+        method=args.method,
+        friction_per_fs=DEFAULT_FRICTION_PER_FS if args.friction is None else args.friction,
+        progress=not args.no_progress,
+        resume=args.resume,
+    )
+    timing = ds.metadata.get("timing", {})
+    rate = timing.get("frames_per_second")
+    print(f"wrote {len(ds)} frames to {args.out}" + (f" ({rate:.1f} frames/s)" if rate else ""))
+    return 0
+
+
+# --- split --------------------------------------------------------------------------------
+def cmd_split(args) -> int:
+    ds = _load(args)
+    parts = split_dataset(ds, args.train, args.val, args.test, mode=args.mode, seed=args.seed)
+    for name, part in zip(parts._fields, parts):
+        if part is None:
+            print(f"{name:<5} 0 frames (no file written)")
+            continue
+        path = save_dataset(part, f"{args.out_prefix}_{name}.npz")
+        print(f"{name:<5} {len(part)} frames -> {path}")
+    return 0

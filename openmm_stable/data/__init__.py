@@ -1,0 +1,27 @@
+"""Datasets: the `QMDataset` container, file formats, splits and offline xTB reference data.
+
+Usage::
+
+    from openmm_stable.data import load_dataset, split_dataset
+    ds = load_dataset("rmd17_aspirin.npz")                 # any supported format, eV/Angstrom
+    train, val, test = split_dataset(ds, "1k", "100", "200", mode="random", seed=0)
+
+Generation (`openmm_stable.data.generate`) and built-in molecules
+(`openmm_stable.data.molecules`) import ASE, RDKit and tblite lazily, so importing this
+package stays cheap.
+"""
+from openmm_stable.data.dataset import DatasetError, QMDataset
+from openmm_stable.data.formats import FORMATS, load_dataset, save_dataset
+from openmm_stable.data.splits import Split, parse_size, split_dataset, split_indices
+
+__all__ = [
+    "DatasetError",
+    "FORMATS",
+    "QMDataset",
+    "Split",
+    "load_dataset",
+    "parse_size",
+    "save_dataset",
+    "split_dataset",
+    "split_indices",
+]
