@@ -1,0 +1,643 @@
+"""Observables of MD frames, as per-frame torch tensors.
+
+StABlE training matches simulated ensemble averages <O> to reference values, and the
+Boltzmann estimator needs O(x_k) for every sampled frame x_k. So every structural
+observable here returns one row per frame, shape (K, d); the ensemble value is the mean
+over rows (or a weighted mean, see `boltzmann_weights`).
+
+Conventions:
+  * positions (K, N, 3) Angstrom (any leading dims are accepted and kept by
+    `pair_distances`; the histogram observables flatten them into K frames);
+  * box (3, 3) Angstrom with box vectors as rows (or (K, 3, 3), one per frame), None for
+    a molecule in vacuum;
+  * time series (VACF, MSD) are (T, N, 3) or (T, R, N, 3) (T time points, R replicas):
+    every (replica, atom) is treated as one independent particle;
+  * the output keeps the input dtype and device (numpy input becomes a float64 tensor).
+
+Example:
+    >>> obs = make_observable("hr", r_max=10.0, n_bins=200)
+    >>> values = obs(positions)                # (K, 200)
+    >>> ensemble_hr = values.mean(0)
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar, Optional, Protocol, Sequence, Union, runtime_checkable
+
+import numpy as np
+import torch
+
+from .units import kT_eV
+
+ArrayLike = Union[torch.Tensor, np.ndarray, Sequence]
+
+# 1 Angstrom^2/ps = 1e-16 cm^2 / 1e-12 s = 1e-4 cm^2/s.
+A2_PER_PS_IN_CM2_PER_S = 1e-4
+
+# Budget (number of tensor elements) for the intermediate of the smeared histogram; above
+# it the frames are processed in chunks so that large K or many pairs stay in memory.
+_HISTOGRAM_CHUNK_ELEMENTS = 1 << 24
+
+
+# --- helpers ------------------------------------------------------------------------------
+def _as_tensor(x: ArrayLike, like: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Tensor view of x; keeps a tensor's dtype, numpy floats become float64.
+
+    With `like`, the result has like's dtype and device (for boxes and references)."""
+    if isinstance(x, torch.Tensor):
+        t = x
+    else:
+        t = torch.as_tensor(np.asarray(x))
+        if not t.is_floating_point():
+            t = t.to(torch.float64)
+    if like is not None:
+        t = t.to(dtype=like.dtype, device=like.device)
+    return t
+
+
+def _as_index(x: ArrayLike, device: torch.device) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x, device=device).long()
+
+
+def _frames(positions: ArrayLike) -> torch.Tensor:
+    """Positions as (K, N, 3): a single (N, 3) structure becomes K = 1, leading dims flatten."""
+    pos = _as_tensor(positions)
+    if pos.ndim < 2 or pos.shape[-1] != 3:
+        raise ValueError(f"positions must have shape (..., N, 3), got {tuple(pos.shape)}")
+    if pos.ndim == 2:
+        pos = pos[None]
+    return pos.reshape(-1, pos.shape[-2], 3)
+
+
+def _box_tensor(box: Optional[ArrayLike], like: torch.Tensor) -> Optional[torch.Tensor]:
+    if box is None:
+        return None
+    b = _as_tensor(box, like=like)
+    if b.shape[-2:] != (3, 3):
+        raise ValueError(f"box must have shape (3, 3) or (K, 3, 3) (rows = box vectors), got {tuple(b.shape)}")
+    return b
+
+
+def _is_orthorhombic(box: torch.Tensor) -> bool:
+    off = box - torch.diag_embed(torch.diagonal(box, dim1=-2, dim2=-1))
+    return bool((off == 0).all())
+
+
+def minimum_image(dr: torch.Tensor, box: Optional[ArrayLike]) -> torch.Tensor:
+    """Minimum-image displacement vectors.
+
+    dr: (K, P, 3) (or (P, 3)) displacements; box: None, (3, 3) or (K, 3, 3) with rows as
+    box vectors. Orthorhombic boxes use the exact rounding rule. Triclinic boxes round the
+    fractional coordinates and then search the 27 neighbouring images, which is exact for
+    reduced boxes (the ones OpenMM accepts) at 27x the memory.
+    """
+    b = _box_tensor(box, dr)
+    if b is None:
+        return dr
+    if b.ndim == 3:  # per-frame box: (K, 1, 3, 3) against (K, P, 3)
+        b = b[:, None]
+    if _is_orthorhombic(b):
+        lengths = torch.diagonal(b, dim1=-2, dim2=-1)
+        return dr - lengths * torch.round(dr / lengths)
+    inv = torch.linalg.inv(b)
+    frac = (dr.unsqueeze(-2) @ inv).squeeze(-2)
+    dr = ((frac - torch.round(frac)).unsqueeze(-2) @ b).squeeze(-2)
+    shifts = torch.tensor(
+        [[i, j, k] for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1)], dtype=dr.dtype, device=dr.device
+    )
+    images = shifts @ b  # (..., 27, 3)
+    cand = dr.unsqueeze(-2) + images  # (K, P, 27, 3)
+    best = (cand * cand).sum(-1).argmin(-1, keepdim=True)  # (K, P, 1)
+    return torch.gather(cand, -2, best.unsqueeze(-1).expand(*best.shape, 3)).squeeze(-2)
+
+
+def pair_indices(n_atoms: int, device: Optional[torch.device] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (i, j) of all pairs i < j, in the order `pair_distances` returns them."""
+    ij = torch.triu_indices(n_atoms, n_atoms, offset=1, device=device)
+    return ij[0], ij[1]
+
+
+def _distances(pos: torch.Tensor, i: torch.Tensor, j: torch.Tensor, box: Optional[torch.Tensor]) -> torch.Tensor:
+    """(K, P) distances of pairs (i, j) in frames pos (K, N, 3)."""
+    dr = minimum_image(pos[:, j] - pos[:, i], box)
+    return torch.linalg.vector_norm(dr, dim=-1)
+
+
+def pair_distances(positions: ArrayLike, box: Optional[ArrayLike] = None) -> torch.Tensor:
+    """All i < j interatomic distances, shape (..., P) with P = N (N - 1) / 2.
+
+    Minimum image when a box is given. Pair order is `pair_indices(N)`."""
+    pos = _as_tensor(positions)
+    lead = pos.shape[:-2]
+    frames = _frames(pos)
+    b = _box_tensor(box, frames)
+    if b is not None and b.ndim > 2:
+        b = b.reshape(-1, 3, 3)
+    i, j = pair_indices(frames.shape[1], device=frames.device)
+    return _distances(frames, i, j, b).reshape(*lead, -1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Bins:
+    """Uniform bins on [lo, hi]: `edges` (n_bins + 1,), `centres` (n_bins,), `width`."""
+
+    lo: float
+    hi: float
+    n_bins: int
+
+    def __post_init__(self) -> None:
+        if self.n_bins <= 0 or not self.hi > self.lo:
+            raise ValueError(f"need n_bins > 0 and hi > lo, got n_bins={self.n_bins}, lo={self.lo}, hi={self.hi}")
+
+    @property
+    def width(self) -> float:
+        return (self.hi - self.lo) / self.n_bins
+
+    def edges(self, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
+        return torch.linspace(self.lo, self.hi, self.n_bins + 1, dtype=dtype, device=device)
+
+    def centres(self, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
+        e = self.edges(dtype, device)
+        return 0.5 * (e[1:] + e[:-1])
+
+
+def smeared_histogram(values: torch.Tensor, bins: Bins, sigma: float = 0.0) -> torch.Tensor:
+    """Per-row counts of `values` (K, M) in `bins`, shape (K, n_bins).
+
+    sigma > 0 replaces each value by a normalised Gaussian of width sigma and integrates it
+    over every bin (erf differences), so counts are smooth and differentiable in the
+    values and the total stays M for values well inside the range; the kernel is cut at
+    5 sigma, so the cost is O(K M sigma / width). sigma = 0 is the plain histogram
+    (half-open bins [e_b, e_b+1), last one closed, like numpy). Values outside contribute
+    nothing (or only their in-range tail).
+    """
+    K, M = values.shape
+    n, w = bins.n_bins, bins.width
+    out = values.new_zeros(K, n)
+    if M == 0 or K == 0:
+        return out
+    if sigma <= 0:
+        idx = torch.floor((values - bins.lo) / w).long()
+        idx = torch.where(values == bins.hi, torch.full_like(idx, n - 1), idx)
+        inside = (idx >= 0) & (idx < n)
+        return out.scatter_add_(1, idx.clamp(0, n - 1), inside.to(values.dtype))
+    half = int(math.ceil(5.0 * sigma / w)) + 1
+    offsets = torch.arange(-half, half + 1, device=values.device)
+    chunk = max(1, _HISTOGRAM_CHUNK_ELEMENTS // (M * offsets.numel()))
+    scale = 1.0 / (sigma * math.sqrt(2.0))
+    parts = []
+    for start in range(0, K, chunk):  # chunks of frames, only to bound memory
+        x = values[start : start + chunk].unsqueeze(-1)  # (k, M, 1)
+        centre = torch.floor((x.detach() - bins.lo) / w).long()
+        b = centre + offsets  # (k, M, 2h+1)
+        lower = bins.lo + b.to(values.dtype) * w
+        mass = 0.5 * (torch.erf((lower + w - x) * scale) - torch.erf((lower - x) * scale))
+        inside = (b >= 0) & (b < n)
+        mass = torch.where(inside, mass, torch.zeros_like(mass))
+        parts.append(
+            values.new_zeros(x.shape[0], n).scatter_add(1, b.clamp(0, n - 1).flatten(1), mass.flatten(1))
+        )
+    return torch.cat(parts, 0)
+
+
+# --- structural observables ---------------------------------------------------------------
+def hr(
+    positions: ArrayLike,
+    r_max: float = 10.0,
+    n_bins: int = 200,
+    sigma: Optional[float] = None,
+    r_min: float = 0.0,
+    box: Optional[ArrayLike] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """h(r), the distribution of all interatomic distances of a molecule, per frame.
+
+    Returns (values (K, n_bins), bin centres (n_bins,)). Each row is a density in 1/A:
+    counts divided by the number of pairs P and the bin width, so sum * dr = 1 whenever
+    r_max exceeds the largest distance (pairs beyond r_max are lost, not renormalised
+    away, so a dissociating molecule shows). sigma defaults to one bin width (smooth,
+    differentiable); sigma = 0 gives the plain histogram.
+    """
+    frames = _frames(positions)
+    bins = Bins(r_min, r_max, n_bins)
+    s = bins.width if sigma is None else sigma
+    d = pair_distances(frames, box)
+    counts = smeared_histogram(d, bins, s)
+    n_pairs = max(d.shape[1], 1)
+    return counts / (n_pairs * bins.width), bins.centres(frames.dtype, frames.device)
+
+
+def element_pairs(atomic_numbers: ArrayLike, pair: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Atom index pairs (i, j) for an element pair: i < j for like elements (each pair
+    once), all combinations for unlike ones; the same pairs mdtraj's select_pairs gives."""
+    z = np.asarray(atomic_numbers).reshape(-1)
+    a = np.flatnonzero(z == pair[0])
+    b = np.flatnonzero(z == pair[1])
+    if pair[0] == pair[1]:
+        iu, ju = np.triu_indices(a.size, k=1)
+        return a[iu], a[ju]
+    ii, jj = np.meshgrid(a, b, indexing="ij")
+    return ii.reshape(-1), jj.reshape(-1)
+
+
+def rdf(
+    positions: ArrayLike,
+    box: ArrayLike,
+    atomic_numbers: ArrayLike,
+    pair: tuple[int, int] = (8, 8),
+    r_max: float = 6.0,
+    n_bins: int = 120,
+    sigma: float = 0.0,
+    r_min: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Element-pair radial distribution function g(r) in a periodic box, per frame.
+
+    Returns (values (K, n_bins), bin centres (n_bins,)). Per frame
+    g_k(r_b) = n_b V_box / (n_pairs V_shell_b), the ideal-gas normalisation of
+    mdtraj.compute_rdf / gromacs / cpptraj: for a constant box the mean over frames equals
+    mdtraj's g(r) (mdtraj weights frames by 1/V when the volume changes). sigma > 0 smears
+    the counts (smooth, differentiable, for training); 0 matches mdtraj exactly.
+    r_max should stay below half the shortest box width for minimum-image counts to be
+    complete.
+    """
+    frames = _frames(positions)
+    b = _box_tensor(box, frames)
+    if b is None:
+        raise ValueError("rdf needs a periodic box")
+    if b.ndim > 2:
+        b = b.reshape(-1, 3, 3)
+    i, j = element_pairs(atomic_numbers, pair)
+    if i.size == 0:
+        raise ValueError(f"no atom pairs of elements {pair} in this system")
+    dev = frames.device
+    d = _distances(frames, _as_index(i, dev), _as_index(j, dev), b)
+    bins = Bins(r_min, r_max, n_bins)
+    counts = smeared_histogram(d, bins, sigma)
+    edges = bins.edges(frames.dtype, dev)
+    shell = (4.0 / 3.0) * math.pi * (edges[1:] ** 3 - edges[:-1] ** 3)
+    volume = torch.linalg.det(b).abs().reshape(-1, 1)  # (1, 1) or (K, 1)
+    return counts * volume / (i.size * shell), bins.centres(frames.dtype, dev)
+
+
+def angle_triples(bonds: ArrayLike) -> np.ndarray:
+    """(A, 3) bonded triples (i, j, k), j the central atom, i < k, from (B, 2) bonds."""
+    bonds = np.asarray(bonds, dtype=np.int64).reshape(-1, 2)
+    n = int(bonds.max()) + 1 if bonds.size else 0
+    adj = np.zeros((n, n), dtype=bool)
+    adj[bonds[:, 0], bonds[:, 1]] = adj[bonds[:, 1], bonds[:, 0]] = True
+    j, i, k = np.nonzero(adj[:, :, None] & adj[:, None, :])  # i and k both bonded to j
+    keep = i < k
+    return np.stack([i[keep], j[keep], k[keep]], axis=1) if keep.any() else np.zeros((0, 3), np.int64)
+
+
+def angles(positions: ArrayLike, triples: ArrayLike, degrees: bool = True, box: Optional[ArrayLike] = None) -> torch.Tensor:
+    """Angles i-j-k at the central atom j, (K, A), in degrees (or radians).
+
+    Uses atan2(|u x v|, u . v), accurate near 0 and 180 degrees where acos is not."""
+    frames = _frames(positions)
+    t = _as_index(triples, frames.device).reshape(-1, 3)
+    u = minimum_image(frames[:, t[:, 0]] - frames[:, t[:, 1]], box)
+    v = minimum_image(frames[:, t[:, 2]] - frames[:, t[:, 1]], box)
+    theta = torch.atan2(torch.linalg.vector_norm(torch.cross(u, v, dim=-1), dim=-1), (u * v).sum(-1))
+    return torch.rad2deg(theta) if degrees else theta
+
+
+def angle_distribution(
+    positions: ArrayLike,
+    triples: ArrayLike,
+    n_bins: int = 90,
+    sigma: Optional[float] = None,
+    degrees: bool = True,
+    box: Optional[ArrayLike] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ADF: per-frame density of the bonded angles over [0, 180] degrees (or [0, pi]).
+
+    Returns (values (K, n_bins), bin centres); rows integrate to 1 in the chosen unit.
+    sigma (same unit) defaults to one bin width."""
+    theta = angles(positions, triples, degrees=degrees, box=box)
+    bins = Bins(0.0, 180.0 if degrees else math.pi, n_bins)
+    s = bins.width if sigma is None else sigma
+    counts = smeared_histogram(theta, bins, s)
+    # Mass smeared past 0 or 180 is folded out of range; renormalise so rows are densities.
+    total = counts.sum(-1, keepdim=True).clamp_min(torch.finfo(counts.dtype).tiny)
+    return counts / (total * bins.width), bins.centres(theta.dtype, theta.device)
+
+
+@dataclasses.dataclass
+class BondLengthStats:
+    """Per-frame bond lengths (K, B) and their mean and std over frames (B,)."""
+
+    lengths: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+
+
+def bond_lengths(positions: ArrayLike, bonds: ArrayLike, box: Optional[ArrayLike] = None) -> torch.Tensor:
+    """(K, B) lengths of the bonds (B, 2) in every frame, Angstrom."""
+    frames = _frames(positions)
+    b = _as_index(bonds, frames.device).reshape(-1, 2)
+    return _distances(frames, b[:, 0], b[:, 1], _box_tensor(box, frames))
+
+
+def bond_length_stats(positions: ArrayLike, bonds: ArrayLike, box: Optional[ArrayLike] = None) -> BondLengthStats:
+    """Bond lengths per frame and their mean / (population) std over frames."""
+    lengths = bond_lengths(positions, bonds, box)
+    return BondLengthStats(lengths, lengths.mean(0), lengths.std(0, unbiased=False))
+
+
+# --- dynamical observables ----------------------------------------------------------------
+def _particles(series: ArrayLike, what: str) -> torch.Tensor:
+    x = _as_tensor(series)
+    if x.ndim < 3 or x.shape[-1] != 3:
+        raise ValueError(f"{what} must have shape (T, N, 3) or (T, R, N, 3), got {tuple(x.shape)}")
+    return x.reshape(x.shape[0], -1, 3)
+
+
+def _autocorrelation_sums(x: torch.Tensor) -> torch.Tensor:
+    """S(tau) = sum_t x(t) . x(t + tau) per particle, x (T, M, 3) -> (T, M), via FFT."""
+    T = x.shape[0]
+    n = 1 << (2 * T - 1).bit_length()
+    f = torch.fft.rfft(x, n=n, dim=0)
+    return torch.fft.irfft(f * f.conj(), n=n, dim=0)[:T].sum(-1)
+
+
+def vacf(velocities: ArrayLike, max_lag: Optional[int] = None, normalize: bool = True) -> torch.Tensor:
+    """Velocity autocorrelation C(tau) = <v_i(t) . v_i(t + tau)>, lags 0..max_lag.
+
+    velocities (T, N, 3) or (T, R, N, 3) in A/ps, equally spaced in time; averaged over
+    all particles and all time origins (O(T log T) with FFT). normalize=True returns
+    C(tau)/C(0) (shape only, comparable across temperatures); otherwise A^2/ps^2."""
+    v = _particles(velocities, "velocities")
+    T = v.shape[0]
+    max_lag = T - 1 if max_lag is None else int(max_lag)
+    if not 0 <= max_lag < T:
+        raise ValueError(f"max_lag must be in [0, {T - 1}], got {max_lag}")
+    s = _autocorrelation_sums(v.to(torch.float64))[: max_lag + 1].mean(1)
+    c = s / torch.arange(T, T - max_lag - 1, -1, dtype=torch.float64, device=v.device)
+    if normalize:
+        c = c / c[0]
+    return c.to(v.dtype)
+
+
+def unwrap(positions: ArrayLike, box: ArrayLike) -> torch.Tensor:
+    """Undo periodic wrapping of a time series (T, ..., 3), for MSD and diffusivity.
+
+    Adds up minimum-image steps between consecutive frames, so atoms must move less than
+    half a box width between saved frames. box (3, 3) or per-frame (T, 3, 3)."""
+    x = _as_tensor(positions)
+    flat = x.reshape(x.shape[0], -1, 3)
+    b = _box_tensor(box, flat)
+    if b is not None and b.ndim == 3:
+        b = b[1:]
+    steps = minimum_image(flat[1:] - flat[:-1], b)
+    out = torch.cat([flat[:1], flat[:1] + torch.cumsum(steps, 0)], 0)
+    return out.reshape(x.shape)
+
+
+def mean_squared_displacement(positions: ArrayLike, max_lag: Optional[int] = None) -> torch.Tensor:
+    """MSD(tau) = <|x_i(t + tau) - x_i(t)|^2>, lags 0..max_lag, in A^2.
+
+    positions (T, N, 3) or (T, R, N, 3), equally spaced in time and UNWRAPPED (use
+    `unwrap` for periodic boxes); averaged over particles and time origins with the FFT
+    algorithm, MSD = (S1 - 2 S2) / (T - tau), computed in float64."""
+    x = _particles(positions, "positions").to(torch.float64)
+    x = x - x.mean(0, keepdim=True)  # shift-invariant; keeps the FFT sums small
+    T = x.shape[0]
+    max_lag = T - 1 if max_lag is None else int(max_lag)
+    if not 0 <= max_lag < T:
+        raise ValueError(f"max_lag must be in [0, {T - 1}], got {max_lag}")
+    sq = (x * x).sum(-1)  # (T, M)
+    csum = torch.cat([sq.new_zeros(1, sq.shape[1]), torch.cumsum(sq, 0)], 0)  # csum[k] = sum_{t<k}
+    lags = torch.arange(max_lag + 1, device=x.device)
+    s1 = csum[T - lags] + (csum[T] - csum[lags])  # sum_{t < T-tau} (|x(t)|^2 + |x(t+tau)|^2)
+    s2 = _autocorrelation_sums(x)[: max_lag + 1]
+    msd = ((s1 - 2.0 * s2) / (T - lags).unsqueeze(-1).to(x.dtype)).mean(1)
+    return msd.clamp_min(0.0).to(_as_tensor(positions).dtype)
+
+
+def diffusivity(
+    msd: ArrayLike, dt_ps: float, fit_range: Optional[tuple[float, float]] = None, dim: int = 3
+) -> float:
+    """Self-diffusion coefficient D in A^2/ps from the Einstein relation MSD = 2 dim D t.
+
+    msd: (L,) values at lags 0..L-1, spaced dt_ps. fit_range (t_start, t_end) in ps picks
+    the linear (diffusive) regime for a least-squares line with intercept; the default
+    skips the first 20 % (ballistic regime) and uses the rest. Multiply by
+    `A2_PER_PS_IN_CM2_PER_S` (1e-4) for cm^2/s."""
+    m = _as_tensor(msd).to(torch.float64).reshape(-1)
+    t = torch.arange(m.numel(), dtype=torch.float64, device=m.device) * dt_ps
+    if fit_range is None:
+        fit_range = (0.2 * float(t[-1]), float(t[-1]))
+    sel = (t >= fit_range[0] - 1e-12) & (t <= fit_range[1] + 1e-12)
+    if int(sel.sum()) < 2:
+        raise ValueError(f"fit_range {fit_range} ps holds fewer than 2 lags of the MSD")
+    ts, ms = t[sel], m[sel]
+    tc = ts - ts.mean()
+    slope = float((tc * (ms - ms.mean())).sum() / (tc * tc).sum())
+    return slope / (2.0 * dim)
+
+
+# --- reference values by reweighting ------------------------------------------------------
+def boltzmann_weights(energies_eV: ArrayLike, T_data: float, T_target: float) -> torch.Tensor:
+    """Normalised weights that reweight frames sampled at T_data to T_target.
+
+    w_k proportional to exp(-(1/kT_target - 1/kT_data) E_k), computed with a softmax in
+    float64 (stable for energies of 1e4 eV). Valid only if the frames are canonical
+    samples at T_data of the same energy function E (e.g. an MD run with the reference
+    method); check `effective_sample_size`, which collapses when the temperatures are far
+    apart. T_data == T_target gives uniform weights."""
+    e = _as_tensor(energies_eV)
+    dbeta = 1.0 / kT_eV(T_target) - 1.0 / kT_eV(T_data)
+    logw = -dbeta * e.to(torch.float64).reshape(-1)
+    return torch.softmax(logw, 0).to(e.dtype)
+
+
+def effective_sample_size(weights: ArrayLike) -> float:
+    """Kish effective sample size (sum w)^2 / sum w^2 (= 1 / sum w^2 for normalised w)."""
+    w = _as_tensor(weights).to(torch.float64).reshape(-1)
+    return float(w.sum() ** 2 / (w * w).sum())
+
+
+def reference_observable(values_per_frame: ArrayLike, weights: Optional[ArrayLike] = None) -> torch.Tensor:
+    """Weighted ensemble mean sum_k w_k O_k / sum_k w_k over frames (uniform if no weights).
+
+    values_per_frame (K, ...) -> (...)."""
+    v = _as_tensor(values_per_frame)
+    if weights is None:
+        return v.mean(0)
+    w = _as_tensor(weights, like=v).reshape(-1)
+    if w.numel() != v.shape[0]:
+        raise ValueError(f"{w.numel()} weights for {v.shape[0]} frames")
+    w = w / w.sum()
+    return torch.tensordot(w, v, dims=([0], [0]))
+
+
+# --- observables from a config --------------------------------------------------------------
+@runtime_checkable
+class Observable(Protocol):
+    """An observable the trainer can average: frames in, one row per frame out."""
+
+    name: ClassVar[str]
+
+    def __call__(
+        self, positions: ArrayLike, atomic_numbers: Optional[ArrayLike] = None, box: Optional[ArrayLike] = None
+    ) -> torch.Tensor:  # (K, d)
+        ...
+
+    def prepare(self, atomic_numbers: ArrayLike, reference_positions: ArrayLike) -> "Observable":
+        """A copy with system-dependent settings (e.g. bonds) filled in from a reference."""
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class HrObservable:
+    """h(r) of a molecule (the paper's molecular observable); see `hr`."""
+
+    name: ClassVar[str] = "hr"
+    r_max: float = 10.0
+    n_bins: int = 200
+    sigma: Optional[float] = None
+    r_min: float = 0.0
+
+    def __call__(self, positions, atomic_numbers=None, box=None) -> torch.Tensor:
+        return hr(positions, self.r_max, self.n_bins, self.sigma, self.r_min, box=box)[0]
+
+    def prepare(self, atomic_numbers, reference_positions) -> "HrObservable":
+        return self
+
+    @property
+    def bin_centres(self) -> torch.Tensor:
+        return Bins(self.r_min, self.r_max, self.n_bins).centres()
+
+
+@dataclasses.dataclass(frozen=True)
+class RdfObservable:
+    """Element-pair g(r) of a periodic system; see `rdf`. Smeared by default for training."""
+
+    name: ClassVar[str] = "rdf"
+    pair: tuple[int, int] = (8, 8)
+    r_max: float = 6.0
+    n_bins: int = 120
+    sigma: float = 0.05
+    r_min: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pair", tuple(int(z) for z in self.pair))
+
+    def __call__(self, positions, atomic_numbers=None, box=None) -> torch.Tensor:
+        if atomic_numbers is None or box is None:
+            raise ValueError("the rdf observable needs atomic_numbers and a periodic box")
+        return rdf(positions, box, atomic_numbers, self.pair, self.r_max, self.n_bins, self.sigma, self.r_min)[0]
+
+    def prepare(self, atomic_numbers, reference_positions) -> "RdfObservable":
+        return self
+
+    @property
+    def bin_centres(self) -> torch.Tensor:
+        return Bins(self.r_min, self.r_max, self.n_bins).centres()
+
+
+def _bonds_tuple(bonds) -> Optional[tuple[tuple[int, int], ...]]:
+    if bonds is None:
+        return None
+    return tuple((int(a), int(b)) for a, b in np.asarray(bonds, dtype=np.int64).reshape(-1, 2))
+
+
+@dataclasses.dataclass(frozen=True)
+class BondLengthsObservable:
+    """Per-frame bond lengths (K, B); with squares=True also r^2 (K, 2B), so that the
+    ensemble std of every bond, sqrt(<r^2> - <r>^2), is matched too. bonds=None: found
+    by `prepare` from a reference structure (covalent radii)."""
+
+    name: ClassVar[str] = "bond_lengths"
+    bonds: Optional[tuple[tuple[int, int], ...]] = None
+    squares: bool = False
+    bond_scale: float = 1.2
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "bonds", _bonds_tuple(self.bonds))
+
+    def __call__(self, positions, atomic_numbers=None, box=None) -> torch.Tensor:
+        if self.bonds is None:
+            raise ValueError("bond_lengths observable has no bonds: pass bonds=... or call prepare() first")
+        r = bond_lengths(positions, self.bonds, box)
+        return torch.cat([r, r * r], -1) if self.squares else r
+
+    def prepare(self, atomic_numbers, reference_positions) -> "BondLengthsObservable":
+        if self.bonds is not None:
+            return self
+        from .stability import find_bonds
+
+        return dataclasses.replace(self, bonds=find_bonds(atomic_numbers, reference_positions, self.bond_scale))
+
+
+@dataclasses.dataclass(frozen=True)
+class AdfObservable:
+    """Per-frame distribution of bonded angles (degrees); see `angle_distribution`.
+    triples=None: derived by `prepare` from the bonds of a reference structure."""
+
+    name: ClassVar[str] = "adf"
+    triples: Optional[tuple[tuple[int, int, int], ...]] = None
+    n_bins: int = 90
+    sigma: Optional[float] = None
+    bond_scale: float = 1.2
+
+    def __post_init__(self) -> None:
+        if self.triples is not None:
+            t = np.asarray(self.triples, dtype=np.int64).reshape(-1, 3)
+            object.__setattr__(self, "triples", tuple(tuple(int(a) for a in row) for row in t))
+
+    def __call__(self, positions, atomic_numbers=None, box=None) -> torch.Tensor:
+        if not self.triples:
+            raise ValueError("adf observable has no angle triples: pass triples=... or call prepare() first")
+        return angle_distribution(positions, self.triples, self.n_bins, self.sigma, True, box)[0]
+
+    def prepare(self, atomic_numbers, reference_positions) -> "AdfObservable":
+        if self.triples is not None:
+            return self
+        from .stability import find_bonds
+
+        triples = angle_triples(find_bonds(atomic_numbers, reference_positions, self.bond_scale))
+        return dataclasses.replace(self, triples=tuple(map(tuple, triples.tolist())))
+
+    @property
+    def bin_centres(self) -> torch.Tensor:
+        return Bins(0.0, 180.0, self.n_bins).centres()
+
+
+OBSERVABLES: dict[str, type] = {
+    cls.name: cls for cls in (HrObservable, RdfObservable, BondLengthsObservable, AdfObservable)
+}
+
+
+def make_observable(name: str, **settings: Any) -> Observable:
+    """Build a registered observable from a config entry, e.g.
+    make_observable("rdf", pair=(8, 1), r_max=6.0). Errors name the bad key."""
+    try:
+        cls = OBSERVABLES[name]
+    except KeyError:
+        raise ValueError(f"unknown observable {name!r}; known: {', '.join(OBSERVABLES)}") from None
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(settings) - fields)
+    if unknown:
+        raise ValueError(f"observable {name!r}: unknown setting(s) {unknown}; allowed: {sorted(fields)}")
+    return cls(**settings)
+
+
+def reference_from_dataset(
+    observable: Observable, dataset: Any, temperature: Optional[float] = None
+) -> tuple[torch.Tensor, float]:
+    """Reference <O> (d,) over a `QMDataset`'s frames and the effective sample size.
+
+    If `temperature` differs from `dataset.temperature`, the frames are Boltzmann-reweighted
+    with the dataset energies (see `boltzmann_weights` for when that is valid)."""
+    obs = observable.prepare(dataset.atomic_numbers, dataset.positions[0])
+    values = obs(torch.as_tensor(dataset.positions), dataset.atomic_numbers, dataset.box)
+    if temperature is None or (dataset.temperature is not None and temperature == dataset.temperature):
+        return values.mean(0), float(values.shape[0])
+    if dataset.temperature is None or dataset.energies is None:
+        raise ValueError(
+            "reweighting to another temperature needs the dataset's sampling temperature and energies"
+        )
+    w = boltzmann_weights(dataset.energies, dataset.temperature, temperature)
+    return reference_observable(values, w), effective_sample_size(w)

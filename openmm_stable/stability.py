@@ -1,0 +1,244 @@
+"""Stability criteria: per-frame numbers that say when a simulation has gone unphysical.
+
+StABlE training watches many replicas and switches to a learning phase once enough of
+them are unstable; evaluation reports how long each replica stays stable. A criterion is
+one small object (like an ASE calculator, one narrow protocol):
+
+    values = criterion(positions, box=None)   # (...,) one value per frame
+    flags = criterion.unstable(values)         # bool tensor, same shape
+
+Positions are (..., N, 3) Angstrom (tensor or ndarray); every leading dim is kept, so
+(T, R, N, 3) frames of R replicas give (T, R) values, ready for `first_instability_time`.
+Each criterion knows its direction: bond deviation is unstable ABOVE its threshold,
+minimum intermolecular distance BELOW it.
+
+Thresholds follow the paper: a bond-length deviation of 0.5 A for evaluation and 0.25 A
+during training (stricter, so that learning starts before molecules fall apart), and a
+minimum intermolecular distance of 1.2 A for liquid water.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Literal, Optional, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from .observables import ArrayLike, _as_tensor, _box_tensor, bond_lengths, minimum_image, pair_indices
+
+EVALUATION_BOND_THRESHOLD = 0.5  # Angstrom
+TRAINING_BOND_THRESHOLD = 0.25  # Angstrom
+WATER_MIN_DISTANCE_THRESHOLD = 1.2  # Angstrom
+
+Direction = Literal["above", "below"]
+
+
+def find_bonds(atomic_numbers: ArrayLike, positions: ArrayLike, scale: float = 1.2) -> np.ndarray:
+    """Bonded pairs (B, 2), i < j, of a reference structure: r_ij < scale (rc_i + rc_j).
+
+    rc are ASE's covalent radii (Cordero et al.). positions (N, 3) or (F, N, 3) (the first
+    frame is used; it should be a sane, e.g. optimised or dataset, structure)."""
+    from ase.data import chemical_symbols, covalent_radii, missing
+
+    z = np.asarray(atomic_numbers, dtype=np.int64).reshape(-1)
+    bad = [int(a) for a in z if a < 1 or a >= len(covalent_radii) or covalent_radii[a] == missing]
+    if bad:
+        names = [chemical_symbols[a] if 0 < a < len(chemical_symbols) else str(a) for a in sorted(set(bad))]
+        raise ValueError(f"no covalent radius known for element(s) {names}; pass bonds explicitly")
+    pos = np.asarray(positions, dtype=np.float64)
+    if pos.ndim == 3:
+        pos = pos[0]
+    if pos.shape != (z.size, 3):
+        raise ValueError(f"positions shape {pos.shape} does not match {z.size} atoms")
+    i, j = np.triu_indices(z.size, k=1)
+    d = np.linalg.norm(pos[j] - pos[i], axis=-1)
+    cutoff = scale * (covalent_radii[z[i]] + covalent_radii[z[j]])
+    keep = d < cutoff
+    return np.stack([i[keep], j[keep]], axis=1).astype(np.int64)
+
+
+@runtime_checkable
+class StabilityCriterion(Protocol):
+    """Per-frame value plus a threshold and the side of it that counts as unstable."""
+
+    threshold: float
+    direction: Direction
+
+    def __call__(self, positions: ArrayLike, box: Optional[ArrayLike] = None) -> torch.Tensor: ...
+
+    def unstable(self, values: ArrayLike) -> torch.Tensor: ...
+
+
+class _ThresholdMixin:
+    threshold: float
+    direction: Direction
+
+    def unstable(self, values: ArrayLike) -> torch.Tensor:
+        """Bool tensor: True where a value is past the threshold (NaN counts as unstable)."""
+        v = _as_tensor(values)
+        bad = v > self.threshold if self.direction == "above" else v < self.threshold
+        return bad | torch.isnan(v)
+
+    is_unstable = unstable  # alias
+
+    def check(self, positions: ArrayLike, box: Optional[ArrayLike] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, unstable flags) in one call."""
+        values = self(positions, box)  # type: ignore[operator]
+        return values, self.unstable(values)
+
+
+def _check_direction(direction: str) -> None:
+    if direction not in ("above", "below"):
+        raise ValueError(f"direction must be 'above' or 'below', got {direction!r}")
+
+
+@dataclasses.dataclass
+class BondDeviationCriterion(_ThresholdMixin):
+    """max over bonds of |r_b - r_ref_b| in Angstrom; unstable above `threshold`.
+
+    Use 0.5 A (`EVALUATION_BOND_THRESHOLD`) to report stable times and 0.25 A
+    (`TRAINING_BOND_THRESHOLD`) to trigger learning during training."""
+
+    bonds: np.ndarray  # (B, 2) int
+    reference_lengths: torch.Tensor  # (B,) Angstrom
+    threshold: float = EVALUATION_BOND_THRESHOLD
+    direction: Direction = "above"
+
+    def __post_init__(self) -> None:
+        self.bonds = np.asarray(self.bonds, dtype=np.int64).reshape(-1, 2)
+        self.reference_lengths = _as_tensor(self.reference_lengths).reshape(-1)
+        if self.bonds.shape[0] == 0:
+            raise ValueError("BondDeviationCriterion needs at least one bond")
+        if self.reference_lengths.numel() != self.bonds.shape[0]:
+            raise ValueError(f"{self.reference_lengths.numel()} reference lengths for {self.bonds.shape[0]} bonds")
+        _check_direction(self.direction)
+
+    def __call__(self, positions: ArrayLike, box: Optional[ArrayLike] = None) -> torch.Tensor:
+        pos = _as_tensor(positions)
+        lead = pos.shape[:-2]
+        r = bond_lengths(pos, self.bonds, box)  # (K, B)
+        dev = (r - self.reference_lengths.to(r)).abs()
+        return dev.amax(-1).reshape(lead)
+
+    @classmethod
+    def from_structures(
+        cls,
+        atomic_numbers: ArrayLike,
+        positions: ArrayLike,
+        threshold: float = EVALUATION_BOND_THRESHOLD,
+        scale: float = 1.2,
+    ) -> "BondDeviationCriterion":
+        """Bonds from the first of the frames (F, N, 3), reference lengths = mean over all."""
+        pos = np.asarray(positions, dtype=np.float64)
+        if pos.ndim == 2:
+            pos = pos[None]
+        bonds = find_bonds(atomic_numbers, pos[0], scale)
+        ref = bond_lengths(torch.as_tensor(pos), bonds).mean(0)
+        return cls(bonds, ref, threshold)
+
+    @classmethod
+    def from_dataset(
+        cls, dataset: Any, threshold: float = EVALUATION_BOND_THRESHOLD, scale: float = 1.2
+    ) -> "BondDeviationCriterion":
+        """From a `QMDataset`: bonds of its first frame, lengths averaged over its frames."""
+        return cls.from_structures(dataset.atomic_numbers, dataset.positions, threshold, scale)
+
+
+@dataclasses.dataclass
+class MinimumDistanceCriterion(_ThresholdMixin):
+    """Smallest distance between atoms of different molecules (minimum image when
+    periodic); unstable BELOW `threshold` (1.2 A for water: molecules have collided).
+
+    molecule_ids (N,) gives each atom's molecule; `from_atoms_per_molecule` builds it for
+    systems of identical consecutive molecules. The box passed at call time overrides the
+    stored one (NPT runs)."""
+
+    molecule_ids: np.ndarray
+    threshold: float = WATER_MIN_DISTANCE_THRESHOLD
+    box: Optional[np.ndarray] = None
+    direction: Direction = "below"
+
+    def __post_init__(self) -> None:
+        self.molecule_ids = np.asarray(self.molecule_ids, dtype=np.int64).reshape(-1)
+        i, j = np.triu_indices(self.molecule_ids.size, k=1)
+        inter = self.molecule_ids[i] != self.molecule_ids[j]
+        if not inter.any():
+            raise ValueError("MinimumDistanceCriterion needs atoms of at least two molecules")
+        self._pairs = (i[inter], j[inter])
+        _check_direction(self.direction)
+
+    @classmethod
+    def from_atoms_per_molecule(
+        cls, atoms_per_molecule: int, n_atoms: int, threshold: float = WATER_MIN_DISTANCE_THRESHOLD, box=None
+    ) -> "MinimumDistanceCriterion":
+        if n_atoms % atoms_per_molecule:
+            raise ValueError(f"{n_atoms} atoms is not a multiple of {atoms_per_molecule} atoms per molecule")
+        return cls(np.arange(n_atoms) // atoms_per_molecule, threshold, box)
+
+    def __call__(self, positions: ArrayLike, box: Optional[ArrayLike] = None) -> torch.Tensor:
+        pos = _as_tensor(positions)
+        lead = pos.shape[:-2]
+        frames = pos.reshape(-1, pos.shape[-2], 3)
+        b = _box_tensor(box if box is not None else self.box, frames)
+        if b is not None and b.ndim > 2:
+            b = b.reshape(-1, 3, 3)
+        i = torch.as_tensor(self._pairs[0], device=frames.device)
+        j = torch.as_tensor(self._pairs[1], device=frames.device)
+        d = torch.linalg.vector_norm(minimum_image(frames[:, j] - frames[:, i], b), dim=-1)
+        return d.amin(-1).reshape(lead)
+
+
+@dataclasses.dataclass
+class CallableCriterion(_ThresholdMixin):
+    """Wrap a user function fn(positions (..., N, 3), box) -> (...) values."""
+
+    fn: Callable[..., Any]
+    threshold: float
+    direction: Direction = "above"
+
+    def __post_init__(self) -> None:
+        _check_direction(self.direction)
+
+    def __call__(self, positions: ArrayLike, box: Optional[ArrayLike] = None) -> torch.Tensor:
+        return _as_tensor(self.fn(positions, box))
+
+
+def first_instability_time(unstable_flags: ArrayLike, times_ps: ArrayLike, horizon: Optional[float] = None) -> torch.Tensor:
+    """Time (ps) of each replica's first unstable frame, (R,) from flags (T, R).
+
+    Replicas that never failed get the horizon (default: the last time), so the result is
+    the `stable_time_ps` of every replica; a replica unstable at the first check gets
+    times_ps[0]."""
+    flags = torch.as_tensor(np.asarray(unstable_flags)) if not isinstance(unstable_flags, torch.Tensor) else unstable_flags
+    flags = flags.bool()
+    if flags.ndim == 1:
+        flags = flags[:, None]
+    t = _as_tensor(times_ps).reshape(-1)
+    if t.numel() != flags.shape[0]:
+        raise ValueError(f"{t.numel()} times for {flags.shape[0]} checks")
+    t = t.to(flags.device)
+    end = float(t[-1]) if horizon is None else float(horizon)
+    failed = flags.any(0)
+    first = flags.to(torch.int8).argmax(0)  # index of the first True (0 if none)
+    return torch.where(failed, t[first], torch.full_like(t[first], end))
+
+
+def survival_curve(
+    stable_times: ArrayLike, horizon: float, n_points: Optional[int] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fraction of replicas still stable at each time: (times, fraction_stable).
+
+    A replica counts as stable at t if it failed after t, or never failed (stable time >=
+    horizon). Without n_points the times are 0, every failure time and the horizon (plot
+    as a step function, drawstyle="steps-post"); with n_points, a uniform grid on
+    [0, horizon]."""
+    s = _as_tensor(stable_times).to(torch.float64).reshape(-1)
+    if n_points is None:
+        fails = torch.unique(s[s < horizon])
+        zero = torch.zeros(1, dtype=s.dtype, device=s.device)
+        end = torch.full((1,), float(horizon), dtype=s.dtype, device=s.device)
+        times = torch.unique(torch.cat([zero, fails, end]))
+    else:
+        times = torch.linspace(0.0, float(horizon), n_points, dtype=s.dtype, device=s.device)
+    alive = (s[None, :] > times[:, None]) | (s[None, :] >= horizon)
+    return times, alive.to(s.dtype).mean(1)
