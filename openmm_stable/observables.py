@@ -37,7 +37,7 @@ A2_PER_PS_IN_CM2_PER_S = 1e-4
 
 # Budget (number of tensor elements) for the intermediate of the smeared histogram; above
 # it the frames are processed in chunks so that large K or many pairs stay in memory.
-_HISTOGRAM_CHUNK_ELEMENTS = 1 << 24
+_HISTOGRAM_CHUNK_ELEMENTS = 1 << 22
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -280,14 +280,21 @@ def rdf(
 
 
 def angle_triples(bonds: ArrayLike) -> np.ndarray:
-    """(A, 3) bonded triples (i, j, k), j the central atom, i < k, from (B, 2) bonds."""
+    """(A, 3) bonded triples (i, j, k), j the central atom, i < k, from (B, 2) bonds.
+
+    Topology setup, done once: a plain loop over central atoms is fine here."""
     bonds = np.asarray(bonds, dtype=np.int64).reshape(-1, 2)
-    n = int(bonds.max()) + 1 if bonds.size else 0
-    adj = np.zeros((n, n), dtype=bool)
-    adj[bonds[:, 0], bonds[:, 1]] = adj[bonds[:, 1], bonds[:, 0]] = True
-    j, i, k = np.nonzero(adj[:, :, None] & adj[:, None, :])  # i and k both bonded to j
-    keep = i < k
-    return np.stack([i[keep], j[keep], k[keep]], axis=1) if keep.any() else np.zeros((0, 3), np.int64)
+    neighbours: dict[int, set[int]] = {}
+    for a, b in bonds.tolist():
+        neighbours.setdefault(a, set()).add(b)
+        neighbours.setdefault(b, set()).add(a)
+    rows = [
+        (i, j, k)
+        for j in sorted(neighbours)
+        for n, i in enumerate(sorted(neighbours[j]))
+        for k in sorted(neighbours[j])[n + 1 :]
+    ]
+    return np.array(rows, dtype=np.int64).reshape(-1, 3)
 
 
 def angles(positions: ArrayLike, triples: ArrayLike, degrees: bool = True, box: Optional[ArrayLike] = None) -> torch.Tensor:
