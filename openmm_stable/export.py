@@ -19,7 +19,7 @@ In a production script, through openmm-ml (plugin in `openmm_stable.openmmml_plu
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -71,17 +71,37 @@ class OpenMMForceModule(nn.Module):
         return self.replica_energies(positions, box).sum()
 
 
+class GuardedForceModule(OpenMMForceModule):
+    """Replica form that returns (energy, forces) and zeroes a replica whose energy or
+    forces are not finite, so one broken replica cannot stop the others (OpenMM aborts
+    the whole Context on a NaN coordinate). Used with ``TorchForce.setOutputsForces``."""
+
+    def forward(self, positions: Tensor, box: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        positions = positions.detach().requires_grad_(True)
+        energies = self.replica_energies(positions, box)
+        grads = torch.autograd.grad([energies.sum()], [positions], allow_unused=True)
+        grad = grads[0]
+        if grad is None:
+            grad = torch.zeros_like(positions)
+        forces = -grad.reshape(self.n_replicas, self.n_atoms, 3)
+        ok = torch.isfinite(energies) & torch.isfinite(forces).all(dim=2).all(dim=1)
+        forces = torch.where(ok[:, None, None], forces, torch.zeros_like(forces))
+        energies = torch.where(ok, energies, torch.zeros_like(energies))
+        return energies.sum().detach(), forces.reshape(-1, 3).detach()
+
+
 def script_force_module(model: nn.Module, atomic_numbers: Sequence[int], n_replicas: int = 1,
                         atom_indices: Optional[Sequence[int]] = None,
-                        dtype: torch.dtype = torch.float32) -> torch.jit.ScriptModule:
-    """TorchScript form of `OpenMMForceModule` around a copy of `model` (on the CPU)."""
+                        dtype: torch.dtype = torch.float32, guarded: bool = False) -> torch.jit.ScriptModule:
+    """TorchScript form of `OpenMMForceModule` (or `GuardedForceModule`) around a copy of
+    `model` (on the CPU)."""
     import copy
 
     model = copy.deepcopy(model).cpu().eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    module = OpenMMForceModule(model, atomic_numbers, n_replicas, atom_indices, dtype)
-    return torch.jit.script(module)
+    cls = GuardedForceModule if guarded else OpenMMForceModule
+    return torch.jit.script(cls(model, atomic_numbers, n_replicas, atom_indices, dtype))
 
 
 def export_model(model: nn.Module, path, atomic_numbers: Sequence[int], n_replicas: int = 1,
@@ -106,7 +126,7 @@ def _register_extension_ops() -> None:
         pass
 
 
-def make_torch_force(module_or_path, periodic: bool = False):
+def make_torch_force(module_or_path, periodic: bool = False, outputs_forces: bool = False):
     """An ``openmmtorch.TorchForce`` from a scripted module or an exported file."""
     import torch  # noqa: F401  (must precede openmmtorch: it preloads libnvrtc)
     from openmmtorch import TorchForce
@@ -117,6 +137,7 @@ def make_torch_force(module_or_path, periodic: bool = False):
     else:
         force = TorchForce(module_or_path)
     force.setUsesPeriodicBoundaryConditions(bool(periodic))
+    force.setOutputsForces(bool(outputs_forces))
     return force
 
 
