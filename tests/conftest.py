@@ -1,0 +1,54 @@
+"""Shared test fixtures: small, generic, cheap.
+
+The test machines have few cores shared with other jobs, so every test process runs
+single-threaded (set before torch or OpenMM is imported by any test module).
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+os.environ.setdefault("OPENMM_CPU_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+# Ethanol (C2H5OH) by hand, in Angstrom: C-C 1.51, C-O 1.43, C-H 1.09, O-H 0.97.
+# Atom order: C (methyl), C (methylene), O, then the methyl H, methylene H, hydroxyl H.
+ETHANOL_Z = np.array([6, 6, 8, 1, 1, 1, 1, 1, 1], dtype=np.int64)
+ETHANOL_POSITIONS = np.array(
+    [
+        [1.1879, -0.3829, 0.0000],
+        [0.0000, 0.5526, 0.0000],
+        [-1.1867, -0.2472, 0.0000],
+        [2.1180, 0.1890, 0.0000],
+        [1.1655, -1.0186, 0.8849],
+        [1.1655, -1.0186, -0.8849],
+        [0.0403, 1.2023, 0.8809],
+        [0.0403, 1.2023, -0.8809],
+        [-1.9451, 0.3487, 0.0000],
+    ],
+    dtype=np.float64,
+)
+# Covalent bonds of the molecule above, as (i, j) index pairs.
+ETHANOL_BONDS = [(0, 1), (1, 2), (0, 3), (0, 4), (0, 5), (1, 6), (1, 7), (2, 8)]
+
+
+@pytest.fixture
+def ethanol():
+    """(atomic numbers (9,) int64, positions (9, 3) float64 Angstrom) of ethanol; fresh copies."""
+    return ETHANOL_Z.copy(), ETHANOL_POSITIONS.copy()
+
+
+@pytest.fixture
+def ethanol_bonds():
+    """The covalent bonds of the `ethanol` fixture as (i, j) pairs."""
+    return list(ETHANOL_BONDS)
+
+
+@pytest.fixture
+def rng():
+    """A seeded NumPy generator, so tests that perturb geometries are reproducible."""
+    return np.random.default_rng(1234)
+
