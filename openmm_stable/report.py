@@ -1,0 +1,85 @@
+"""Plots people would rather look at than read: survival curves, h(r), bond traces, learning curves.
+
+Every function writes one PNG (matplotlib, Agg backend) and returns its path.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_survival(stable_times: Mapping[str, Sequence[float]], horizon_ps: float, path) -> Path:
+    """Fraction of replicas still stable against time, one step curve per model."""
+    from openmm_stable.stability import survival_curve
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for label, times in stable_times.items():
+        t, frac = survival_curve(np.asarray(times, dtype=float), horizon_ps)
+        ax.step(t.numpy(), frac.numpy(), where="post", label=label)
+    ax.set(xlabel="time (ps)", ylabel="fraction of replicas stable", ylim=(-0.02, 1.02), xlim=(0, horizon_ps))
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_curves(x: np.ndarray, curves: Mapping[str, np.ndarray], path, xlabel: str, ylabel: str) -> Path:
+    """Several curves on one axis, e.g. h(r) of a model against the reference."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for label, y in curves.items():
+        ax.plot(np.asarray(x), np.asarray(y), label=label)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_bond_deviation(times_ps: np.ndarray, deviations: np.ndarray, threshold: float, path) -> Path:
+    """Largest bond-length deviation per replica against time, with the threshold."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(times_ps, np.minimum(deviations, 5 * threshold), lw=0.8, alpha=0.7)
+    ax.axhline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold} A")
+    ax.set(xlabel="time (ps)", ylabel="max |bond - reference| (A)")
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_csv_columns(csv_path, columns: Sequence[str], path, x: str = "epoch", logy: Optional[Sequence[str]] = None) -> Path:
+    """One panel per column of a CSV log (learning curves)."""
+    plt = _pyplot()
+    with open(csv_path) as fh:
+        rows = list(csv.DictReader(fh))
+    present = [c for c in columns if rows and c in rows[0]]
+    fig, axes = plt.subplots(1, max(len(present), 1), figsize=(3.2 * max(len(present), 1), 3))
+    axes = np.atleast_1d(axes)
+    for ax, column in zip(axes, present):
+        xs = [float(r[x]) for r in rows if r.get(column) not in ("", None)]
+        ys = [float(r[column]) for r in rows if r.get(column) not in ("", None)]
+        ax.plot(xs, ys, marker=".")
+        ax.set(xlabel=x, title=column)
+        if logy and column in logy and all(y > 0 for y in ys):
+            ax.set_yscale("log")
+    return _save(fig, path)
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
