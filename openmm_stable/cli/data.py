@@ -10,6 +10,7 @@ the file and the field, via the `DatasetError` raised by the loaders.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections import Counter
 
 import numpy as np
@@ -138,28 +139,33 @@ def cmd_info(args) -> int:
 
 # --- generate -----------------------------------------------------------------------------
 def cmd_generate(args) -> int:
-    from openmm_stable.data.generate import (
-        DEFAULT_EQUILIBRATION_STEPS,
-        DEFAULT_FRICTION_PER_FS,
-        generate_xtb_dataset,
-    )
+    from openmm_stable.data import generate
 
-    ds = generate_xtb_dataset(
-        args.molecule,
-        args.out,
-        n_frames=args.frames,
-        temperature=args.temperature,
-        timestep_fs=args.timestep,
-        stride=args.stride,
-        equilibration_steps=DEFAULT_EQUILIBRATION_STEPS if args.equilibration_steps is None else args.equilibration_steps,
-        seed=args.seed,
-        method=args.method,
-        friction_per_fs=DEFAULT_FRICTION_PER_FS if args.friction is None else args.friction,
-        progress=not args.no_progress,
-        resume=args.resume,
-    )
-    timing = ds.metadata.get("timing", {})
-    rate = timing.get("frames_per_second")
+    try:
+        ds = generate.generate_xtb_dataset(
+            args.molecule,
+            args.out,
+            n_frames=args.frames,
+            temperature=args.temperature,
+            timestep_fs=args.timestep,
+            stride=args.stride,
+            equilibration_steps=(
+                generate.DEFAULT_EQUILIBRATION_STEPS if args.equilibration_steps is None else args.equilibration_steps
+            ),
+            seed=args.seed,
+            method=args.method,
+            friction_per_fs=generate.DEFAULT_FRICTION_PER_FS if args.friction is None else args.friction,
+            progress=not args.no_progress,
+            resume=args.resume,
+        )
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted: frames so far are in {args.out} and {generate.partial_paths(args.out)[0]}; "
+            f"rerun the same command with --resume to continue",
+            file=sys.stderr,
+        )
+        return 130
+    rate = ds.metadata.get("timing", {}).get("frames_per_second")
     print(f"wrote {len(ds)} frames to {args.out}" + (f" ({rate:.1f} frames/s)" if rate else ""))
     return 0
 

@@ -91,7 +91,12 @@ def generate_xtb_dataset(
     import ase.units
     from ase.constraints import FixCom
     from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
+    from ase.md.velocitydistribution import Stationary, ZeroRotation
+
+    try:  # ASE >= 3.29; the older name is deprecated there
+        from ase.md.velocitydistribution import thermalize_momenta
+    except ImportError:
+        from ase.md.velocitydistribution import MaxwellBoltzmannDistribution as thermalize_momenta
     from tqdm.auto import tqdm
 
     if n_frames < 1 or stride < 1 or equilibration_steps < 0:
@@ -120,7 +125,7 @@ def generate_xtb_dataset(
 
     # Frames already on disk (resume) or a fresh start.
     done: list[dict] = []
-    if frames_path.exists() and not resume:
+    if frames_path.exists() and frames_path.stat().st_size > 0 and not resume:
         raise ValueError(
             f"{frames_path} exists (an interrupted run); continue it with resume=True (--resume) or delete it"
         )
@@ -141,7 +146,7 @@ def generate_xtb_dataset(
         rng = np.random.default_rng([seed, n_done])  # a fresh, reproducible stream for the continuation
     else:
         rng = np.random.default_rng(seed)
-        MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
+        thermalize_momenta(atoms, temperature_K=temperature, rng=rng)
         Stationary(atoms)
         ZeroRotation(atoms)
         settings_path.parent.mkdir(parents=True, exist_ok=True)
@@ -165,6 +170,7 @@ def generate_xtb_dataset(
             bar.set_postfix_str("equilibrating")
             dyn.run(equilibration_steps)
             bar.set_postfix_str("")
+            bar.reset(total=n_frames)  # so the frames/s shown is the production rate
         t_start = time.perf_counter()  # production rate only
         with open(frames_path, "a") as handle:
             for k in range(n_done, n_frames):
