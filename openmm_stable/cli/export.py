@@ -1,0 +1,113 @@
+"""`openmm-stable export MODEL`: write a TorchScript file that openmm-torch's TorchForce loads.
+
+    openmm-stable export model.ckpt --out model_openmm.pt
+    openmm-stable export model.ckpt --molecule aspirin --replicas 8 --out aspirin_x8.pt
+    openmm-stable export model.ckpt --atoms-from aspirin_xtb.npz --dtype float64 --out model64.pt
+
+The file takes positions (nm) [and box vectors (nm)] and returns the energy (kJ/mol),
+for R non-interacting copies of the molecule given one after the other. It needs the
+atomic numbers: from the model file (stored there by pre-training), a dataset file or a
+molecule name/SMILES/structure file.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+DTYPES = ("float32", "float64")
+TORCHMDNET_ARCHS = ("graph-network", "equivariant-transformer", "tensornet")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="write a model as a TorchScript file for openmm-torch (TorchForce)",
+        description="Write MODEL (a file from pretrain/refine) as a TorchScript module for "
+        "openmmtorch.TorchForce: positions (nm) -> energy (kJ/mol) of R non-interacting replicas.",
+    )
+    p.add_argument("model", help="model file written by openmm-stable (pretrain, refine or save_model)")
+    p.add_argument("--out", default=None, help="output file (default: MODEL's name with suffix _openmm.pt)")
+    p.add_argument("--replicas", type=int, default=1, help="copies of the molecule in one force (default 1)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="precision the network runs in (default float32; float64 for energy-conservation checks)")
+    atoms = p.add_mutually_exclusive_group()
+    atoms.add_argument("--atoms-from", metavar="DATAFILE", default=None,
+                       help="take the atomic numbers from this dataset file (any supported format)")
+    atoms.add_argument("--molecule", metavar="NAME", default=None,
+                       help="take the atomic numbers from a built-in molecule, SMILES or structure file")
+    p.set_defaults(func=run)
+
+
+def stored_atomic_numbers(model_path) -> np.ndarray | None:
+    """The ``atomic_numbers`` a model file carries (written by pre-training), or None."""
+    import torch
+
+    payload = torch.load(str(model_path), map_location="cpu", weights_only=False)
+    numbers = payload.get("atomic_numbers") if isinstance(payload, dict) else None
+    return None if numbers is None else np.asarray(numbers, dtype=np.int64).reshape(-1)
+
+
+def resolve_atoms(args) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """(atomic numbers, positions in Angstrom or None, where they came from)."""
+    if args.atoms_from:
+        from openmm_stable.data import load_dataset
+
+        ds = load_dataset(args.atoms_from)
+        return ds.atomic_numbers, ds.positions[0], f"dataset {args.atoms_from}"
+    if args.molecule:
+        from openmm_stable.data.molecules import build_molecule
+
+        z, positions = build_molecule(args.molecule)
+        return z, positions, f"molecule {args.molecule}"
+    z = stored_atomic_numbers(args.model)
+    if z is None:
+        raise ValueError(f"{args.model} stores no atomic numbers; give --atoms-from DATAFILE or --molecule NAME")
+    return z, None, "the model file"
+
+
+def run(args) -> int:
+    import torch
+
+    from openmm_stable.cli.data import hill_formula
+    from openmm_stable.export import export_model, load_exported
+    from openmm_stable.models import load_model
+
+    if args.replicas < 1:
+        raise ValueError(f"--replicas must be at least 1 (got {args.replicas})")
+    model = load_model(args.model)  # FileNotFoundError / ValueError: clean messages
+    z, positions, source = resolve_atoms(args)
+    stored = None if source == "the model file" else stored_atomic_numbers(args.model)
+    if stored is not None and not np.array_equal(stored, z):
+        print(f"note: {source} has other atoms than the model was trained on ({len(z)} vs {len(stored)} atoms); "
+              f"exporting for {source}", file=sys.stderr)
+    out = Path(args.out) if args.out else Path(args.model).with_name(Path(args.model).stem + "_openmm.pt")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    dtype = getattr(torch, args.dtype)
+    export_model(model, out, z.tolist(), n_replicas=args.replicas, dtype=dtype)
+
+    spec = model.spec
+    arch = spec.get("architecture", "?")
+    n = len(z)
+    replicas = f"{args.replicas} replica{'s' if args.replicas > 1 else ''}"
+    print(f"wrote {out}: {arch} ({spec.get('preset', '?')}), {hill_formula(z)}, {n} atoms x {replicas} "
+          f"= {n * args.replicas} particles, {args.dtype}; atomic numbers from {source}")
+    if positions is not None:
+        module = load_exported(out)
+        pos_nm = torch.as_tensor(np.tile(positions, (args.replicas, 1)) / 10.0, dtype=torch.float64)
+        with torch.no_grad():
+            energy = float(module(pos_nm)) / args.replicas
+        print(f"check: energy of the first structure of {source}: {energy:.6f} kJ/mol per replica")
+    print("Positions in nm -> energy in kJ/mol; replica k holds particles "
+          f"{n}*k .. {n}*k+{n - 1}, with the atoms in the order above. Load it in OpenMM with:")
+    print("    import torch                      # before openmmtorch (it preloads CUDA libraries)")
+    if arch in TORCHMDNET_ARCHS:
+        print("    import torchmdnet.models.model    # registers the neighbour-list ops this file calls")
+    print("    from openmmtorch import TorchForce")
+    print(f"    force = TorchForce({str(out)!r})")
+    print("    force.setUsesPeriodicBoundaryConditions(True)   # only for a periodic box")
+    print("    system.addForce(force)")
+    print(f"or, for a System from a Topology: MLPotential('openmm-stable', modelPath={str(args.model)!r})"
+          ".createSystem(topology)")
+    return 0
