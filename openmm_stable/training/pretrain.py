@@ -1,0 +1,572 @@
+"""QM pre-training: fit an NNIP to the energies and forces of a static dataset.
+
+Step 1 of StABlE training. The split, per-element energy offsets and energy scale are
+fixed once from the training frames; then Adam with ReduceLROnPlateau, gradient
+clipping, optional EMA of the weights and early stopping on the validation loss.
+
+Usage::
+
+    from openmm_stable.training import PretrainConfig, pretrain
+    config = PretrainConfig(architecture="schnet", preset="small", train="1k", val="100", test="200")
+    model, metrics = pretrain(dataset, config, "runs/aspirin")    # resume=True after a crash
+    print(metrics["force_mae_meV_per_A"])
+
+Files in ``out_dir``: ``model.pt`` (best model, `openmm_stable.models.load_model` reads it
+and both checkpoints), ``checkpoint_last.pt`` / ``checkpoint_best.pt``, ``log.csv`` (one row
+per epoch), ``learning_curve.png``, ``metrics.json`` (test-split errors) and ``config.yaml``.
+
+Choices. Loss = energy_weight * MSE(E) + force_weight * MSE(F), errors in units of
+``model.energy_scale`` (see `openmm_stable.training.batching`); the default 1 : 100 is
+force-heavy, like the MD17 recipes StABlE starts from, because MD only needs forces and
+there are 3N force labels per energy label. ``energy_scale`` is the RMS of the training
+force components (eV/A): with forces dominating the loss it puts the network's outputs
+(and force errors) at order one. The offsets carry the large atomisation energy so the
+network only learns the geometry-dependent remainder.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from openmm_stable.data.dataset import QMDataset
+from openmm_stable.data.splits import parse_size, split_indices
+from openmm_stable.models import ARCHITECTURES, PRESETS, create_model, load_model, save_model
+from openmm_stable.models.base import MAX_Z, NNIP
+from openmm_stable.training.batching import FrameTensors, energy_force_loss, evaluate, loss_from_metrics
+
+SizeLike = Union[int, float, str]
+
+LOG_COLUMNS = [
+    "epoch", "lr", "train_loss", "train_energy_mae_meV", "train_force_mae_meV_per_A",
+    "val_loss", "val_energy_mae_meV", "val_force_mae_meV_per_A", "time_s",
+]
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite; a lower learning rate or stronger clipping usually helps."""
+
+
+@dataclasses.dataclass
+class PretrainConfig:
+    """Every pre-training setting, validated once on construction.
+
+    Split sizes take counts (``200``, ``"1k"``) or fractions (``0.1``, ``"10%"``) of the
+    dataset; ``test=None`` (or ``"rest"`` in YAML / on the command line) takes the remaining frames. ``ema_decay=None`` turns EMA off;
+    when on, the averaged weights are validated, checkpointed as best and saved.
+    ``time_budget_min`` counts training time over resumes and stops cleanly (validation and
+    checkpoints still happen for the epoch in progress).
+    """
+
+    architecture: str = "schnet"
+    preset: str = "small"
+    energy_weight: float = 1.0
+    force_weight: float = 100.0
+    lr: float = 1e-3
+    batch_size: int = 32
+    max_epochs: int = 1000
+    patience: int = 50  # epochs without validation improvement before stopping
+    lr_factor: float = 0.5  # ReduceLROnPlateau
+    lr_patience: int = 10
+    min_lr: float = 1e-6
+    grad_clip: Optional[float] = 10.0  # max gradient norm; None disables clipping
+    ema_decay: Optional[float] = None
+    seed: int = 0  # split, initial weights and shuffling
+    device: str = "auto"  # "cpu", "cuda", "cuda:N" or "auto"
+    train: SizeLike = "1k"
+    val: SizeLike = "100"
+    test: Optional[SizeLike] = "200"
+    split_mode: str = "random"  # or "contiguous"
+    time_budget_min: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        def fail(field: str, message: str):
+            raise ValueError(f"pretrain config: {field}: {message}")
+
+        if self.architecture not in ARCHITECTURES:
+            fail("architecture", f"unknown {self.architecture!r}; known: {', '.join(ARCHITECTURES)}")
+        if self.preset not in PRESETS:
+            fail("preset", f"unknown {self.preset!r}; known: {', '.join(PRESETS)}")
+        for name in ("energy_weight", "force_weight"):
+            value = getattr(self, name)
+            if not _is_real(value) or value < 0 or not math.isfinite(value):
+                fail(name, f"must be a finite number >= 0, got {value!r}")
+        if self.energy_weight == 0 and self.force_weight == 0:
+            fail("energy_weight", "energy_weight and force_weight are both 0")
+        for name in ("lr", "min_lr"):
+            value = getattr(self, name)
+            if not _is_real(value) or value < 0 or (name == "lr" and value == 0):
+                fail(name, f"must be a number {'> 0' if name == 'lr' else '>= 0'}, got {value!r}")
+        for name, low in (("batch_size", 1), ("max_epochs", 1), ("patience", 1), ("lr_patience", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                fail(name, f"must be an integer >= {low}, got {value!r}")
+        if not _is_real(self.lr_factor) or not 0 < self.lr_factor < 1:
+            fail("lr_factor", f"must be between 0 and 1, got {self.lr_factor!r}")
+        if self.grad_clip is not None and (not _is_real(self.grad_clip) or self.grad_clip <= 0):
+            fail("grad_clip", f"must be > 0 or None, got {self.grad_clip!r}")
+        if self.ema_decay is not None and (not _is_real(self.ema_decay) or not 0 < self.ema_decay < 1):
+            fail("ema_decay", f"must be between 0 and 1 or None, got {self.ema_decay!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            fail("seed", f"must be an integer >= 0, got {self.seed!r}")
+        device = str(self.device)
+        if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+            fail("device", f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        for name in ("train", "val", "test"):
+            value = getattr(self, name)
+            if value is None and name == "test":
+                continue
+            try:
+                parse_size(value, n_total=1)  # syntax only; the dataset size is checked at split time
+            except ValueError as err:
+                fail(name, str(err))
+        if self.split_mode not in ("random", "contiguous"):
+            fail("split_mode", f"must be 'random' or 'contiguous', got {self.split_mode!r}")
+        if self.time_budget_min is not None and (not _is_real(self.time_budget_min) or self.time_budget_min <= 0):
+            fail("time_budget_min", f"must be > 0 minutes or None, got {self.time_budget_min!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "PretrainConfig":
+        """Build from plain data (YAML, a checkpoint); unknown keys are an error, not ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"pretrain config: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        values = dict(values)
+        if isinstance(values.get("test"), str) and values["test"].strip().lower() in ("rest", "remaining"):
+            values["test"] = None  # all frames not in train or val
+        # YAML reads 1e-3 as a string and 10 as int where a float is meant; coerce the obvious cases.
+        for f in dataclasses.fields(cls):
+            if f.name in values and isinstance(values[f.name], str) and f.name in _FLOAT_FIELDS:
+                try:
+                    values[f.name] = float(values[f.name])
+                except ValueError:
+                    pass
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: Union[str, os.PathLike], **overrides) -> "PretrainConfig":
+        """Read a YAML mapping of field names; `overrides` win over the file (None included)."""
+        import yaml
+
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        with open(path) as handle:
+            values = yaml.safe_load(handle) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a mapping of PretrainConfig fields")
+        values.update(overrides)
+        return cls.from_dict(values)
+
+
+_FLOAT_FIELDS = {"energy_weight", "force_weight", "lr", "lr_factor", "min_lr", "grad_clip", "ema_decay", "time_budget_min"}
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# --- offsets and scale ------------------------------------------------------------------------
+def fit_atom_energies(compositions: Sequence[np.ndarray], energies: np.ndarray) -> np.ndarray:
+    """Per-element energies (MAX_Z,) in eV with sum over atoms ~ energy, by least squares.
+
+    ``compositions`` holds the atomic numbers of each structure. Element counts are often
+    collinear (one composition: rank 1), so we first take the mean energy per atom as a
+    common baseline and fit the per-element deviations from it by minimum-norm least
+    squares: exact for a linear model whenever the elements are identifiable, and the mean
+    energy per atom for every element when the data hold a single composition.
+    """
+    energies = np.asarray(energies, dtype=np.float64).reshape(-1)
+    if len(compositions) != energies.size:
+        raise ValueError(f"{len(compositions)} compositions but {energies.size} energies")
+    counts = np.zeros((energies.size, MAX_Z), dtype=np.float64)
+    for row, z in enumerate(compositions):
+        np.add.at(counts[row], np.asarray(z, dtype=np.int64), 1.0)
+    present = counts.any(axis=0)
+    counts = counts[:, present]
+    n_atoms = counts.sum(axis=1)
+    per_atom = energies.sum() / n_atoms.sum()
+    deviation, *_ = np.linalg.lstsq(counts, energies - per_atom * n_atoms, rcond=None)
+    out = np.zeros(MAX_Z, dtype=np.float64)
+    out[present] = per_atom + deviation
+    return out
+
+
+def fit_energy_scale(dataset: QMDataset, atom_energies: np.ndarray) -> float:
+    """RMS of the force components (eV/A); the residual-energy std if there are no forces."""
+    if dataset.forces is not None:
+        scale = float(np.sqrt(np.mean(dataset.forces**2)))
+    else:
+        residual = dataset.energies - atom_energies[dataset.atomic_numbers].sum()
+        scale = float(np.std(residual))
+    return scale if scale > 1e-12 and math.isfinite(scale) else 1.0
+
+
+# --- EMA ------------------------------------------------------------------------------------------
+class EMA:
+    """Exponential moving average of a model's floating-point state (weights and buffers).
+
+    The decay ramps up as ``min(decay, (1 + n) / (10 + n))`` over the first updates, so the
+    average is not dominated by the random initial weights.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = float(decay)
+        self.n_updates = 0
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.n_updates += 1
+        decay = min(self.decay, (1.0 + self.n_updates) / (10.0 + self.n_updates))
+        for name, value in model.state_dict().items():
+            if name in self.shadow:
+                self.shadow[name].mul_(decay).add_(value.detach(), alpha=1.0 - decay)
+
+    @contextlib.contextmanager
+    def applied(self, model: nn.Module):
+        """Temporarily load the averaged weights into `model`."""
+        backup = {k: v.detach().clone() for k, v in model.state_dict().items() if k in self.shadow}
+        model.load_state_dict(self.shadow, strict=False)
+        try:
+            yield model
+        finally:
+            model.load_state_dict(backup, strict=False)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "n_updates": self.n_updates, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.n_updates = int(state["n_updates"])
+        for name, value in state["shadow"].items():
+            if name in self.shadow:
+                self.shadow[name].copy_(value)
+
+
+# --- the run ----------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _RunState:
+    """What a checkpoint needs besides weights and optimizer: where the run stands."""
+
+    epoch: int = 0
+    best_val_loss: float = math.inf
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    train_time_s: float = 0.0
+    history: list = dataclasses.field(default_factory=list)
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> CUDA when present, else CPU; a clear error if CUDA is asked for but absent."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available; use 'cpu' or 'auto'")
+    return torch.device(device)
+
+
+def pretrain(
+    dataset: Union[QMDataset, str, os.PathLike],
+    config: PretrainConfig,
+    out_dir: Union[str, os.PathLike],
+    progress: bool = True,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> tuple[NNIP, dict]:
+    """Pre-train a model on `dataset` and write the run to `out_dir`; returns (best model, metrics).
+
+    ``resume=True`` continues from ``checkpoint_last.pt`` (same data and split required;
+    limits such as ``max_epochs``, ``patience`` and ``time_budget_min`` come from `config`,
+    so a finished run can be extended). Without it, an existing run in `out_dir` is an error
+    unless ``overwrite=True``. Ctrl-C leaves the last completed epoch's checkpoint intact.
+    """
+    if not isinstance(dataset, QMDataset):
+        from openmm_stable.data.formats import load_dataset
+
+        dataset = load_dataset(dataset)
+    config.validate()
+    if dataset.energies is None or (config.force_weight > 0 and dataset.forces is None):
+        raise ValueError(f"{dataset.source}: pre-training needs energies and forces (forces only if force_weight > 0)")
+    out_dir = Path(out_dir)
+    last_path, best_path = out_dir / "checkpoint_last.pt", out_dir / "checkpoint_best.pt"
+    if resume and not last_path.exists():
+        raise FileNotFoundError(f"{last_path}: nothing to resume (no checkpoint_last.pt in {out_dir})")
+    if not resume and not overwrite and last_path.exists():
+        raise ValueError(
+            f"{out_dir} already holds a pre-training run; pass resume=True (--resume) to continue it, "
+            "overwrite=True (--overwrite) to start over, or use another directory"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(str(config.device))
+
+    fingerprint = dataset.fingerprint()
+    parts = split_indices(len(dataset), config.train, config.val, config.test, mode=config.split_mode, seed=config.seed)
+    if len(parts[0]) == 0 or len(parts[1]) == 0:
+        raise ValueError(f"split: train ({len(parts[0])}) and val ({len(parts[1])}) need at least one frame each")
+    train_ds, val_ds = dataset.subset(parts[0]), dataset.subset(parts[1])
+    test_ds = dataset.subset(parts[2]) if len(parts[2]) else None
+    split = {name: [int(i) for i in idx] for name, idx in zip(("train", "val", "test"), parts)}
+
+    state = _RunState()
+    if resume:
+        payload = torch.load(last_path, map_location="cpu", weights_only=False)
+        _check_resumable(payload, last_path, fingerprint, split, config)
+        model = load_model(last_path).to(device)
+        state = _RunState(**payload["run_state"])
+    else:
+        torch.manual_seed(config.seed)
+        model = create_model(config.architecture, config.preset)
+        atom_energies = fit_atom_energies([dataset.atomic_numbers] * len(train_ds), train_ds.energies)
+        with torch.no_grad():
+            model.atom_energies.copy_(torch.from_numpy(atom_energies))
+            model.energy_scale.fill_(fit_energy_scale(train_ds, atom_energies))
+        model = model.to(device)
+        for path in (last_path, best_path, out_dir / "model.pt", out_dir / "metrics.json"):
+            path.unlink(missing_ok=True)  # stale files from an overwritten run
+    dtype = next(iter(model.parameters())).dtype
+    scale = float(model.energy_scale)
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=config.lr_factor, patience=config.lr_patience, min_lr=config.min_lr
+    )
+    ema = EMA(model, config.ema_decay) if config.ema_decay else None
+    if resume:
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+        if ema is not None and payload.get("ema") is not None:
+            ema.load_state_dict(payload["ema"])
+        _set_rng_state(payload["rng"])
+        del payload
+    _write_yaml(out_dir / "config.yaml", config.to_dict())
+
+    frames_train = FrameTensors(train_ds, device=device, dtype=dtype)
+    frames_val = FrameTensors(val_ds, device=device, dtype=dtype)
+    budget_s = math.inf if config.time_budget_min is None else 60.0 * config.time_budget_min
+    time_before, started = state.train_time_s, time.perf_counter()
+    elapsed = lambda: time_before + time.perf_counter() - started  # noqa: E731
+    common = dict(config=config.to_dict(), dataset_fingerprint=fingerprint, dataset_source=str(dataset.source), split=split)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=config.max_epochs, initial=min(state.epoch, config.max_epochs), desc="pretrain",
+               unit="epoch", disable=not progress, dynamic_ncols=True)
+    last_plot = time.perf_counter()
+    stop_reason = None
+    try:
+        while True:
+            if state.epoch >= config.max_epochs:
+                stop_reason = "max_epochs"
+            elif state.bad_epochs >= config.patience:
+                stop_reason = "early_stopping"
+            elif elapsed() >= budget_s and state.epoch > 0:  # always at least one (partial) epoch
+                stop_reason = "time_budget"
+            if stop_reason:
+                break
+            epoch = state.epoch + 1
+            model.train()
+            totals = {"loss": 0.0, "energy_mae_meV": 0.0, "force_mae_meV_per_A": 0.0}
+            n_seen = 0
+            rng = np.random.default_rng([config.seed, epoch])  # per-epoch order: identical after a resume
+            for batch in frames_train.batches(config.batch_size, shuffle=True, rng=rng):
+                optimizer.zero_grad(set_to_none=True)
+                loss, batch_metrics = energy_force_loss(model, batch, config.energy_weight, config.force_weight)
+                if not torch.isfinite(loss):
+                    raise TrainingDivergedError(
+                        f"non-finite loss at epoch {epoch}; lower lr (now {optimizer.param_groups[0]['lr']:g}) or grad_clip"
+                    )
+                loss.backward()
+                if config.grad_clip is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                optimizer.step()
+                if ema is not None:
+                    ema.update(model)
+                b = batch.n_structures
+                n_seen += b
+                for key in totals:
+                    totals[key] += b * batch_metrics.get(key, 0.0)
+                if elapsed() >= budget_s:
+                    break
+            with (ema.applied(model) if ema is not None else contextlib.nullcontext()):
+                val = evaluate(model, frames_val, batch_size=max(64, config.batch_size))
+            val_loss = loss_from_metrics(val, scale, config.energy_weight, config.force_weight)
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step(val_loss)
+            state.epoch = epoch
+            improved = val_loss < state.best_val_loss
+            if improved:
+                state.best_val_loss, state.best_epoch, state.bad_epochs = val_loss, epoch, 0
+            else:
+                state.bad_epochs += 1
+            state.train_time_s = elapsed()
+            state.history.append({
+                "epoch": epoch, "lr": lr,
+                "train_loss": totals["loss"] / n_seen,
+                "train_energy_mae_meV": totals["energy_mae_meV"] / n_seen,
+                "train_force_mae_meV_per_A": totals["force_mae_meV_per_A"] / n_seen if config.force_weight > 0 else None,
+                "val_loss": val_loss,
+                "val_energy_mae_meV": val["energy_mae_meV"],
+                "val_force_mae_meV_per_A": val["force_mae_meV_per_A"],
+                "time_s": state.train_time_s,
+            })
+            # Best before last: a crash in between leaves a 'last' whose best_val_loss matches 'best'.
+            if improved:
+                with (ema.applied(model) if ema is not None else contextlib.nullcontext()):
+                    save_model(model, best_path, kind="checkpoint_best", epoch=epoch, val_loss=val_loss, **common)
+            save_model(
+                model, last_path, kind="checkpoint_last", epoch=epoch,
+                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                ema=None if ema is None else ema.state_dict(), run_state=dataclasses.asdict(state),
+                rng=_get_rng_state(), **common,
+            )
+            _write_log(out_dir / "log.csv", state.history)
+            if time.perf_counter() - last_plot > 30.0:
+                _plot_learning_curve(state.history, out_dir / "learning_curve.png")
+                last_plot = time.perf_counter()
+            bar.update(1)
+            bar.set_postfix(loss=f"{state.history[-1]['train_loss']:.3g}", val_E=f"{val['energy_mae_meV']:.1f}meV",
+                            val_F=f"{val['force_mae_meV_per_A'] or float('nan'):.1f}meV/A", lr=f"{lr:.1e}")
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"\npretrain interrupted after epoch {state.epoch}; continue with resume=True (--resume)", file=sys.stderr)
+        raise
+    bar.close()
+
+    # Final model: the best validation epoch (EMA weights if EMA is on).
+    if best_path.exists():
+        model.load_state_dict(torch.load(best_path, map_location=device, weights_only=False)["state_dict"])
+    model.eval()
+    val_metrics = evaluate(model, frames_val, batch_size=max(64, config.batch_size))
+    test_metrics = evaluate(model, test_ds, batch_size=max(64, config.batch_size)) if test_ds is not None else None
+    metrics = {
+        "architecture": config.architecture,
+        "preset": config.preset,
+        "n_train": len(parts[0]), "n_val": len(parts[1]), "n_test": len(parts[2]),
+        "energy_mae_meV": test_metrics and test_metrics["energy_mae_meV"],
+        "energy_rmse_meV": test_metrics and test_metrics["energy_rmse_meV"],
+        "force_mae_meV_per_A": test_metrics and test_metrics["force_mae_meV_per_A"],
+        "force_rmse_meV_per_A": test_metrics and test_metrics["force_rmse_meV_per_A"],
+        "val": val_metrics,
+        "train_time_s": state.train_time_s,
+        "epochs": state.epoch,
+        "best_epoch": state.best_epoch,
+        "best_val_loss": state.best_val_loss,
+        "stopped_reason": stop_reason,
+        "n_parameters": sum(p.numel() for p in model.parameters()),
+        "energy_scale": scale,
+        "device": str(device),
+        "dataset_fingerprint": fingerprint,
+        "dataset_source": str(dataset.source),
+    }
+    save_model(model, out_dir / "model.pt", kind="model", epoch=state.best_epoch, metrics=metrics, **common)
+    _write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    _write_log(out_dir / "log.csv", state.history)
+    _plot_learning_curve(state.history, out_dir / "learning_curve.png")
+    return model, metrics
+
+
+def _check_resumable(payload: dict, path: Path, fingerprint: str, split: dict, config: PretrainConfig) -> None:
+    """Refuse to resume onto different data, a different split or a different model."""
+    if payload.get("kind") != "checkpoint_last" or "run_state" not in payload:
+        raise ValueError(f"{path}: not a pre-training checkpoint")
+    if payload.get("dataset_fingerprint") != fingerprint:
+        raise ValueError(
+            f"{path}: dataset fingerprint {payload.get('dataset_fingerprint')} differs from this dataset's "
+            f"{fingerprint}; resume only with the data the run started on"
+        )
+    spec = payload["spec"]
+    if (spec.get("architecture"), spec.get("preset")) != (config.architecture, config.preset):
+        raise ValueError(
+            f"{path}: the run trains {spec.get('architecture')}/{spec.get('preset')}, "
+            f"the config asks for {config.architecture}/{config.preset}"
+        )
+    if payload.get("split") != split:
+        raise ValueError(f"{path}: the split (sizes, mode or seed) differs from the run being resumed")
+
+
+def _get_rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+# --- outputs ------------------------------------------------------------------------------------------
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _write_yaml(path: Path, values: dict) -> None:
+    import yaml
+
+    _write_text(path, yaml.safe_dump(values, sort_keys=False))
+
+
+def _write_log(path: Path, history: list) -> None:
+    """The whole history each time: after a resume the file matches the checkpoint exactly."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=LOG_COLUMNS)
+        writer.writeheader()
+        for row in history:
+            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in LOG_COLUMNS})
+    tmp.replace(path)
+
+
+def _plot_learning_curve(history: list, path: Path) -> None:
+    """Losses and validation MAEs per epoch (Agg canvas: no display, no global backend change)."""
+    if not history:
+        return
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    epochs = [row["epoch"] for row in history]
+    fig = Figure(figsize=(10, 4))
+    FigureCanvasAgg(fig)
+    ax_loss, ax_mae = fig.subplots(1, 2)
+    ax_loss.plot(epochs, [row["train_loss"] for row in history], label="train")
+    ax_loss.plot(epochs, [row["val_loss"] for row in history], label="validation")
+    ax_loss.set(xlabel="epoch", ylabel="loss", yscale="log", title="loss")
+    ax_loss.legend()
+    ax_mae.plot(epochs, [row["val_energy_mae_meV"] for row in history], label="energy MAE (meV)")
+    if history[-1].get("val_force_mae_meV_per_A") is not None:
+        ax_mae.plot(epochs, [row["val_force_mae_meV_per_A"] for row in history], label="force MAE (meV/A)")
+    ax_mae.set(xlabel="epoch", yscale="log", title="validation")
+    ax_mae.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    tmp.replace(path)
+
+
+__all__ = ["EMA", "PretrainConfig", "TrainingDivergedError", "fit_atom_energies", "fit_energy_scale", "pretrain", "resolve_device"]
