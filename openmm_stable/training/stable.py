@@ -1,0 +1,357 @@
+"""StABlE training: simulate replicas, find instabilities, correct the model with the
+Boltzmann estimator, repeat (arXiv 2402.13984, algorithm 1).
+
+Phases, one epoch at a time:
+
+* simulation: replicas run ``epoch_ps``; a replica that crosses the training threshold
+  (bond deviation 0.25 A) is reset to its last stable state. Once the fraction of replicas
+  that failed in this cycle reaches ``unstable_fraction`` (0.75), learning starts.
+* learning: every replica restarts from its initial frame, runs ``epoch_ps``, and the
+  frames after ``equilibration_ps`` give the observable-loss gradient (Boltzmann
+  estimator, beta = 1/kT) plus ``energy_force_weight`` times the energy/force loss
+  gradient on a QM minibatch; clip, step, re-export into the running Context. After
+  ``learning_epochs`` epochs a new cycle starts in the simulation phase.
+
+Every epoch ends with an atomic checkpoint (model, optimizer, scheduler, replica states,
+RNG states, phase and cycle), so ``refine(..., resume=True)`` continues after a kill.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from openmm_stable.config import config_to_dict
+from openmm_stable.data.dataset import QMDataset
+from openmm_stable.data.splits import split_dataset
+from openmm_stable.engine import EngineConfig, ReplicaEngine
+from openmm_stable.io import atomic_torch_save, atomic_write_json, get_rng_state, set_rng_state, write_csv
+from openmm_stable.models import NNIP, load_model, save_model
+from openmm_stable.observables import make_observable, reference_from_dataset
+from openmm_stable.stability import TRAINING_BOND_THRESHOLD, BondDeviationCriterion
+from openmm_stable.training.batching import FrameTensors, energy_force_loss, evaluate
+from openmm_stable.training.estimator import ObservableLoss, boltzmann_gradient, model_energy_fn
+
+SAMPLE_SOURCES = ("all", "stable", "unstable")
+OPTIMIZERS = ("adam", "sgd")
+LOG_COLUMNS = ["epoch", "cycle", "phase", "observable_loss", "val_energy_mae_meV", "val_force_mae_meV_per_A",
+               "unstable_fraction", "lr", "grad_norm", "n_samples", "sim_time_s", "grad_time_s"]
+
+
+@dataclasses.dataclass
+class StableConfig:
+    """Every refinement setting; defaults follow the paper where they fit a CPU."""
+
+    n_replicas: int = 16
+    epoch_ps: float = 1.0  # simulated time per replica per epoch
+    frame_interval_ps: float = 0.05  # stability checks and estimator samples
+    equilibration_ps: float = 0.1  # learning phase: frames before this are not samples
+    bond_threshold: float = TRAINING_BOND_THRESHOLD
+    unstable_fraction: float = 0.75  # fraction of failed replicas that starts learning
+    learning_epochs: int = 5  # epochs per learning phase
+    max_epochs: int = 20
+    observable: dict = dataclasses.field(default_factory=lambda: {"name": "hr"})
+    observable_loss: str = "mse"
+    samples_from: str = "all"
+    energy_force_weight: float = 10.0
+    energy_weight: float = 1.0  # inside the energy/force loss, as in pre-training
+    force_weight: float = 100.0
+    qm_batch_size: int = 32
+    optimizer: str = "adam"
+    lr: float = 1e-4
+    grad_clip: Optional[float] = 1.0
+    lr_factor: float = 0.5
+    lr_patience: int = 3
+    max_lr_reductions: int = 3  # training stops after this many reductions
+    estimator_minibatch: int = 256
+    val_fraction: float = 0.1
+    seed: int = 0
+    engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.engine, dict):
+            self.engine = EngineConfig(**self.engine)
+
+        def fail(field, message):
+            raise ValueError(f"refine config: {field}: {message}")
+
+        for name in ("n_replicas", "learning_epochs", "max_epochs", "qm_batch_size", "estimator_minibatch"):
+            if int(getattr(self, name)) < 1:
+                fail(name, "must be >= 1")
+        for name in ("epoch_ps", "frame_interval_ps", "bond_threshold", "lr"):
+            if not getattr(self, name) > 0:
+                fail(name, "must be > 0")
+        if not 0 <= self.equilibration_ps < self.epoch_ps:
+            fail("equilibration_ps", "must be >= 0 and shorter than epoch_ps")
+        if not 0 < self.unstable_fraction <= 1:
+            fail("unstable_fraction", "must be in (0, 1]")
+        if self.samples_from not in SAMPLE_SOURCES:
+            fail("samples_from", f"must be one of {', '.join(SAMPLE_SOURCES)}")
+        if self.optimizer not in OPTIMIZERS:
+            fail("optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
+        if not isinstance(self.observable, dict) or "name" not in self.observable:
+            fail("observable", "must be a mapping with a 'name' (hr, rdf, bond_lengths, adf) and its settings")
+        if not 0 < self.val_fraction < 1:
+            fail("val_fraction", "must be in (0, 1)")
+        ObservableLoss(torch.zeros(1), self.observable_loss)  # validates the loss name
+
+    @property
+    def steps_per_frame(self) -> int:
+        return max(1, round(self.frame_interval_ps / self.engine.timestep_ps))
+
+    @property
+    def frames_per_epoch(self) -> int:
+        return max(1, round(self.epoch_ps / self.frame_interval_ps))
+
+
+@dataclasses.dataclass
+class LoopState:
+    """Everything the loop needs to continue where it stopped (stored in the checkpoint)."""
+
+    epoch: int = 0
+    cycle: int = 0
+    phase: str = "simulation"
+    learning_epochs_done: int = 0
+    lr_reductions: int = 0
+    failed_this_cycle: Optional[np.ndarray] = None  # (R,) bool
+    positions: Optional[np.ndarray] = None  # (R, N, 3) current replica states
+    velocities: Optional[np.ndarray] = None
+    stable_positions: Optional[np.ndarray] = None  # last stable state per replica
+    stable_velocities: Optional[np.ndarray] = None
+    history: list = dataclasses.field(default_factory=list)
+    finished: bool = False
+
+
+class StableTrainer:
+    """Owns the model, optimizer, engine and loop state of one refinement run."""
+
+    def __init__(self, model: NNIP, dataset: QMDataset, config: StableConfig, out_dir,
+                 reference: Optional[QMDataset] = None, progress: bool = True):
+        self.config = config
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.progress = progress
+        self.model = model
+        torch.manual_seed(config.seed)
+        self.train_set, self.val_set, _ = split_dataset(dataset, 1.0 - config.val_fraction, config.val_fraction,
+                                                        0, mode="random", seed=config.seed)
+        self.dataset = dataset
+        self.z = dataset.atomic_numbers
+        dtype = next(iter(model.parameters())).dtype
+        self.train_tensors = FrameTensors(self.train_set, dtype=dtype)
+        self.val_tensors = FrameTensors(self.val_set, dtype=dtype)
+        self.criterion = BondDeviationCriterion.from_dataset(dataset, config.bond_threshold)
+        self.observable = make_observable(**config.observable).prepare(dataset.atomic_numbers, dataset.positions[0])
+        reference_target, self.reference_ess = reference_from_dataset(
+            self.observable, reference if reference is not None else dataset, config.engine.temperature_K)
+        self.loss_fn = ObservableLoss(reference_target, config.observable_loss)
+        opt_cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.SGD
+        self.optimizer = opt_cls(model.parameters(), lr=config.lr)
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, factor=config.lr_factor,
+                                                                    patience=config.lr_patience)
+        self.rng = np.random.default_rng(config.seed)
+        start = self.rng.choice(len(dataset), size=config.n_replicas, replace=len(dataset) < config.n_replicas)
+        self.initial_positions = dataset.positions[start]
+        self.engine = ReplicaEngine(model, self.z, config.n_replicas, config.engine, dataset.box)
+        self.state = LoopState()
+
+    # --- checkpoints ---------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    def save_checkpoint(self) -> None:
+        atomic_torch_save({
+            "format": "openmm-stable-refine", "spec": self.model.spec, "state_dict": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "loop": dataclasses.asdict(self.state), "config": config_to_dict(self.config),
+            "initial_positions": self.initial_positions, "rng": get_rng_state(),
+            "np_rng": self.rng.bit_generator.state, "dataset_fingerprint": self.dataset.fingerprint(),
+        }, self.checkpoint_path)
+
+    def load_checkpoint(self) -> None:
+        payload = torch.load(self.checkpoint_path, weights_only=False)
+        if payload["dataset_fingerprint"] != self.dataset.fingerprint():
+            raise ValueError(f"{self.checkpoint_path}: written for another dataset; use a new --out folder")
+        self.model.load_state_dict(payload["state_dict"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+        self.state = LoopState(**payload["loop"])
+        self.initial_positions = payload["initial_positions"]
+        set_rng_state(payload["rng"])
+        self.rng.bit_generator.state = payload["np_rng"]
+        self.engine.update_model(self.model)
+        self.engine.set_states(self.state.positions, self.state.velocities)
+
+    # --- one epoch -----------------------------------------------------------------------
+    def _simulate_epoch(self) -> tuple[np.ndarray, np.ndarray]:
+        """Run one epoch; frames (T, R, N, 3) and unstable flags (T, R). In the simulation
+        phase a failing replica is put back to its last stable state right away."""
+        cfg, st = self.config, self.state
+        T, R = cfg.frames_per_epoch, cfg.n_replicas
+        frames = np.empty((T, R, len(self.z), 3))
+        flags = np.zeros((T, R), dtype=bool)
+        for t in range(T):
+            self.engine.step(cfg.steps_per_frame)
+            pos, vel = self.engine.get_states()
+            bad = self.criterion.unstable(self.criterion(torch.as_tensor(pos))).numpy() | ~np.isfinite(pos).all(axis=(1, 2))
+            frames[t], flags[t] = pos, bad
+            if st.phase == "simulation":
+                ok = ~bad
+                st.stable_positions[ok], st.stable_velocities[ok] = pos[ok], vel[ok]
+                if bad.any():
+                    idx = np.flatnonzero(bad)
+                    self.engine.reset_replicas(idx, st.stable_positions[idx], st.stable_velocities[idx])
+        return frames, flags
+
+    def _restart_replicas(self) -> None:
+        """All replicas back to their initial frames with fresh Maxwell-Boltzmann velocities."""
+        st = self.state
+        self.engine.set_states(self.initial_positions, seed=self.config.seed + 1000 * (st.epoch + 1))
+        st.stable_positions, st.stable_velocities = self.engine.get_states()
+        st.failed_this_cycle = np.zeros(self.config.n_replicas, dtype=bool)
+
+    def _select_samples(self, frames: np.ndarray, flags: np.ndarray) -> np.ndarray:
+        cfg = self.config
+        skip = int(round(cfg.equilibration_ps / cfg.frame_interval_ps))
+        frames, flags = frames[skip:], flags[skip:]
+        ever_failed = np.cumsum(flags, axis=0) > 0  # (T, R): replica has failed by frame t
+        if cfg.samples_from == "stable":
+            mask = ~ever_failed
+        elif cfg.samples_from == "unstable":
+            mask = np.broadcast_to(ever_failed[-1], ever_failed.shape)
+        else:
+            mask = np.ones_like(ever_failed)
+        mask = mask & np.isfinite(frames).all(axis=(2, 3))
+        return frames[mask]
+
+    def _learning_step(self, samples: np.ndarray) -> dict:
+        cfg = self.config
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=False)
+        x = torch.as_tensor(samples, dtype=torch.float64)
+        values = self.observable(x, self.z, self.dataset.box)
+        energy_fn = model_energy_fn(self.model, self.z)
+        result = boltzmann_gradient(energy_fn, x, values, self.loss_fn, cfg.engine.temperature_K,
+                                    minibatch=cfg.estimator_minibatch)
+        if cfg.energy_force_weight > 0:
+            idx = self.rng.choice(len(self.train_tensors), size=min(cfg.qm_batch_size, len(self.train_tensors)),
+                                  replace=False)
+            ef_loss, _ = energy_force_loss(self.model, self.train_tensors.batch(idx), cfg.energy_weight, cfg.force_weight)
+            (cfg.energy_force_weight * ef_loss).backward()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf")))
+        if math.isfinite(grad_norm):
+            self.optimizer.step()
+        lr_before = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step(result.loss)
+        if self.optimizer.param_groups[0]["lr"] < lr_before:
+            self.state.lr_reductions += 1
+        self.engine.update_model(self.model)
+        return {"observable_loss": result.loss, "grad_norm": grad_norm, "n_samples": int(len(samples))}
+
+    def observable_loss_of(self, frames: np.ndarray) -> float:
+        values = self.observable(torch.as_tensor(frames, dtype=torch.float64), self.z, self.dataset.box)
+        return float(self.loss_fn(values.mean(0)))
+
+    def run_epoch(self) -> dict:
+        cfg, st = self.config, self.state
+        row = {"epoch": st.epoch + 1, "cycle": st.cycle, "phase": st.phase, "lr": self.optimizer.param_groups[0]["lr"]}
+        t0 = time.perf_counter()
+        if st.phase == "learning":
+            self._restart_replicas()
+        frames, flags = self._simulate_epoch()
+        row["sim_time_s"] = time.perf_counter() - t0
+        st.failed_this_cycle |= flags.any(axis=0)
+        row["unstable_fraction"] = float(st.failed_this_cycle.mean())
+        t1 = time.perf_counter()
+        if st.phase == "learning":
+            samples = self._select_samples(frames, flags)
+            if len(samples) >= 2:
+                row.update(self._learning_step(samples))
+            st.learning_epochs_done += 1
+            if st.learning_epochs_done >= cfg.learning_epochs:  # back to simulation: new cycle
+                st.phase, st.cycle, st.learning_epochs_done = "simulation", st.cycle + 1, 0
+                self._restart_replicas()
+        else:
+            row["observable_loss"] = self.observable_loss_of(frames[flags.cumsum(0) == 0]) if (~flags).any() else None
+            if st.failed_this_cycle.mean() >= cfg.unstable_fraction:
+                st.phase = "learning"
+        row["grad_time_s"] = time.perf_counter() - t1
+        metrics = evaluate(self.model, self.val_tensors)
+        row["val_energy_mae_meV"] = metrics["energy_mae_meV"]
+        row["val_force_mae_meV_per_A"] = metrics["force_mae_meV_per_A"]
+        st.epoch += 1
+        st.positions, st.velocities = self.engine.get_states()
+        st.history.append(row)
+        if st.lr_reductions > cfg.max_lr_reductions or st.epoch >= cfg.max_epochs:
+            st.finished = True
+        return row
+
+    # --- the loop --------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> dict:
+        from tqdm.auto import tqdm
+
+        from openmm_stable import report
+
+        if resume and self.checkpoint_path.exists():
+            self.load_checkpoint()
+        else:
+            self._restart_replicas()
+        cfg = self.config
+        bar = tqdm(total=cfg.max_epochs, initial=self.state.epoch, desc="refine", unit="epoch",
+                   disable=not self.progress)
+        while not self.state.finished:
+            row = self.run_epoch()
+            self.save_checkpoint()
+            write_csv(self.out / "log.csv", self.state.history, LOG_COLUMNS)
+            bar.update(1)
+            bar.set_postfix(phase=row["phase"], obs=_fmt(row.get("observable_loss")),
+                            fMAE=_fmt(row["val_force_mae_meV_per_A"]), unstable=f"{row['unstable_fraction']:.2f}")
+        bar.close()
+        save_model(self.model, self.out / "model.pt", atomic_numbers=self.z)
+        report.plot_csv_columns(self.out / "log.csv", ["observable_loss", "val_force_mae_meV_per_A",
+                                                       "unstable_fraction", "lr"], self.out / "learning_curves.png",
+                                logy=["observable_loss"])
+        losses = [r["observable_loss"] for r in self.state.history if r.get("observable_loss") is not None
+                  and r["phase"] == "learning"]
+        summary = {
+            "epochs": self.state.epoch, "cycles": self.state.cycle,
+            "first_observable_loss": losses[0] if losses else None,
+            "last_observable_loss": losses[-1] if losses else None,
+            "val_energy_mae_meV": self.state.history[-1]["val_energy_mae_meV"],
+            "val_force_mae_meV_per_A": self.state.history[-1]["val_force_mae_meV_per_A"],
+            "reference_ess": self.reference_ess,
+            "sim_time_s": sum(r["sim_time_s"] for r in self.state.history),
+            "grad_time_s": sum(r["grad_time_s"] for r in self.state.history),
+            "replica_steps": self.state.epoch * cfg.n_replicas * cfg.frames_per_epoch * cfg.steps_per_frame,
+        }
+        atomic_write_json(self.out / "metrics.json", summary)
+        return summary
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def refine(model, dataset: QMDataset, config: StableConfig, out_dir, reference: Optional[QMDataset] = None,
+           resume: bool = False, progress: bool = True) -> tuple[nn.Module, dict]:
+    """StABlE-refine `model` (an `NNIP` or a model file) on `dataset`; see module doc.
+
+    Writes model.pt, checkpoint.pt, log.csv, learning_curves.png, metrics.json and
+    config.yaml to `out_dir`. Returns the refined model and the summary metrics.
+    """
+    import yaml
+
+    if isinstance(model, (str, Path)):
+        model = load_model(model)
+    trainer = StableTrainer(model, dataset, config, out_dir, reference=reference, progress=progress)
+    (Path(out_dir) / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    summary = trainer.fit(resume=resume)
+    return trainer.model, summary
