@@ -126,12 +126,41 @@ def _register_extension_ops() -> None:
         pass
 
 
+_TORCH_PLUGINS_RETRIED: set = set()
+
+
+def _load_torch_kernels() -> None:
+    """Load openmm-torch's platform plugins if OpenMM failed to load them at its import.
+
+    ``import openmm`` loads every plugin in OpenMM's plugin folder; openmm-torch's
+    (libOpenMMTorchReference.so, ...) link libnvrtc.so.12, which only torch's import makes
+    loadable. A script that imports openmm before torch (the usual order in an OpenMM script,
+    e.g. ``import openmm; from openmmml import MLPotential``) therefore gets a TorchForce
+    with no kernels: "Specified a Platform for a Context which does not support all
+    required kernels". Now that torch is imported, load those plugins again (each once).
+    """
+    import re
+
+    import openmm
+
+    for failure in openmm.Platform.getPluginLoadFailures():
+        match = re.search(r"library (.*OpenMMTorch\w*\.(?:so|dylib|dll))", failure)
+        if match is None or match.group(1) in _TORCH_PLUGINS_RETRIED:
+            continue
+        _TORCH_PLUGINS_RETRIED.add(match.group(1))
+        try:
+            openmm.Platform.loadPluginLibrary(match.group(1))
+        except Exception:  # e.g. the OpenCL plugin without an OpenCL driver: that platform stays off
+            pass
+
+
 def make_torch_force(module_or_path, periodic: bool = False, outputs_forces: bool = False):
     """An ``openmmtorch.TorchForce`` from a scripted module or an exported file."""
     import torch  # noqa: F401  (must precede openmmtorch: it preloads libnvrtc)
     from openmmtorch import TorchForce
 
     _register_extension_ops()
+    _load_torch_kernels()
     if isinstance(module_or_path, (str, Path)):
         force = TorchForce(str(module_or_path))
     else:
