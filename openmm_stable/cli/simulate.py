@@ -7,14 +7,21 @@ from __future__ import annotations
 from openmm_stable.engine import INTEGRATORS, LAYOUTS, EngineConfig
 
 
-def add_engine_arguments(parser) -> None:
-    """Engine options shared by `simulate` and `refine`."""
-    parser.add_argument("--temperature", type=float, default=500.0, help="K (default 500)")
-    parser.add_argument("--timestep", type=float, default=0.5, help="fs (default 0.5)")
-    parser.add_argument("--integrator", choices=INTEGRATORS, default="langevin")
-    parser.add_argument("--friction", type=float, default=1.0, help="Langevin friction, 1/ps (default 1)")
+def add_engine_arguments(parser, defaults_from_config: bool = False) -> None:
+    """Engine options shared by `simulate` and `refine` (where unset flags leave the
+    config file's values alone, so their default is None)."""
+    d = EngineConfig()
+
+    def default(value):
+        return None if defaults_from_config else value
+
+    parser.add_argument("--temperature", type=float, default=default(d.temperature_K), help=f"K (default {d.temperature_K})")
+    parser.add_argument("--timestep", type=float, default=default(d.timestep_fs), help=f"fs (default {d.timestep_fs})")
+    parser.add_argument("--integrator", choices=INTEGRATORS, default=default(d.integrator))
+    parser.add_argument("--friction", type=float, default=default(d.friction_per_ps),
+                        help=f"Langevin friction, 1/ps (default {d.friction_per_ps})")
     parser.add_argument("--platform", default=None, help="OpenMM platform (default: CUDA if present, else CPU)")
-    parser.add_argument("--layout", choices=LAYOUTS, default="batched",
+    parser.add_argument("--layout", choices=LAYOUTS, default=default(d.layout),
                         help="all replicas in one Context (batched) or one Context each")
 
 

@@ -183,6 +183,7 @@ class StableTrainer:
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
         self.state = LoopState(**payload["loop"])
+        self.state.finished = self._done()  # the config may allow more epochs now
         self.initial_positions = payload["initial_positions"]
         set_rng_state(payload["rng"])
         self.rng.bit_generator.state = payload["np_rng"]
@@ -290,9 +291,11 @@ class StableTrainer:
         st.epoch += 1
         st.positions, st.velocities = self.engine.get_states()
         st.history.append(row)
-        if st.lr_reductions > cfg.max_lr_reductions or st.epoch >= cfg.max_epochs:
-            st.finished = True
+        st.finished = self._done()
         return row
+
+    def _done(self) -> bool:
+        return self.state.lr_reductions > self.config.max_lr_reductions or self.state.epoch >= self.config.max_epochs
 
     # --- the loop --------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict:
