@@ -83,3 +83,40 @@ def _save(fig, path) -> Path:
 
     plt.close(fig)
     return path
+
+
+COMPARE_COLUMNS = [("median_stable_time_ps", "median stable (ps)"), ("stable_fraction", "stable fraction"),
+                   ("hr_mae", "h(r) MAE"), ("force_mae_meV_per_A", "force MAE (meV/A)"),
+                   ("replica_steps_per_s", "replica-steps/s")]
+
+
+def compare_runs(runs: Mapping[str, Path], out_dir) -> str:
+    """Side-by-side table and plots (survival, h(r)) of several `simulate` output folders."""
+    import json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = {label: json.loads((Path(d) / "metrics.json").read_text()) for label, d in runs.items()}
+    horizon = max(m["time_ps"] for m in metrics.values())
+    plot_survival({label: m["stable_time_ps"] for label, m in metrics.items()}, horizon, out / "survival.png")
+    curves, r = {}, None
+    for label, d in runs.items():
+        hr_file = Path(d) / "hr.npz"
+        if hr_file.exists():
+            data = np.load(hr_file)
+            r = data["r"]
+            if "reference" in data and "reference" not in curves:
+                curves["reference"] = data["reference"]
+            if "model" in data:
+                curves[label] = data["model"]
+    if r is not None and curves:
+        plot_curves(r, curves, out / "hr.png", "r (A)", "h(r) (1/A)")
+    header = f"{'':>12}" + "".join(f"{title:>20}" for _, title in COMPARE_COLUMNS)
+    lines = [header]
+    for label, m in metrics.items():
+        cells = "".join(f"{m[key]:>20.4g}" if m.get(key) is not None else f"{'-':>20}" for key, _ in COMPARE_COLUMNS)
+        lines.append(f"{label:>12}" + cells)
+    table = "\n".join(lines)
+    (out / "comparison.txt").write_text(table + "\n")
+    (out / "comparison.json").write_text(json.dumps(metrics, indent=2))
+    return table

@@ -122,8 +122,12 @@ def hr_comparison(result: SimulationResult, dataset: QMDataset, reference: Optio
 
 
 def simulate(model: nn.Module, dataset: QMDataset, config: SimulationConfig, out_dir,
-             reference: Optional[QMDataset] = None, progress: bool = True) -> dict:
-    """Run, then write metrics.json, plots and (optionally) trajectories to `out_dir`."""
+             reference: Optional[QMDataset] = None, test_set: Optional[QMDataset] = None,
+             progress: bool = True) -> dict:
+    """Run, then write metrics.json, plots and (optionally) trajectories to `out_dir`.
+
+    With a labelled `test_set`, the model's energy/force errors on it are stored too, so
+    one file holds stability, observables and accuracy."""
     from openmm_stable import report
 
     out = Path(out_dir)
@@ -147,6 +151,11 @@ def simulate(model: nn.Module, dataset: QMDataset, config: SimulationConfig, out
     if "hr_mae" in hr:
         metrics["hr_mae"] = hr["hr_mae"]
         metrics["reference_ess"] = hr["reference_ess"]
+    if test_set is not None:
+        from openmm_stable.training.batching import evaluate
+
+        errors = evaluate(model, test_set)
+        metrics.update({k: errors[k] for k in ("energy_mae_meV", "force_mae_meV_per_A", "force_rmse_meV_per_A")})
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     report.plot_survival({"model": result.stable_time_ps}, metrics["time_ps"], out / "survival.png")
     report.plot_bond_deviation(result.times_ps, result.deviations, config.bond_threshold, out / "bond_deviation.png")
@@ -188,4 +197,6 @@ def summary(metrics: dict) -> str:
     ]
     if "hr_mae" in metrics:
         lines.append(f"h(r) MAE vs reference: {metrics['hr_mae']:.4f} 1/A (reference ESS {metrics['reference_ess']:.0f})")
+    if "force_mae_meV_per_A" in metrics:
+        lines.append(f"test force MAE: {metrics['force_mae_meV_per_A']:.1f} meV/A  energy MAE: {metrics['energy_mae_meV']:.1f} meV")
     return "\n".join(lines)

@@ -10,7 +10,7 @@ import importlib
 import sys
 
 # Stage modules, in pipeline order. Each lives in openmm_stable/cli/<name>.py.
-_STAGES = ["data", "pretrain", "export", "simulate", "refine"]
+_STAGES = ["data", "pretrain", "export", "simulate", "refine", "compare"]
 
 
 class UserError(Exception):

@@ -35,6 +35,7 @@ def register(subparsers) -> None:
     p.add_argument("model", help="model file written by pretrain/refine")
     p.add_argument("--data", required=True, help="dataset: starting frames, bonds and reference h(r)")
     p.add_argument("--reference", default=None, help="reference dataset for h(r) (default: --data)")
+    p.add_argument("--test-data", default=None, help="labelled dataset: also report energy/force MAE on it")
     p.add_argument("--replicas", type=int, default=16)
     p.add_argument("--time", type=float, default=10.0, help="ps per replica (default 10)")
     p.add_argument("--check-interval", type=float, default=0.1, help="ps between stability checks (default 0.1)")
@@ -55,10 +56,12 @@ def run(args) -> int:
     model = load_model(args.model)
     dataset = load_dataset(args.data)
     reference = load_dataset(args.reference) if args.reference else dataset
+    test_set = load_dataset(args.test_data) if args.test_data else None
     config = SimulationConfig(n_replicas=args.replicas, time_ps=args.time, check_interval_ps=args.check_interval,
                               bond_threshold=args.bond_threshold, seed=args.seed,
                               write_trajectories=args.trajectories, engine=engine_config(args))
-    metrics = simulate(model, dataset, config, args.out, reference=reference, progress=not args.no_progress)
+    metrics = simulate(model, dataset, config, args.out, reference=reference, test_set=test_set,
+                       progress=not args.no_progress)
     print(summary(metrics))
     print(f"wrote {args.out}/metrics.json and plots")
     return 0

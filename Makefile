@@ -1,0 +1,32 @@
+# One command each: `make demo` (install + the whole StABlE story on built-in data) and
+# `make test` (install + the test suite). Both create .venv with pip when it is missing.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+DEMO_OUT ?= demo_output
+# Extra pip arguments, e.g. EXTRAS=test,cuda12 on a GPU machine.
+EXTRAS ?= test
+
+.PHONY: install demo test test-all bench-quick clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install -e '.[$(EXTRAS)]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	PATH="$(abspath $(VENV))/bin:$$PATH" OUT="$(DEMO_OUT)" bash examples/demo.sh
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+# Also the slow end-to-end tests (minutes).
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m "slow or not slow"
+
+clean:
+	rm -rf $(DEMO_OUT) .pytest_cache

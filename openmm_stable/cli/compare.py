@@ -1,0 +1,27 @@
+"""`openmm-stable compare before=DIR after=DIR --out DIR`: tables and plots of simulate runs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("compare", help="compare `simulate` output folders (table, survival and h(r) plots)")
+    p.add_argument("runs", nargs="+", help="LABEL=FOLDER for each simulate output folder")
+    p.add_argument("--out", required=True, help="folder for comparison.txt, survival.png, hr.png")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from openmm_stable.report import compare_runs
+
+    runs = {}
+    for item in args.runs:
+        label, sep, folder = item.partition("=")
+        if not sep:
+            label, folder = Path(item).name, item
+        if not (Path(folder) / "metrics.json").exists():
+            raise FileNotFoundError(f"{folder}: no metrics.json (is it a `simulate` output folder?)")
+        runs[label] = Path(folder)
+    print(compare_runs(runs, args.out))
+    print(f"plots: {args.out}/survival.png, {args.out}/hr.png")
+    return 0
