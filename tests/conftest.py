@@ -35,16 +35,27 @@ ETHANOL_POSITIONS = np.array(
 ETHANOL_BONDS = [(0, 1), (1, 2), (0, 3), (0, 4), (0, 5), (1, 6), (1, 7), (2, 8)]
 
 
+@pytest.fixture(scope="session")
+def ethanol_shared():
+    """The same (atomic numbers, positions) as `ethanol`, one pair for the whole session.
+
+    For module- or session-scoped fixtures (e.g. a model fitted once); never modify these
+    arrays in place. Tests use `ethanol`, which hands out fresh copies.
+    """
+    return ETHANOL_Z, ETHANOL_POSITIONS
+
+
 @pytest.fixture
-def ethanol():
+def ethanol(ethanol_shared):
     """(atomic numbers (9,) int64, positions (9, 3) float64 Angstrom) of ethanol; fresh copies."""
-    return ETHANOL_Z.copy(), ETHANOL_POSITIONS.copy()
+    z, positions = ethanol_shared
+    return z.copy(), positions.copy()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def ethanol_bonds():
     """The covalent bonds of the `ethanol` fixture as (i, j) pairs."""
-    return list(ETHANOL_BONDS)
+    return tuple(ETHANOL_BONDS)
 
 
 @pytest.fixture
