@@ -43,7 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10000, help="MD steps (default 10000)")
     p.add_argument("--timestep", type=float, default=0.5, help="fs (default 0.5)")
     p.add_argument("--friction", type=float, default=1.0, help="Langevin friction, 1/ps (default 1)")
-    p.add_argument("--platform", default="CPU", help="OpenMM platform: CPU, CUDA, OpenCL, Reference (default CPU)")
+    p.add_argument("--platform", default=None,
+                   help="OpenMM platform: CUDA, OpenCL, CPU or Reference (default: the fastest one available)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="model precision")
     p.add_argument("--report-interval", type=int, default=100, help="steps between reports (default 100)")
     p.add_argument("--seed", type=int, default=0)
@@ -64,11 +65,12 @@ def main(argv=None) -> int:
         args.temperature * unit.kelvin, args.friction / unit.picosecond, args.timestep * unit.femtoseconds
     )
     integrator.setRandomNumberSeed(args.seed)
-    platform = openmm.Platform.getPlatformByName(args.platform)
+    platform = openmm.Platform.getPlatformByName(args.platform) if args.platform else None
     simulation = app.Simulation(topology, system, integrator, platform)
     simulation.context.setPositions(positions)
 
-    print(f"platform {platform.getName()}, {topology.getNumAtoms()} atoms, model {args.model}")
+    name = simulation.context.getPlatform().getName()
+    print(f"platform {name}, {topology.getNumAtoms()} atoms, model {args.model}")
     energy = simulation.context.getState(getEnergy=True).getPotentialEnergy()
     print(f"initial potential energy {energy}")
     simulation.minimizeEnergy()
