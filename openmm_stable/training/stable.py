@@ -36,12 +36,14 @@ from openmm_stable.models import NNIP, load_model, save_model
 from openmm_stable.observables import make_observable, reference_from_dataset
 from openmm_stable.stability import TRAINING_BOND_THRESHOLD, BondDeviationCriterion
 from openmm_stable.training.batching import FrameTensors, energy_force_loss, evaluate
-from openmm_stable.training.estimator import ObservableLoss, boltzmann_gradient, model_energy_fn
+from openmm_stable.training.estimator import (ObservableLoss, boltzmann_coefficients, model_energy_fn,
+                                              surrogate_backward)
 
 SAMPLE_SOURCES = ("all", "stable", "unstable")
 OPTIMIZERS = ("adam", "sgd")
 LOG_COLUMNS = ["epoch", "cycle", "phase", "observable_loss", "val_energy_mae_meV", "val_force_mae_meV_per_A",
-               "unstable_fraction", "lr", "grad_norm", "n_samples", "sim_time_s", "grad_time_s"]
+               "unstable_fraction", "lr", "grad_norm", "observable_grad_norm", "energy_force_grad_norm",
+               "n_samples", "sim_time_s", "grad_time_s"]
 
 
 @dataclasses.dataclass
@@ -59,6 +61,7 @@ class StableConfig:
     observable: dict = dataclasses.field(default_factory=lambda: {"name": "hr"})
     observable_loss: str = "mse"
     samples_from: str = "all"
+    observable_weight: float = 1.0
     energy_force_weight: float = 10.0
     energy_weight: float = 1.0  # inside the energy/force loss, as in pre-training
     force_weight: float = 100.0
@@ -119,6 +122,8 @@ class LoopState:
     phase: str = "simulation"
     learning_epochs_done: int = 0
     lr_reductions: int = 0
+    observable_loss_scale: Optional[float] = None  # first learning epoch's observable loss
+    energy_force_loss_scale: Optional[float] = None  # energy/force loss of the starting model
     failed_this_cycle: Optional[np.ndarray] = None  # (R,) bool
     positions: Optional[np.ndarray] = None  # (R, N, 3) current replica states
     velocities: Optional[np.ndarray] = None
@@ -233,29 +238,55 @@ class StableTrainer:
         return frames[mask]
 
     def _learning_step(self, samples: np.ndarray) -> dict:
-        cfg = self.config
+        """One optimizer step on  w_obs L_obs / L_obs,0 + w_ef L_ef / L_ef,0.
+
+        Each loss is divided by its value at the start of refinement, so the two weights
+        are relative and independent of units and bin counts (raw h(r) losses are ~1e-2
+        while energy/force losses are ~1e1: without this the regulariser's gradient is
+        ~1000x the observable's and refinement does nothing)."""
+        cfg, st = self.config, self.state
         self.model.train()
         self.optimizer.zero_grad(set_to_none=False)
         x = torch.as_tensor(samples, dtype=torch.float64)
         values = self.observable(x, self.z, self.dataset.box)
-        energy_fn = model_energy_fn(self.model, self.z)
-        result = boltzmann_gradient(energy_fn, x, values, self.loss_fn, cfg.engine.temperature_K,
-                                    minibatch=cfg.estimator_minibatch)
+        result = boltzmann_coefficients(values, self.loss_fn, cfg.engine.temperature_K)
+        if st.observable_loss_scale is None:
+            st.observable_loss_scale = max(result.loss, 1e-12)
+        factor = cfg.observable_weight / st.observable_loss_scale
+        surrogate_backward(model_energy_fn(self.model, self.z), x, result.coefficients * factor,
+                           minibatch=cfg.estimator_minibatch)
+        params = list(self.model.parameters())
+        observable_grads = [p.grad.detach().clone() for p in params]
         if cfg.energy_force_weight > 0:
+            if st.energy_force_loss_scale is None:
+                st.energy_force_loss_scale = self._energy_force_loss_on_train()
             idx = self.rng.choice(len(self.train_tensors), size=min(cfg.qm_batch_size, len(self.train_tensors)),
                                   replace=False)
             ef_loss, _ = energy_force_loss(self.model, self.train_tensors.batch(idx), cfg.energy_weight, cfg.force_weight)
-            (cfg.energy_force_weight * ef_loss).backward()
-        params = [p for p in self.model.parameters() if p.grad is not None]
+            (cfg.energy_force_weight / st.energy_force_loss_scale * ef_loss).backward()
+        norm = lambda grads: float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))  # noqa: E731
+        obs_norm = norm(observable_grads)
+        ef_norm = norm([p.grad - g for p, g in zip(params, observable_grads)])
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf")))
         if math.isfinite(grad_norm):
             self.optimizer.step()
         lr_before = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step(result.loss)
         if self.optimizer.param_groups[0]["lr"] < lr_before:
-            self.state.lr_reductions += 1
+            st.lr_reductions += 1
         self.engine.update_model(self.model)
-        return {"observable_loss": result.loss, "grad_norm": grad_norm, "n_samples": int(len(samples))}
+        return {"observable_loss": result.loss, "grad_norm": grad_norm, "observable_grad_norm": obs_norm,
+                "energy_force_grad_norm": ef_norm, "n_samples": int(len(samples))}
+
+    def _energy_force_loss_on_train(self, max_frames: int = 256) -> float:
+        """Energy/force loss of the current model on (up to) `max_frames` training frames."""
+        idx = self.rng.choice(len(self.train_tensors), size=min(max_frames, len(self.train_tensors)), replace=False)
+        total = 0.0
+        for start in range(0, len(idx), 64):
+            loss, _ = energy_force_loss(self.model, self.train_tensors.batch(idx[start:start + 64]),
+                                        self.config.energy_weight, self.config.force_weight)
+            total += float(loss.detach()) * len(idx[start:start + 64])
+        return max(total / len(idx), 1e-12)
 
     def observable_loss_of(self, frames: np.ndarray) -> float:
         values = self.observable(torch.as_tensor(frames, dtype=torch.float64), self.z, self.dataset.box)
