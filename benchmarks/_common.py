@@ -1,0 +1,218 @@
+"""Shared pieces of the benchmark scripts: one thread per process, machine facts, systems,
+interleaved timing and result files.
+
+Import this module before torch/OpenMM are imported anywhere: it pins every thread pool to
+one thread (the benchmark machines have 2 cores shared with other jobs, and two processes
+with 2 threads each slow each other down 10-30x).
+"""
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OPENMM_CPU_THREADS"):
+    os.environ.setdefault(_var, "1")
+os.environ.setdefault("WARP_QUIET", "1")
+
+import json  # noqa: E402
+import platform  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Callable, Sequence  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(REPO_ROOT))
+
+
+def single_thread_torch() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set (or parallel work started) in this process
+        pass
+
+
+def machine_info() -> dict:
+    """What the numbers were measured on: CPU model, core count, load, library versions."""
+    info = {
+        "nproc": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "python": platform.python_version(),
+        "load_average_at_start": list(os.getloadavg()),
+        "threads": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENMM_CPU_THREADS")},
+    }
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    try:
+        import openmm
+
+        info["openmm"] = openmm.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return platform.processor() or "unknown"
+
+
+# --- systems -------------------------------------------------------------------------------
+WATER_OH = 0.9572  # Angstrom (TIP3P geometry)
+WATER_HOH = np.deg2rad(104.52)
+
+
+def water_cluster(n_molecules: int = 32, spacing: float = 3.1, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A non-periodic cluster of `n_molecules` waters: oxygens on a cubic-ish grid `spacing`
+    apart (about liquid density at 3.1 A), each molecule randomly rotated, no two atoms of
+    different molecules closer than 1.6 A. Returns (atomic numbers, positions in Angstrom)."""
+    rng = np.random.default_rng(seed)
+    side = int(np.ceil(n_molecules ** (1 / 3)))
+    sites = np.array([(i, j, k) for k in range(side) for j in range(side) for i in range(side)], dtype=float)
+    sites = sites[:n_molecules] * spacing
+    local = np.array([[0.0, 0.0, 0.0],
+                      [WATER_OH, 0.0, 0.0],
+                      [WATER_OH * np.cos(WATER_HOH), WATER_OH * np.sin(WATER_HOH), 0.0]])
+    placed: list[np.ndarray] = []
+    for site in sites:
+        for _ in range(1000):
+            q, r = np.linalg.qr(rng.standard_normal((3, 3)))
+            rot = q * np.sign(np.diag(r))
+            mol = local @ rot.T + site
+            if not placed or np.min(np.linalg.norm(np.concatenate(placed)[:, None] - mol[None], axis=-1)) > 1.6:
+                placed.append(mol)
+                break
+        else:
+            raise RuntimeError("could not place a water molecule; increase the spacing")
+    z = np.tile(np.array([8, 1, 1], dtype=np.int64), n_molecules)
+    return z, np.concatenate(placed)
+
+
+def build_system(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(atomic numbers, positions in Angstrom) of a benchmark system: a built-in molecule
+    of `openmm_stable.data.molecules`, or ``waterN`` (a non-periodic cluster of N waters)."""
+    if name.lower().startswith("water") and name[5:].isdigit():
+        return water_cluster(int(name[5:]))
+    from openmm_stable.data.molecules import build_molecule
+
+    return build_molecule(name)
+
+
+# --- timing ------------------------------------------------------------------------------------
+class Runner:
+    """One way of advancing R replicas. Subclasses set `n_replicas` and implement `reset`
+    (put every replica back at its start state; untimed) and `run(n)` (n steps, timed)."""
+
+    name = "runner"
+    n_replicas = 1
+
+    def reset(self, seed: int) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def run(self, n_steps: int) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+def timed(fn: Callable[[], None]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def choose_chunk(runner: Runner, target_s: float, max_chunk: int) -> int:
+    """Steps per timed chunk: about `target_s` seconds, at most `max_chunk` steps (bounded so
+    that models that are not trained cannot drift far from the start between resets)."""
+    runner.reset(seed=10_000)
+    dt = timed(lambda: runner.run(1))
+    return int(max(1, min(max_chunk, target_s / max(dt, 1e-6))))
+
+
+def interleaved_rates(runners: Sequence[Runner], min_time_s: float, rounds: int = 3,
+                      max_chunk: int = 20, warmup_steps: int = 20) -> dict[str, dict]:
+    """Replica-steps per second of each runner, measured side by side.
+
+    Each of `rounds` rounds times every runner in turn for at least min_time_s / rounds
+    seconds, in chunks of at most `max_chunk` steps, resetting the replicas (untimed) before
+    each chunk, so that a change of machine load during the measurement hits every runner
+    alike and ratios between runners stay meaningful on a shared machine.
+    """
+    per_round = min_time_s / rounds
+    warmup = {}
+    for runner in runners:  # the first steps include TorchScript's profiling and optimisation
+        runner.reset(seed=20_000)
+        warmup[runner.name] = timed(lambda: runner.run(warmup_steps))
+    chunks = {r.name: choose_chunk(r, per_round / 4, max_chunk) for r in runners}
+    stats = {r.name: {"steps": 0, "seconds": 0.0, "round_rates": [], "chunk_steps": chunks[r.name],
+                      "warmup_s": warmup[r.name]}
+             for r in runners}
+    seed = 0
+    for _ in range(rounds):
+        for runner in runners:
+            st = stats[runner.name]
+            spent, steps = 0.0, 0
+            while spent < per_round:
+                seed += 1
+                runner.reset(seed)
+                spent += timed(lambda: runner.run(chunks[runner.name]))
+                steps += chunks[runner.name]
+            st["steps"] += steps
+            st["seconds"] += spent
+            st["round_rates"].append(runner.n_replicas * steps / spent)
+    for runner in runners:
+        st = stats[runner.name]
+        st["replica_steps_per_s"] = runner.n_replicas * st["steps"] / st["seconds"]
+    return stats
+
+
+# --- output ---------------------------------------------------------------------------------
+def write_json(path: Path, payload: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=_json_default) + "\n")
+    tmp.replace(path)
+
+
+def _json_default(obj):
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence], floatfmt: str = "{:.3g}") -> str:
+    """A GitHub-markdown table (also readable in a terminal)."""
+    def cell(v):
+        if isinstance(v, float):
+            return floatfmt.format(v) if np.isfinite(v) else "-"
+        return str(v)
+
+    text = [[cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in text)) if text else len(h) for i, h in enumerate(headers)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    out = [line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(r) for r in text]
+    return "\n".join(out)

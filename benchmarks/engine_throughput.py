@@ -1,0 +1,448 @@
+"""Replica-steps per second of the replica engine against the alternatives.
+
+For each system, architecture and number of replicas R, measured side by side in one run:
+
+* ``batched``      the replica engine: R replicas in ONE OpenMM Context, one batched TorchForce
+                   (Langevin, 0.5 fs, 500 K, friction 1/ps);
+* ``bare``         the limit: a bare loop of the same batched TorchScript module, forward plus
+                   autograd for the forces, positions in nm float64 as OpenMM hands them over
+                   (no integrator, no OpenMM);
+* ``bare-guarded`` the same loop over the module the engine really runs (it computes its forces
+                   inside and zeroes non-finite replicas): separates the guard's cost from OpenMM's;
+* ``per-replica``  one Context per replica (``layout="per-replica"``);
+* ``ase``          an ASE Langevin loop driving the same (eager, float32) model replica by
+                   replica through an ASE Calculator (eV, Angstrom): what users do today.
+
+Models are untrained (random weights), so molecules are not held together: every timed chunk
+of at most ``--chunk`` steps starts again from the start structures (reset untimed), for every
+method alike, so that no method runs on a more spread-out (cheaper) structure than another.
+
+    python benchmarks/engine_throughput.py            # full run (about 30-40 min on 2 cores)
+    python benchmarks/engine_throughput.py --quick    # about a minute
+    python benchmarks/engine_throughput.py --plot-only benchmarks/results/engine_throughput.json
+"""
+from __future__ import annotations
+
+import _common  # noqa: F401  (first: pins thread pools to one thread)
+
+import argparse
+import copy
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from _common import (Runner, build_system, format_table, interleaved_rates, machine_info, single_thread_torch,
+                     write_json)
+
+METHODS = ("batched", "bare", "bare-guarded", "per-replica", "ase")
+DEFAULT_ARCHS = ("schnet", "graph-network", "equivariant-transformer", "tensornet")
+SCHNET_FAMILY = ("schnet", "graph-network")
+# TensorNet's warp kernels are slow on the CPU (~25-40 replica-steps/s): larger R would take
+# minutes per point (mostly the per-replica and ASE baselines), so its default stops at 32.
+DEFAULT_MAX_REPLICAS = {"tensornet": 32}
+TEMPERATURE_K = 500.0
+TIMESTEP_FS = 0.5
+FRICTION_PER_PS = 1.0
+TARGET_R = 32
+TARGETS = {"batched/bare": 1.0, "batched/per-replica": 2.0}
+
+
+# --- runners ---------------------------------------------------------------------------------
+class EngineRunner(Runner):
+    def __init__(self, model, z, starts: np.ndarray, layout: str, platform: str):
+        from openmm_stable.engine import EngineConfig, ReplicaEngine
+
+        self.name = "batched" if layout == "batched" else "per-replica"
+        self.n_replicas = starts.shape[0]
+        self.starts = starts
+        config = EngineConfig(temperature_K=TEMPERATURE_K, timestep_fs=TIMESTEP_FS, friction_per_ps=FRICTION_PER_PS,
+                              layout=layout, platform=platform, dtype="float32")
+        self.engine = ReplicaEngine(model, z, self.n_replicas, config)
+
+    def reset(self, seed: int) -> None:
+        self.engine.set_states(self.starts, seed=seed)
+
+    def run(self, n_steps: int) -> None:
+        self.engine.step(n_steps)
+
+    def close(self) -> None:
+        del self.engine
+
+
+class BareRunner(Runner):
+    """module(positions) then autograd, R replicas in one call, no OpenMM."""
+
+    def __init__(self, model, z, starts: np.ndarray, guarded: bool):
+        import torch
+
+        from openmm_stable.export import script_force_module
+        from openmm_stable.units import NM_IN_ANGSTROM
+
+        self.name = "bare-guarded" if guarded else "bare"
+        self.guarded = guarded
+        self.n_replicas = starts.shape[0]
+        self.module = script_force_module(model, z, self.n_replicas, dtype=torch.float32, guarded=guarded)
+        self.positions = torch.tensor(starts.reshape(-1, 3) / NM_IN_ANGSTROM, dtype=torch.float64)
+        self._torch = torch
+
+    def reset(self, seed: int) -> None:
+        pass  # positions never move
+
+    def run(self, n_steps: int) -> None:
+        torch = self._torch
+        for _ in range(n_steps):
+            if self.guarded:
+                energy, forces = self.module(self.positions)
+            else:
+                pos = self.positions.detach().requires_grad_(True)
+                energy = self.module(pos)
+                (grad,) = torch.autograd.grad(energy, pos)
+                forces = -grad
+            forces.numpy()  # OpenMM copies the forces out too
+
+
+def ase_calculator(model, atomic_numbers):
+    """An ASE Calculator (eV, eV/Angstrom) around a model of the protocol, one structure."""
+    import torch
+    from ase.calculators.calculator import Calculator, all_changes
+
+    from openmm_stable.models import energy_and_forces
+
+    class ModelCalculator(Calculator):
+        implemented_properties = ["energy", "forces"]
+
+        def __init__(self):
+            super().__init__()
+            self.model = model
+            self.z = torch.as_tensor(np.asarray(atomic_numbers), dtype=torch.long)
+            self.batch = torch.zeros(self.z.numel(), dtype=torch.long)
+
+        def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+            super().calculate(atoms, properties, system_changes)
+            pos = torch.as_tensor(self.atoms.get_positions(), dtype=torch.float32)
+            energy, forces = energy_and_forces(self.model, self.z, pos, self.batch)
+            self.results["energy"] = float(energy.detach().sum())
+            self.results["forces"] = forces.detach().numpy().astype(np.float64)
+
+    return ModelCalculator()
+
+
+class AseRunner(Runner):
+    name = "ase"
+
+    def __init__(self, model, z, starts: np.ndarray):
+        from ase import Atoms, units
+        from ase.md.langevin import Langevin
+
+        self.n_replicas = starts.shape[0]
+        self.starts = starts
+        model = copy.deepcopy(model).cpu().float().eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        calc = ase_calculator(model, z)
+        self.atoms, self.dyns = [], []
+        self._units = units
+        for k in range(self.n_replicas):
+            atoms = Atoms(numbers=z, positions=starts[k])
+            atoms.calc = ase_calculator(model, z) if k else calc
+            self.atoms.append(atoms)
+            self.dyns.append(Langevin(atoms, TIMESTEP_FS * units.fs, temperature_K=TEMPERATURE_K,
+                                      friction=FRICTION_PER_PS / (1000 * units.fs), fixcm=False,
+                                      rng=np.random.default_rng(k)))
+
+    def reset(self, seed: int) -> None:
+        try:
+            from ase.md.velocitydistribution import thermalize_momenta
+        except ImportError:  # ASE < 3.28
+            from ase.md.velocitydistribution import MaxwellBoltzmannDistribution as thermalize_momenta
+
+        for k, atoms in enumerate(self.atoms):
+            atoms.set_positions(self.starts[k])
+            thermalize_momenta(atoms, temperature_K=TEMPERATURE_K, rng=np.random.default_rng([seed, k]))
+
+    def run(self, n_steps: int) -> None:
+        for dyn in self.dyns:
+            dyn.run(n_steps)
+
+
+def make_runner(method: str, model, z, starts, platform: str) -> Runner:
+    if method == "batched":
+        return EngineRunner(model, z, starts, "batched", platform)
+    if method == "per-replica":
+        return EngineRunner(model, z, starts, "per-replica", platform)
+    if method in ("bare", "bare-guarded"):
+        return BareRunner(model, z, starts, guarded=method == "bare-guarded")
+    if method == "ase":
+        return AseRunner(model, z, starts)
+    raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+
+
+# --- the benchmark ---------------------------------------------------------------------------------
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny run (schnet, aspirin, R in 1 8; about a minute)")
+    p.add_argument("--archs", nargs="+", default=None, help=f"default: {' '.join(DEFAULT_ARCHS)}")
+    p.add_argument("--preset", default="small")
+    p.add_argument("--replicas", nargs="+", type=int, default=None,
+                   help="R values for the first system (default 1 8 32 128)")
+    p.add_argument("--systems", nargs="+", default=None,
+                   help="built-in molecules or waterN (N-water cluster); default aspirin Ac-Ala3-NHMe water32")
+    p.add_argument("--atoms-replicas", nargs="+", type=int, default=None,
+                   help="R values for the systems after the first (throughput vs atoms; default 1 32)")
+    p.add_argument("--max-replicas", nargs="*", default=None, metavar="ARCH=R",
+                   help="largest R per architecture (default tensornet=32)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--platform", default="CPU")
+    p.add_argument("--min-time", type=float, default=None, help="timed seconds per method and point (default 1.5)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per point")
+    p.add_argument("--chunk", type=int, default=20, help="most steps between resets to the start structures")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument("--name", default=None, help="stem of the output files (default engine_throughput[_quick])")
+    p.add_argument("--plot-only", type=Path, default=None, help="re-plot and re-print a results JSON")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.archs = args.archs or ["schnet"]
+        args.replicas = args.replicas or [1, 8]
+        args.systems = args.systems or ["aspirin"]
+        args.atoms_replicas = args.atoms_replicas or [8]
+        args.min_time = args.min_time or 0.2
+        args.rounds = 2
+        args.warmup_steps = 5
+    else:
+        args.warmup_steps = 20
+    args.archs = args.archs or list(DEFAULT_ARCHS)
+    args.replicas = args.replicas or [1, 8, 32, 128]
+    args.systems = args.systems or ["aspirin", "Ac-Ala3-NHMe", "water32"]
+    args.atoms_replicas = args.atoms_replicas or [1, 32]
+    args.min_time = args.min_time or 1.5
+    args.name = args.name or ("engine_throughput_quick" if args.quick else "engine_throughput")
+    limits = dict(DEFAULT_MAX_REPLICAS)
+    for item in args.max_replicas or []:
+        arch, _, value = item.partition("=")
+        limits[arch] = int(value)
+    args.limits = limits
+    return args
+
+
+def start_structures(positions: np.ndarray, n_replicas: int, seed: int = 0) -> np.ndarray:
+    """R copies of the structure, each displaced by 0.02 A Gaussian noise (distinct replicas)."""
+    rng = np.random.default_rng(seed)
+    return positions[None] + 0.02 * rng.standard_normal((n_replicas, *positions.shape))
+
+
+def measure_point(model, z, positions, R: int, args) -> list[dict]:
+    starts = start_structures(positions, R)
+    runners, setup = [], {}
+    try:
+        for method in args.methods:
+            t0 = time.perf_counter()
+            runners.append(make_runner(method, model, z, starts, args.platform))
+            setup[method] = time.perf_counter() - t0
+        stats = interleaved_rates(runners, args.min_time, rounds=args.rounds, max_chunk=args.chunk,
+                                  warmup_steps=args.warmup_steps)
+    finally:
+        for r in runners:
+            r.close()
+    return [{"method": m, "setup_s": setup[m], **stats[m]} for m in args.methods]
+
+
+def run(args) -> dict:
+    single_thread_torch()
+    import torch  # noqa: F401  (before openmmtorch)
+
+    from openmm_stable.models import create_model
+
+    payload = {"benchmark": "engine_throughput", "quick": bool(args.quick), "machine": machine_info(),
+               "settings": {"preset": args.preset, "temperature_K": TEMPERATURE_K, "timestep_fs": TIMESTEP_FS,
+                            "friction_per_ps": FRICTION_PER_PS, "platform": args.platform, "dtype": "float32",
+                            "min_time_s": args.min_time, "rounds": args.rounds, "max_chunk": args.chunk,
+                            "warmup_steps": args.warmup_steps, "methods": args.methods, "limits": args.limits},
+               "results": []}
+    out_json = args.out / f"{args.name}.json"
+    t_start = time.perf_counter()
+    for s_index, system in enumerate(args.systems):
+        z, positions = build_system(system)
+        r_values = args.replicas if s_index == 0 else args.atoms_replicas
+        for arch in args.archs:
+            torch.manual_seed(0)
+            model = create_model(arch, args.preset)
+            for R in r_values:
+                if R > args.limits.get(arch, math.inf):
+                    continue
+                t0 = time.perf_counter()
+                records = measure_point(model, z, positions, R, args)
+                for rec in records:
+                    payload["results"].append({"system": system, "n_atoms": int(len(z)), "arch": arch,
+                                               "replicas": R, **rec})
+                rates = "  ".join(f"{r['method']} {r['replica_steps_per_s']:.1f}" for r in records)
+                print(f"[{time.perf_counter() - t_start:7.1f} s] {system} ({len(z)} atoms) {arch} R={R}: {rates} "
+                      f"replica-steps/s  ({time.perf_counter() - t0:.1f} s)", flush=True)
+                payload["summary"] = summarise(payload["results"])
+                write_json(out_json, payload)  # partial results survive an interrupted run
+    payload["machine"]["load_average_at_end"] = list(__import__("os").getloadavg())
+    payload["wall_s"] = time.perf_counter() - t_start
+    payload["summary"] = summarise(payload["results"])
+    write_json(out_json, payload)
+    return payload
+
+
+# --- summary, tables, plots --------------------------------------------------------------------
+def _rate(results, **key) -> float:
+    for r in results:
+        if all(r.get(k) == v for k, v in key.items()):
+            return r["replica_steps_per_s"]
+    return math.nan
+
+
+def summarise(results: list[dict]) -> dict:
+    points = sorted({(r["system"], r["n_atoms"], r["arch"], r["replicas"]) for r in results},
+                    key=lambda p: (p[1], p[2], p[3]))
+    ratios = []
+    for system, n_atoms, arch, R in points:
+        rate = {m: _rate(results, system=system, arch=arch, replicas=R, method=m) for m in METHODS}
+        ratios.append({"system": system, "n_atoms": n_atoms, "arch": arch, "replicas": R,
+                       "batched/bare": rate["batched"] / rate["bare"],
+                       "batched/bare-guarded": rate["batched"] / rate["bare-guarded"],
+                       "batched/per-replica": rate["batched"] / rate["per-replica"],
+                       "batched/ase": rate["batched"] / rate["ase"]})
+    # Our plain-PyTorch SchNet against torchmd-net's SchNet-type graph network.
+    family = []
+    for system, n_atoms, arch, R in points:
+        if arch != "schnet":
+            continue
+        row = {"system": system, "n_atoms": n_atoms, "replicas": R}
+        for m in ("batched", "bare", "ase"):
+            row[f"{m}: schnet/graph-network"] = (_rate(results, system=system, arch="schnet", replicas=R, method=m)
+                                                 / _rate(results, system=system, arch="graph-network", replicas=R,
+                                                         method=m))
+        family.append(row)
+    targets = []
+    first_system = results[0]["system"] if results else None
+    for row in ratios:
+        if row["system"] == first_system and row["replicas"] == TARGET_R and row["arch"] in SCHNET_FAMILY:
+            for name, threshold in TARGETS.items():
+                value = row[name]
+                targets.append({"system": row["system"], "arch": row["arch"], "replicas": TARGET_R, "ratio": name,
+                                "value": value, "target": threshold,
+                                "met": bool(np.isfinite(value) and value >= threshold)})
+    return {"ratios": ratios, "schnet_vs_graph_network": family, "targets": targets}
+
+
+def print_report(payload: dict) -> None:
+    results = payload["results"]
+    m = payload["machine"]
+    print(f"\nmachine: {m.get('cpu_model')}, nproc {m.get('nproc')}, torch {m.get('torch')}, openmm {m.get('openmm')}, "
+          f"load at start {m['load_average_at_start'][0]:.2f}")
+    print("replica-steps per second (float32, Langevin 0.5 fs, 500 K)\n")
+    methods = [x for x in METHODS if any(r["method"] == x for r in results)]
+    ratio_names = ["batched/bare", "batched/bare-guarded", "batched/per-replica", "batched/ase"]
+    rows = []
+    for row in payload["summary"]["ratios"]:
+        rates = [_rate(results, system=row["system"], arch=row["arch"], replicas=row["replicas"], method=x)
+                 for x in methods]
+        rows.append([row["system"], row["n_atoms"], row["arch"], row["replicas"], *rates,
+                     *[row[n] for n in ratio_names]])
+    print(format_table(["system", "atoms", "arch", "R", *methods, *ratio_names], rows))
+    family = payload["summary"]["schnet_vs_graph_network"]
+    if family and any(np.isfinite(v) for f in family for k, v in f.items() if "/" in k):
+        print("\nour plain-PyTorch schnet / torchmd-net graph-network (same SchNet family), throughput ratio\n")
+        keys = [k for k in family[0] if "/" in k]
+        print(format_table(["system", "atoms", "R", *keys], [[f["system"], f["n_atoms"], f["replicas"],
+                                                              *[f[k] for k in keys]] for f in family]))
+    if payload["summary"]["targets"]:
+        print(f"\ntargets (R = {TARGET_R}, SchNet type)\n")
+        print(format_table(["system", "arch", "ratio", "value", "target", "met"],
+                           [[t["system"], t["arch"], t["ratio"], t["value"], f">= {t['target']:g}",
+                             "yes" if t["met"] else "NO"] for t in payload["summary"]["targets"]]))
+
+
+STYLE = {"batched": ("C0", "o", "-"), "bare": ("k", "s", "--"), "bare-guarded": ("0.5", "s", ":"),
+         "per-replica": ("C3", "^", "-"), "ase": ("C2", "v", "-")}
+
+
+def plot(payload: dict, out_dir: Path, name: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = payload["results"]
+    if not results:
+        return []
+    archs = list(dict.fromkeys(r["arch"] for r in results))
+    systems = list(dict.fromkeys(r["system"] for r in results))
+    methods = [x for x in METHODS if any(r["method"] == x for r in results)]
+    paths = []
+
+    first = systems[0]
+    fig, axes = plt.subplots(1, len(archs), figsize=(4.2 * len(archs), 3.8), squeeze=False, sharey=True)
+    for ax, arch in zip(axes[0], archs):
+        for method in methods:
+            pts = sorted((r["replicas"], r["replica_steps_per_s"]) for r in results
+                         if r["system"] == first and r["arch"] == arch and r["method"] == method)
+            if pts:
+                c, mk, ls = STYLE[method]
+                ax.plot(*zip(*pts), color=c, marker=mk, linestyle=ls, label=method)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(f"{arch} ({first})")
+        ax.set_xlabel("replicas R")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel("replica-steps / s")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    path = out_dir / f"{name}_vs_replicas.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    paths.append(path)
+
+    if len(systems) > 1:
+        r_common = sorted({r["replicas"] for r in results if r["system"] == systems[-1]})
+        fig, axes = plt.subplots(1, len(archs), figsize=(4.2 * len(archs), 3.8), squeeze=False, sharey=True)
+        for ax, arch in zip(axes[0], archs):
+            for method in methods:
+                for R, alpha in zip(reversed(r_common), (1.0, 0.45, 0.3)):
+                    pts = sorted((r["n_atoms"], r["replica_steps_per_s"]) for r in results
+                                 if r["arch"] == arch and r["method"] == method and r["replicas"] == R)
+                    if pts:
+                        c, mk, ls = STYLE[method]
+                        ax.plot(*zip(*pts), color=c, marker=mk, linestyle=ls, alpha=alpha, label=f"{method} R={R}")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_title(arch)
+            ax.set_xlabel("atoms per replica (" + ", ".join(systems) + ")")
+            ax.grid(alpha=0.3, which="both")
+        axes[0][0].set_ylabel("replica-steps / s")
+        axes[0][0].legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / f"{name}_vs_atoms.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    args = parse_args(argv)
+    if args.plot_only:
+        import json
+
+        payload = json.loads(args.plot_only.read_text())
+        payload["summary"] = summarise(payload["results"])
+        out_dir, name = args.plot_only.parent, args.plot_only.stem
+    else:
+        payload = run(args)
+        out_dir, name = args.out, args.name
+    print_report(payload)
+    for path in plot(payload, out_dir, name):
+        print(f"wrote {path}")
+    print(f"wrote {out_dir / (name + '.json')}")
+    return payload
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,394 @@
+"""Cost of the single-backward Boltzmann estimator against the per-sample-Jacobian form.
+
+`boltzmann_gradient` turns the estimator into ONE backward pass of the surrogate
+sum_k c_k U(x_k); `jacobian_gradient` (the form of the paper's reference code) materialises
+dU(x_k)/dtheta for every frame (a K x n_params matrix) and contracts it. For K aspirin
+frames (random 0.1 A perturbations of the molecule; observable h(r), MSE loss against the
+h(r) of the unperturbed molecule; 500 K) this script measures for both:
+
+* wall time (float32 by default, the dtype training uses), after a warm-up call on 2 frames;
+* peak memory: the growth of the peak resident set size (VmHWM) over the resident size just
+  before the call, in a FRESH subprocess per measurement (see `peak_rss_growth`);
+* the largest difference of the two gradients, both computed in float64 (``.double()``
+  model), relative to the largest gradient component: max_p |g_single - g_jac| / max_p |g_jac|
+  (and the same per parameter tensor, the stricter number).
+
+    python benchmarks/estimator_cost.py                  # K in 32 128 512, TensorNet small
+    python benchmarks/estimator_cost.py --arch schnet    # another architecture
+    python benchmarks/estimator_cost.py --quick          # K = 16, SchNet tiny (seconds)
+"""
+from __future__ import annotations
+
+import _common  # noqa: F401  (first: pins thread pools to one thread)
+
+import argparse
+import ctypes
+import gc
+import json
+import math
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from _common import format_table, machine_info, single_thread_torch, write_json
+
+TEMPERATURE_K = 500.0
+NOISE_ANGSTROM = 0.1
+TARGET_K = 128
+TARGETS = {"speedup": 5.0, "memory_ratio": 10.0, "max_rel_diff": 1e-5}
+WORKER_FLAG = "--worker"
+
+
+# --- memory ----------------------------------------------------------------------------------
+def _status_kb(field: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE).group(1))
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_rss_growth(fn) -> tuple[float, float]:
+    """(seconds, peak RSS growth in MiB) of one call of `fn`.
+
+    Why this method: torch's CPU tensors are allocated by its own allocator (malloc/mmap), so
+    `tracemalloc` sees none of them; the resident set size sees everything the call touches
+    (tensors, autograd's saved activations, the Jacobian rows, Python objects). Linux keeps the
+    peak (VmHWM) and lets a process reset it (``echo 5 > /proc/self/clear_refs``), so the peak
+    reached during the call minus the resident size just before it is the call's peak memory
+    footprint. Memory freed by earlier work can be reused without raising the RSS, so every
+    measurement runs in a fresh subprocess, with only a 2-frame warm-up before it and
+    ``malloc_trim`` to hand freed memory back first.
+    """
+    gc.collect()
+    _malloc_trim()
+    before = _status_kb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    t0 = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - t0
+    peak = _status_kb("VmHWM")
+    return seconds, max(peak - before, 0) / 1024.0
+
+
+def can_measure_memory() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        _status_kb("VmHWM")
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
+# --- the problem ---------------------------------------------------------------------------------
+def make_problem(arch: str, preset: str, K: int, dtype_name: str, seed: int = 0):
+    """(model, energy_fn, frames, values, loss) for K perturbed aspirin frames."""
+    import torch
+
+    from openmm_stable.data.molecules import build_molecule
+    from openmm_stable.models import create_model
+    from openmm_stable.observables import HrObservable
+    from openmm_stable.training.estimator import ObservableLoss, model_energy_fn
+
+    dtype = getattr(torch, dtype_name)
+    torch.manual_seed(seed)
+    model = create_model(arch, preset)
+    model = model.double() if dtype == torch.float64 else model
+    z, pos = build_molecule("aspirin")
+    gen = torch.Generator().manual_seed(seed + 1)
+    frames = torch.as_tensor(pos)[None] + NOISE_ANGSTROM * torch.randn(K, len(z), 3, generator=gen, dtype=torch.float64)
+    observable = HrObservable()
+    values = observable(frames)  # (K, bins), float64
+    loss = ObservableLoss(observable(torch.as_tensor(pos)[None])[0], "mse")
+    return model, model_energy_fn(model, z), frames.to(dtype), values, loss
+
+
+def run_method(method: str, model, energy_fn, frames, values, loss, minibatch: Optional[int]):
+    """The gradient (list of tensors, one per parameter) by one of the two forms."""
+    from openmm_stable.training.estimator import boltzmann_gradient, jacobian_gradient
+
+    model.zero_grad(set_to_none=True)
+    if method == "single":
+        boltzmann_gradient(energy_fn, frames, values, loss, TEMPERATURE_K, minibatch=minibatch)
+        return [p.grad for p in model.parameters() if p.requires_grad]
+    if method == "jacobian":
+        return jacobian_gradient(model, energy_fn, frames, values, loss, TEMPERATURE_K)
+    raise ValueError(f"unknown method {method!r}")
+
+
+def worker_cost(spec: dict) -> dict:
+    """Runs in a fresh process: time and peak memory of one method at one K."""
+    single_thread_torch()
+    model, energy_fn, frames, values, loss = make_problem(spec["arch"], spec["preset"], spec["K"], spec["dtype"])
+    mb = spec.get("minibatch")
+    run_method(spec["method"], model, energy_fn, frames[:2], values[:2], loss, mb)  # warm-up (kernels, caches)
+    model.zero_grad(set_to_none=True)
+    out = {"n_params": sum(p.numel() for p in model.parameters())}
+    holder = {}
+    seconds, growth = peak_rss_growth(lambda: holder.setdefault(
+        "grad", run_method(spec["method"], model, energy_fn, frames, values, loss, mb)))
+    out["peak_rss_growth_mib"] = growth
+    out["first_call_s"] = seconds
+    del holder
+    times = [seconds]
+    while sum(times) < spec["min_time"] and len(times) < 20:
+        t0 = time.perf_counter()
+        run_method(spec["method"], model, energy_fn, frames, values, loss, mb)
+        times.append(time.perf_counter() - t0)
+    out["times_s"] = times
+    out["seconds"] = statistics.median(times)
+    return out
+
+
+def worker_compare(spec: dict) -> dict:
+    """Runs in a fresh process: the per-sample-Jacobian gradient and the single-backward one
+    (for each minibatch size) in float64, and their largest relative differences."""
+    import torch
+
+    single_thread_torch()
+    model, energy_fn, frames, values, loss = make_problem(spec["arch"], spec["preset"], spec["K"], "float64")
+    reference = [g.detach().clone() for g in run_method("jacobian", model, energy_fn, frames, values, loss, None)]
+    scale = max(float(r.abs().max()) for r in reference)
+    out = {"max_abs_grad": scale, "grad_norm": float(torch.sqrt(sum((r**2).sum() for r in reference)))}
+    for mb in spec["minibatches"]:
+        single = run_method("single", model, energy_fn, frames, values, loss, mb or None)
+        diff = max(float((a - b).abs().max()) for a, b in zip(single, reference))
+        per_tensor = max(float((a - b).abs().max()) / float(b.abs().max())
+                         for a, b in zip(single, reference) if float(b.abs().max()) > 0)
+        out[variant_name(mb)] = {"max_abs_diff": diff, "max_rel_diff": diff / scale,
+                                 "max_rel_diff_per_tensor": per_tensor}
+    return out
+
+
+def variant_name(minibatch: int) -> str:
+    return "single" if not minibatch else f"single-mb{minibatch}"
+
+
+def variants(minibatches: Sequence[int]) -> list[tuple[str, Optional[int]]]:
+    """(label, minibatch) of every timed variant: the single-backward ones, then the Jacobian."""
+    return [(variant_name(mb), mb or None) for mb in minibatches] + [("jacobian", None)]
+
+
+def spawn(spec: dict, timeout: float) -> dict:
+    """Run one worker measurement in a fresh Python process; its last stdout line is JSON."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), WORKER_FLAG, json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        return {"error": f"worker failed (exit {proc.returncode}): " + " | ".join(tail)}
+    return json.loads(lines[-1])
+
+
+# --- driver ---------------------------------------------------------------------------------------
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="K = 16, SchNet tiny (seconds)")
+    p.add_argument("--frames", nargs="+", type=int, default=None, help="K values (default 32 128 512)")
+    p.add_argument("--arch", default=None, help="architecture (default tensornet)")
+    p.add_argument("--preset", default=None, help="size preset (default small)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float64"), help="dtype of the timed runs")
+    p.add_argument("--minibatch", nargs="+", type=int, default=None,
+                   help="frames per backward pass of the single-backward form, one variant each; 0 = all K in "
+                        "one pass (default 0 16)")
+    p.add_argument("--compare-frames", nargs="*", type=int, default=None,
+                   help="K values at which to compare the gradients in float64 (default: all)")
+    p.add_argument("--min-time", type=float, default=1.0, help="repeat a timed call until this many seconds")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per worker process")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument("--name", default=None, help="stem of the output files (default estimator_cost[_quick])")
+    p.add_argument("--plot-only", type=Path, default=None, help="re-plot and re-print a results JSON")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.frames = args.frames or [16]
+        args.minibatch = args.minibatch or [0, 4]
+        args.arch = args.arch or "schnet"
+        args.preset = args.preset or "tiny"
+        args.min_time = min(args.min_time, 0.2)
+    args.frames = args.frames or [32, 128, 512]
+    args.minibatch = args.minibatch or [0, 16]
+    args.arch = args.arch or "tensornet"
+    args.preset = args.preset or "small"
+    args.compare_frames = args.frames if args.compare_frames is None else args.compare_frames
+    args.name = args.name or ("estimator_cost_quick" if args.quick else "estimator_cost")
+    return args
+
+
+def run(args) -> dict:
+    payload = {"benchmark": "estimator_cost", "quick": bool(args.quick), "machine": machine_info(),
+               "settings": {"arch": args.arch, "preset": args.preset, "dtype": args.dtype, "molecule": "aspirin",
+                            "observable": "hr", "noise_angstrom": NOISE_ANGSTROM, "temperature_K": TEMPERATURE_K,
+                            "minibatches": args.minibatch, "min_time_s": args.min_time,
+                            "memory_method": "peak RSS growth (VmHWM after reset - VmRSS before), fresh process"},
+               "results": [], "comparisons": []}
+    if not can_measure_memory():
+        print("warning: /proc/self/clear_refs is not available; peak memory is not measured", file=sys.stderr)
+    out_json = args.out / f"{args.name}.json"
+    t_start = time.perf_counter()
+    for K in args.frames:
+        for method, mb in variants(args.minibatch):  # side by side, one fresh process each
+            spec = {"mode": "cost", "method": method.split("-")[0], "K": K, "arch": args.arch, "preset": args.preset,
+                    "dtype": args.dtype, "minibatch": mb, "min_time": args.min_time}
+            res = spawn(spec, args.timeout)
+            payload["results"].append({"K": K, "method": method, "minibatch": mb, **res})
+            if "error" in res:
+                print(f"[{time.perf_counter() - t_start:7.1f} s] K={K} {method}: {res['error']}", flush=True)
+            else:
+                print(f"[{time.perf_counter() - t_start:7.1f} s] K={K} {method}: {res['seconds']:.3f} s, "
+                      f"peak +{res['peak_rss_growth_mib']:.1f} MiB", flush=True)
+            payload["summary"] = summarise(payload)
+            write_json(out_json, payload)
+    for K in args.compare_frames:
+        spec = {"mode": "compare", "K": K, "arch": args.arch, "preset": args.preset, "minibatches": args.minibatch}
+        res = spawn(spec, args.timeout)
+        payload["comparisons"].append({"K": K, **res})
+        print(f"[{time.perf_counter() - t_start:7.1f} s] K={K} float64 gradients: "
+              + (res["error"] if "error" in res else ", ".join(f"{v}: max rel diff {res[v]['max_rel_diff']:.2e}"
+                                                       for v, _ in variants(args.minibatch)[:-1])), flush=True)
+        payload["summary"] = summarise(payload)
+        write_json(out_json, payload)
+    payload["machine"]["load_average_at_end"] = list(__import__("os").getloadavg())
+    payload["wall_s"] = time.perf_counter() - t_start
+    payload["summary"] = summarise(payload)
+    write_json(out_json, payload)
+    return payload
+
+
+def _get(payload, K, method):
+    for r in payload["results"]:
+        if r["K"] == K and r["method"] == method and "error" not in r:
+            return r
+    return None
+
+
+def single_variants(payload: dict) -> list[str]:
+    return [variant_name(mb) for mb in payload["settings"]["minibatches"]]
+
+
+def summarise(payload: dict) -> dict:
+    """One row per (K, single-backward variant): its cost against the Jacobian form's."""
+    rows = []
+    for K in sorted({r["K"] for r in payload["results"]}):
+        j = _get(payload, K, "jacobian")
+        comp = next((c for c in payload["comparisons"] if c["K"] == K and "error" not in c), None)
+        for name in single_variants(payload):
+            s = _get(payload, K, name)
+            diff = (comp or {}).get(name, {})
+            row = {"K": K, "variant": name,
+                   "single_s": s["seconds"] if s else math.nan, "jacobian_s": j["seconds"] if j else math.nan,
+                   "single_peak_mib": s["peak_rss_growth_mib"] if s else math.nan,
+                   "jacobian_peak_mib": j["peak_rss_growth_mib"] if j else math.nan,
+                   "n_params": (s or j or {}).get("n_params"),
+                   "max_rel_diff": diff.get("max_rel_diff", math.nan),
+                   "max_rel_diff_per_tensor": diff.get("max_rel_diff_per_tensor", math.nan)}
+            row["speedup"] = row["jacobian_s"] / row["single_s"]
+            row["memory_ratio"] = row["jacobian_peak_mib"] / max(row["single_peak_mib"], 1e-9)
+            if row["n_params"]:
+                row["jacobian_matrix_mib"] = K * row["n_params"] * 8 / 2**20  # the float64 K x P matrix alone
+            rows.append(row)
+    targets = []
+    for row in rows:
+        if row["K"] != TARGET_K:
+            continue
+        for name, threshold in TARGETS.items():
+            value = row[name]
+            met = value <= threshold if name == "max_rel_diff" else value >= threshold
+            targets.append({"K": TARGET_K, "variant": row["variant"], "quantity": name, "value": value,
+                            "target": ("<= " if name == "max_rel_diff" else ">= ") + f"{threshold:g}",
+                            "met": bool(np.isfinite(value) and met)})
+    return {"rows": rows, "targets": targets}
+
+
+def print_report(payload: dict) -> None:
+    m, st = payload["machine"], payload["settings"]
+    print(f"\nmachine: {m.get('cpu_model')}, nproc {m.get('nproc')}, torch {m.get('torch')}, "
+          f"load at start {m['load_average_at_start'][0]:.2f}")
+    print(f"{st['arch']} ({st['preset']}), aspirin frames, h(r) MSE loss, timed in {st['dtype']}, gradients "
+          f"compared in float64; single = one backward over all K frames, single-mbM = minibatches of M frames\n")
+    rows = payload["summary"]["rows"]
+    print(format_table(["K", "variant", "params", "single s", "jacobian s", "speedup", "single MiB", "jacobian MiB",
+                        "memory ratio", "K x P f64 MiB", "max rel diff", "per-tensor rel diff"],
+                       [[r["K"], r["variant"], r["n_params"], r["single_s"], r["jacobian_s"], r["speedup"],
+                         r["single_peak_mib"], r["jacobian_peak_mib"], r["memory_ratio"],
+                         r.get("jacobian_matrix_mib", math.nan), r["max_rel_diff"], r["max_rel_diff_per_tensor"]]
+                        for r in rows]))
+    for e in [r for r in payload["results"] + payload["comparisons"] if "error" in r]:
+        print(f"K={e['K']} {e.get('method', 'compare')}: {e['error']}")
+    if payload["summary"]["targets"]:
+        print(f"\ntargets (K = {TARGET_K})\n")
+        print(format_table(["variant", "quantity", "value", "target", "met"],
+                           [[t["variant"], t["quantity"], t["value"], t["target"], "yes" if t["met"] else "NO"]
+                            for t in payload["summary"]["targets"]]))
+
+
+def plot(payload: dict, out_dir: Path, name: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = payload["summary"]["rows"]
+    if not rows:
+        return []
+    st = payload["settings"]
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.9))
+    for ax, key, label in ((axes[0], "_s", "wall time (s)"), (axes[1], "_peak_mib", "peak memory growth (MiB)")):
+        for i, variant in enumerate(single_variants(payload)):
+            pts = [(r["K"], r["single" + key]) for r in rows if r["variant"] == variant]
+            ax.plot(*zip(*pts), "o-", color=f"C{i}", label=f"{variant} (ours)")
+        pts = [(r["K"], r["jacobian" + key]) for r in rows if r["variant"] == rows[0]["variant"]]
+        ax.plot(*zip(*pts), "s-", color="C3", label="per-sample Jacobian")
+        if key == "_peak_mib":
+            pts = [(r["K"], r.get("jacobian_matrix_mib", math.nan)) for r in rows if r["variant"] == rows[0]["variant"]]
+            ax.plot(*zip(*pts), ":", color="C3", label="K x P float64 matrix alone")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("frames K")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Boltzmann estimator cost, {st['arch']} ({st['preset']}), aspirin, {st['dtype']}", fontsize=10)
+    fig.tight_layout()
+    path = out_dir / f"{name}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == WORKER_FLAG:
+        spec = json.loads(argv[1])
+        result = worker_cost(spec) if spec["mode"] == "cost" else worker_compare(spec)
+        print(json.dumps(result))
+        return result
+    args = parse_args(argv)
+    if args.plot_only:
+        payload = json.loads(args.plot_only.read_text())
+        payload["summary"] = summarise(payload)
+        out_dir, name = args.plot_only.parent, args.plot_only.stem
+    else:
+        payload = run(args)
+        out_dir, name = args.out, args.name
+    print_report(payload)
+    for path in plot(payload, out_dir, name):
+        print(f"wrote {path}")
+    print(f"wrote {out_dir / (name + '.json')}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
