@@ -111,6 +111,9 @@ class ReplicaEngine:
             integrator = self._build_integrator(seed=self.config.seed + block)
             self._systems.append(system)
             self._contexts.append(openmm.Context(system, integrator, self.platform))
+        # Nose-Hoover chain states live in the Context; a fresh Context's (all at rest) is
+        # what set_states restores, so a run does not depend on what the engine ran before.
+        self._fresh_integrator_states = [ctx.getState(integratorParameters=True) for ctx in self._contexts]
 
     # --- construction --------------------------------------------------------------------
     def _script(self, model: nn.Module):
@@ -173,8 +176,8 @@ class ReplicaEngine:
 
     def _reset_thermostats(self) -> None:
         if self.config.integrator == "nose-hoover":
-            for ctx in self._contexts:
-                ctx.getIntegrator().setTemperature(self.config.temperature_K)
+            for ctx, fresh in zip(self._contexts, self._fresh_integrator_states):
+                ctx.setState(fresh)  # chains only: the State holds no positions or velocities
 
     def _check_shape(self, array, name: str) -> np.ndarray:
         array = np.asarray(array, dtype=np.float64)
