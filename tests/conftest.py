@@ -63,3 +63,44 @@ def rng():
     """A seeded NumPy generator, so tests that perturb geometries are reproducible."""
     return np.random.default_rng(1234)
 
+
+# --- session-wide reference data and a small pre-trained model --------------------------------
+# Built once per test session and shared: treat both as read-only (copy before changing).
+XTB_ETHANOL_SETTINGS = dict(n_frames=60, temperature=500.0, timestep_fs=0.5, stride=10, equilibration_steps=100, seed=0)
+
+
+@pytest.fixture(scope="session")
+def xtb_ethanol(tmp_path_factory):
+    """A `QMDataset` of 60 GFN2-xTB ethanol frames at 500 K (0.3 ps, frames 5 fs apart),
+    saved to a file (its ``source``); a few seconds with tblite. Read-only: shared by all tests."""
+    pytest.importorskip("tblite")
+    from openmm_stable.data.generate import generate_xtb_dataset
+
+    path = tmp_path_factory.mktemp("xtb_ethanol") / "ethanol_xtb.npz"
+    return generate_xtb_dataset("ethanol", path, progress=False, **XTB_ETHANOL_SETTINGS)
+
+
+@pytest.fixture(scope="session")
+def pretrained_ethanol_model(xtb_ethanol, tmp_path_factory):
+    """A tiny SchNet pre-trained on `xtb_ethanol` for a few seconds (val force MAE ~0.2 eV/A).
+
+    Good enough for short MD at 500 K: with Langevin friction 10/ps replicas stay stable
+    for picoseconds; with 1/ps a few of 16 replicas fail within ~1-3 ps (useful for
+    stability tests). Read-only: deep-copy before training or changing it."""
+    from openmm_stable.training.pretrain import PretrainConfig, pretrain
+
+    out = tmp_path_factory.mktemp("pretrained_ethanol")
+    config = PretrainConfig(architecture="schnet", preset="tiny", train=48, val=12, test=0, max_epochs=100,
+                            batch_size=16, lr=5e-3, patience=1000, device="cpu", seed=0)
+    model, _ = pretrain(xtb_ethanol, config, out, progress=False)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def pretrained_ethanol_model_file(pretrained_ethanol_model, tmp_path_factory):
+    """`pretrained_ethanol_model` saved with `save_model` (a path; read-only)."""
+    from openmm_stable.models import save_model
+
+    path = tmp_path_factory.mktemp("pretrained_ethanol_file") / "model.pt"
+    save_model(pretrained_ethanol_model, path)
+    return path
