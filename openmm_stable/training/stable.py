@@ -270,6 +270,7 @@ class StableTrainer:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf")))
         if math.isfinite(grad_norm):
             self.optimizer.step()
+        self._refit_energy_shift()
         lr_before = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step(result.loss)
         if self.optimizer.param_groups[0]["lr"] < lr_before:
@@ -277,6 +278,21 @@ class StableTrainer:
         self.engine.update_model(self.model)
         return {"observable_loss": result.loss, "grad_norm": grad_norm, "observable_grad_norm": obs_norm,
                 "energy_force_grad_norm": ef_norm, "n_samples": int(len(samples))}
+
+    @torch.no_grad()
+    def _refit_energy_shift(self) -> None:
+        """Re-centre the model's energies on the training set after a step.
+
+        A constant shift of U changes no force and no Boltzmann average, so the estimator
+        leaves it undetermined and optimizer noise moves it freely; re-fitting it (spread
+        equally over the atoms of the single composition) keeps energy errors meaningful."""
+        residual, count = 0.0, 0
+        for batch in self.train_tensors.batches(256):
+            energies = self.model(batch.z, batch.pos, batch.batch, batch.box)
+            residual += float((batch.energies - energies).sum())
+            count += batch.n_structures
+        present = torch.as_tensor(np.unique(self.z))
+        self.model.atom_energies[present] += residual / count / len(self.z)
 
     def _energy_force_loss_on_train(self, max_frames: int = 256) -> float:
         """Energy/force loss of the current model on (up to) `max_frames` training frames."""
@@ -312,7 +328,8 @@ class StableTrainer:
                 st.phase, st.cycle, st.learning_epochs_done = "simulation", st.cycle + 1, 0
                 self._restart_replicas()
         else:
-            row["observable_loss"] = self.observable_loss_of(frames[flags.cumsum(0) == 0]) if (~flags).any() else None
+            stable_frames = frames[flags.cumsum(0) == 0]
+            row["observable_loss"] = self.observable_loss_of(stable_frames) if len(stable_frames) >= 2 else None
             if st.failed_this_cycle.mean() >= cfg.unstable_fraction:
                 st.phase = "learning"
         row["grad_time_s"] = time.perf_counter() - t1

@@ -1,0 +1,134 @@
+"""StABlE refinement end to end on tiny xTB ethanol data: the loop, its outputs, resume."""
+import copy
+import dataclasses
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from openmm_stable.cli import main
+from openmm_stable.config import config_from_dict
+from openmm_stable.engine import EngineConfig, ReplicaEngine
+from openmm_stable.stability import BondDeviationCriterion
+from openmm_stable.training.stable import StableConfig, StableTrainer, refine
+
+
+def _learning_config(**overrides) -> StableConfig:
+    """Learning from the first epoch: a training threshold of 0.02 A flags every replica.
+    Friction 10/ps keeps the tiny test model's replicas intact over these short runs."""
+    values = dict(n_replicas=8, epoch_ps=0.3, frame_interval_ps=0.01, equilibration_ps=0.05, max_epochs=6,
+                  learning_epochs=10, bond_threshold=0.02, unstable_fraction=0.1, lr=1e-3, seed=0,
+                  observable={"name": "bond_lengths"}, energy_force_weight=1.0,
+                  engine=EngineConfig(temperature_K=500.0, timestep_fs=0.5, friction_per_ps=10.0))
+    values.update(overrides)
+    return StableConfig(**values)
+
+
+def _log(folder):
+    with open(folder / "log.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _expanded(dataset, factor):
+    """The dataset's molecules blown up by `factor` about their centroids: a reference
+    the model clearly misses (against the true reference the tiny test model already sits
+    at the sampling-noise floor, where no trend can be tested)."""
+    centre = dataset.positions.mean(axis=1, keepdims=True)
+    return dataclasses.replace(dataset, positions=centre + factor * (dataset.positions - centre))
+
+
+def _observable_loss_of_a_fixed_run(trainer, model) -> float:
+    """The trainer's observable loss over the stable frames of one fixed-seed run of
+    `model` (same starts, same velocities): a like-for-like before/after measure, far less
+    noisy than the per-epoch training losses."""
+    engine = ReplicaEngine(model, trainer.z, 8, trainer.config.engine)
+    engine.set_states(trainer.initial_positions, seed=123)
+    criterion = BondDeviationCriterion.from_dataset(trainer.dataset, 0.5)
+    frames, alive = [], np.ones(8, dtype=bool)
+    for t in range(60):
+        engine.step(20)
+        positions, _ = engine.get_states()
+        alive &= ~criterion.unstable(criterion(torch.as_tensor(positions))).numpy()
+        if t >= 10:
+            frames.append(positions[alive])
+    return trainer.observable_loss_of(np.concatenate(frames))
+
+
+def test_refine_lowers_observable_loss_and_keeps_force_error(xtb_ethanol, pretrained_ethanol_model, tmp_path):
+    """Target: mean bond lengths of a 3 % expanded reference. Bounds: the refined model's
+    observable loss must fall below 0.8x the starting model's (measured: 0.67x here; 0.65x
+    and 0.48x with seeds 1 and 3), and the validation force MAE may grow by at most 50 % while the
+    observable pulls the model away from the QM data (measured: +1 % here, +11 to +15 % with seeds 1 and 3)."""
+    start = copy.deepcopy(pretrained_ethanol_model)
+    trainer = StableTrainer(copy.deepcopy(start), xtb_ethanol, _learning_config(), tmp_path,
+                            reference=_expanded(xtb_ethanol, 1.03), progress=False)
+    summary = trainer.fit()
+    rows = _log(tmp_path)
+    assert [r["phase"] for r in rows] == ["simulation"] + ["learning"] * 5
+    before = _observable_loss_of_a_fixed_run(trainer, start)
+    after = _observable_loss_of_a_fixed_run(trainer, trainer.model)
+    print(f"observable loss before {before:.3g} after {after:.3g}; force MAE {rows[0]['val_force_mae_meV_per_A']} -> {rows[-1]['val_force_mae_meV_per_A']}")
+    assert after < 0.8 * before
+    force_mae = [float(r["val_force_mae_meV_per_A"]) for r in rows]
+    assert force_mae[-1] < 1.5 * force_mae[0]
+    energy_mae = [float(r["val_energy_mae_meV"]) for r in rows]
+    assert energy_mae[-1] < 2 * energy_mae[0]  # the energy shift is re-fitted after each step
+    for name in ("model.pt", "checkpoint.pt", "log.csv", "learning_curves.png", "metrics.json"):
+        assert (tmp_path / name).exists(), name
+    assert summary["epochs"] == 6 and summary["replica_steps"] == 6 * 8 * 600
+    assert all(float(r["observable_grad_norm"]) > 0 and float(r["energy_force_grad_norm"]) > 0 for r in rows[1:])
+
+
+def test_parameters_change_only_in_learning_phase(xtb_ethanol, pretrained_ethanol_model, tmp_path):
+    model = copy.deepcopy(pretrained_ethanol_model)
+    before = [p.detach().clone() for p in model.parameters()]
+    config = _learning_config(bond_threshold=5.0, max_epochs=2, epoch_ps=0.1)  # nothing fails: no learning
+    refined, _ = refine(model, xtb_ethanol, config, tmp_path, progress=False)
+    assert [r["phase"] for r in _log(tmp_path)] == ["simulation", "simulation"]
+    assert all(torch.equal(a, b) for a, b in zip(before, refined.parameters()))
+
+
+def test_kill_and_resume(xtb_ethanol, pretrained_ethanol_model_file, tmp_path):
+    """kill -9 in the middle of a CLI run, then --resume finishes with a gap-free log."""
+    data = xtb_ethanol.source
+    out = tmp_path / "run"
+    config = tmp_path / "refine.yaml"
+    config.write_text("n_replicas: 4\nepoch_ps: 0.1\nframe_interval_ps: 0.01\nequilibration_ps: 0.02\n"
+                      "bond_threshold: 0.02\nunstable_fraction: 0.1\nlearning_epochs: 50\nlr: 0.001\n")
+    args = ["refine", str(pretrained_ethanol_model_file), "--data", str(data), "--config", str(config),
+            "--out", str(out), "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "openmm_stable", *args, "--epochs", "40"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (out / "log.csv").exists() and len(_log(out)) >= 3:
+            break
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(_log(out))
+    assert 3 <= done_before < 40
+    assert main([*args, "--epochs", str(done_before + 2), "--resume"]) == 0
+    rows = _log(out)
+    assert [int(r["epoch"]) for r in rows] == list(range(1, done_before + 3))
+    assert (out / "model.pt").exists()
+
+
+def test_config_errors_are_clear(tmp_path, xtb_ethanol, pretrained_ethanol_model_file, capsys):
+    with pytest.raises(ValueError, match="unknown key.*n_replica"):
+        config_from_dict(StableConfig, {"n_replica": 4})
+    with pytest.raises(ValueError, match="samples_from"):
+        StableConfig(samples_from="some")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("observable: {name: hr, bins: 3}\n")
+    code = main(["refine", str(pretrained_ethanol_model_file), "--data", str(xtb_ethanol.source),
+                 "--config", str(bad), "--out", str(tmp_path / "o"), "--no-progress"])
+    assert code == 2
+    assert "bins" in capsys.readouterr().err
