@@ -1,0 +1,196 @@
+"""Benchmark 3: the paper's headline on offline xTB data (StABlE vs more QM data).
+
+One long time-ordered GFN2-xTB trajectory at 500 K gives a small and a 50x larger training
+set (drawn from its first block) and a common test set (its last block). Three models of
+one architecture are compared: pre-trained on the small set, pre-trained on the large
+set, and StABlE-refined from the small model (h(r) of the whole reference trajectory as
+the observable, energy/force regulariser on the small set only). Each is simulated with
+Langevin at 500 K (0.5 fs) for a fixed horizon; reported: median stable time and stable
+fraction (bond-length deviation 0.5 A), h(r) MAE, test force MAE, and the compute spent.
+
+Every stage writes to --workdir and is skipped when its output exists (pretrain and
+refine resume from their checkpoints), so a long run can span sessions:
+
+    python benchmarks/stability_replication.py --workdir runs/stability            # full
+    python benchmarks/stability_replication.py --workdir runs/stability_q --quick  # minutes
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", default="runs/stability", help="data, models and runs (not committed)")
+    p.add_argument("--results", default=None, help="JSON + Markdown results (default benchmarks/results/stability_<mol>_<arch>)")
+    p.add_argument("--molecule", default="aspirin")
+    p.add_argument("--architecture", default="schnet")
+    p.add_argument("--preset", default="small")
+    p.add_argument("--frames", type=int, default=11000, help="length of the reference trajectory (frames)")
+    p.add_argument("--stride", type=int, default=10, help="xTB MD steps between frames")
+    p.add_argument("--small", type=int, default=200, help="frames in the small training set")
+    p.add_argument("--large", type=int, default=10000, help="frames in the large training set (50x small)")
+    p.add_argument("--test", type=int, default=500, help="frames in the common test set (end of trajectory)")
+    p.add_argument("--pretrain-min", type=float, default=12.0, help="time budget per pre-training (minutes)")
+    p.add_argument("--refine-config", default=None, help="YAML of StableConfig fields (default: built in below)")
+    p.add_argument("--refine-epochs", type=int, default=30)
+    p.add_argument("--replicas", type=int, default=16)
+    p.add_argument("--horizon-ps", type=float, default=10.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every stage")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.frames, args.stride, args.small, args.large, args.test = 160, 5, 40, 100, 30
+        args.pretrain_min, args.refine_epochs, args.replicas, args.horizon_ps = 0.2, 3, 4, 0.2
+        args.preset = "tiny"
+    return args
+
+
+def stage(name: str) -> None:
+    print(f"\n=== {name}", flush=True)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from openmm_stable.data import load_dataset, save_dataset
+    from openmm_stable.data.generate import generate_xtb_dataset
+    from openmm_stable.models import load_model
+    from openmm_stable.report import compare_runs
+    from openmm_stable.simulate import SimulationConfig, simulate
+    from openmm_stable.training.pretrain import PretrainConfig, pretrain
+    from openmm_stable.training.stable import StableConfig, refine
+    from openmm_stable.config import config_from_yaml
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    results_base = Path(args.results or f"benchmarks/results/stability_{args.molecule}_{args.architecture}"
+                        + ("_quick" if args.quick else ""))
+    results_base.parent.mkdir(parents=True, exist_ok=True)
+    timings = json.loads((work / "timings.json").read_text()) if (work / "timings.json").exists() else {}
+
+    def timed(key, fn):
+        if key in timings:
+            return fn()  # stage already done (fn just loads its output)
+        t0 = time.perf_counter()
+        out = fn()
+        timings[key] = time.perf_counter() - t0
+        (work / "timings.json").write_text(json.dumps(timings, indent=2))
+        return out
+
+    stage(f"reference trajectory: {args.frames} xTB frames of {args.molecule} at 500 K")
+    traj_path = work / "reference_trajectory.npz"
+
+    def make_traj():
+        if traj_path.exists():
+            return load_dataset(traj_path)
+        return generate_xtb_dataset(args.molecule, traj_path, n_frames=args.frames, temperature=500.0,
+                                    timestep_fs=0.5, stride=args.stride, seed=args.seed + 7,
+                                    resume=Path(str(traj_path) + ".partial.extxyz").exists(), progress=False)
+    traj = timed("generate_s", make_traj)
+    n = len(traj)
+    if n < args.large + args.test:
+        raise SystemExit(f"trajectory has {n} frames; need large + test = {args.large + args.test}")
+    rng = np.random.default_rng(args.seed)
+    large_idx = np.arange(args.large)
+    small_idx = np.sort(rng.choice(large_idx, size=args.small, replace=False))
+    test_idx = np.arange(n - args.test, n)
+    sets = {"small": traj.subset(small_idx), "large": traj.subset(large_idx), "test": traj.subset(test_idx)}
+    for name, ds in sets.items():
+        path = work / f"{name}.npz"
+        if not path.exists():
+            save_dataset(ds, path)
+
+    models = {}
+    for name in ("small", "large"):
+        stage(f"pre-train {args.architecture}-{args.preset} on {len(sets[name])} frames ({args.pretrain_min} min budget)")
+        out = work / f"pretrain_{name}"
+        config = PretrainConfig(architecture=args.architecture, preset=args.preset, train=0.9, val=0.1, test=0,
+                                time_budget_min=args.pretrain_min, seed=args.seed, patience=50)
+
+        def run_pretrain(out=out, config=config, name=name):
+            if (out / "model.pt").exists() and (out / "metrics.json").exists():
+                return load_model(out / "model.pt")
+            resume = (out / "checkpoint_last.pt").exists()
+            return pretrain(sets[name], config, out, progress=False, resume=resume)[0]
+        models[f"pretrained-{name}"] = timed(f"pretrain_{name}_s", run_pretrain)
+
+    stage("StABlE refinement of the small model")
+    refine_out = work / "refine_small"
+    if args.refine_config:
+        rconfig = config_from_yaml(StableConfig, args.refine_config, {"max_epochs": args.refine_epochs})
+    else:
+        rconfig = StableConfig(n_replicas=8 if not args.quick else 4, epoch_ps=1.0 if not args.quick else 0.1,
+                               frame_interval_ps=0.025 if not args.quick else 0.01,
+                               equilibration_ps=0.1 if not args.quick else 0.02,
+                               max_epochs=args.refine_epochs, learning_epochs=5, unstable_fraction=0.5,
+                               lr=3e-4, seed=args.seed)
+
+    def run_refine():
+        if (refine_out / "model.pt").exists() and (refine_out / "metrics.json").exists():
+            return load_model(refine_out / "model.pt")
+        return refine(models["pretrained-small"], sets["small"], rconfig, refine_out, reference=traj,
+                      resume=True, progress=False)[0]
+    models["stable-small"] = timed("refine_s", run_refine)
+
+    runs = {}
+    for label, model in models.items():
+        stage(f"simulate {label}: {args.replicas} replicas x {args.horizon_ps} ps")
+        out = work / f"simulate_{label}"
+
+        def run_sim(out=out, model=model):
+            if not (out / "metrics.json").exists():
+                config = SimulationConfig(n_replicas=args.replicas, time_ps=args.horizon_ps, seed=args.seed)
+                simulate(model, sets["test"], config, out, reference=traj, test_set=sets["test"], progress=False)
+        timed(f"simulate_{label}_s", run_sim)
+        runs[label] = out
+
+    stage("results")
+    table = compare_runs(runs, work / "compare")
+    print(table)
+    metrics = {label: json.loads((d / "metrics.json").read_text()) for label, d in runs.items()}
+    refine_metrics = json.loads((refine_out / "metrics.json").read_text())
+    compute = {
+        "pretrained-small": {"qm_frames": args.small, "sim_steps": 0, "wall_s": timings.get("pretrain_small_s")},
+        "pretrained-large": {"qm_frames": args.large, "sim_steps": 0, "wall_s": timings.get("pretrain_large_s")},
+        "stable-small": {"qm_frames": args.small, "sim_steps": refine_metrics["replica_steps"],
+                         "wall_s": (timings.get("pretrain_small_s") or 0) + (timings.get("refine_s") or 0)},
+    }
+    s, l, r = (metrics[k] for k in ("pretrained-small", "pretrained-large", "stable-small"))
+    targets = {
+        "refined median stable time >= 3x small": r["median_stable_time_ps"] >= 3 * s["median_stable_time_ps"],
+        "refined median stable time >= large": r["median_stable_time_ps"] >= l["median_stable_time_ps"],
+        "refined h(r) MAE lower than both": (r.get("hr_mae") is not None and all(
+            m.get("hr_mae") is None or r["hr_mae"] < m["hr_mae"] for m in (s, l))),
+        "refined force MAE within 1.1x small": r["force_mae_meV_per_A"] <= 1.1 * s["force_mae_meV_per_A"],
+    }
+    summary = {"settings": vars(args), "metrics": metrics, "compute": compute, "targets_met": targets,
+               "timings_s": timings, "machine": f"{os.cpu_count()} CPU cores"}
+    results_base.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    for png in ("survival.png", "hr.png"):
+        src = work / "compare" / png
+        if src.exists():
+            (results_base.parent / f"{results_base.name}_{png}").write_bytes(src.read_bytes())
+    lines = ["| model | QM frames | median stable (ps) | stable fraction | h(r) MAE | test force MAE (meV/A) | sim steps | wall (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for label, m in metrics.items():
+        c = compute[label]
+        hr = f"{m['hr_mae']:.4f}" if m.get("hr_mae") is not None else "-"
+        lines.append(f"| {label} | {c['qm_frames']} | {m['median_stable_time_ps']:.2f} | {m['stable_fraction']:.2f} | "
+                     f"{hr} | {m['force_mae_meV_per_A']:.1f} | {c['sim_steps']} | {c['wall_s'] or 0:.0f} |")
+    lines.append("")
+    lines += [f"- {name}: {'met' if ok else 'missed'}" for name, ok in targets.items()]
+    results_base.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return summary
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
+    sys.exit(0)

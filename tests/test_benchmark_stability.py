@@ -1,0 +1,29 @@
+"""Smoke test of benchmark 3 (stability replication): every stage on tiny data."""
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_stability_replication_quick(tmp_path, monkeypatch):
+    pytest.importorskip("tblite")
+    script = ROOT / "benchmarks" / "stability_replication.py"
+    results = tmp_path / "results" / "stability_quick"
+    monkeypatch.setattr(sys, "argv", [str(script), "--quick", "--workdir", str(tmp_path / "work"),
+                                      "--results", str(results)])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(script), run_name="__main__")
+    assert done.value.code == 0
+    summary = json.loads(results.with_suffix(".json").read_text())
+    assert set(summary["metrics"]) == {"pretrained-small", "pretrained-large", "stable-small"}
+    for metrics in summary["metrics"].values():
+        assert metrics["n_replicas"] == 4
+        assert 0.0 <= metrics["stable_fraction"] <= 1.0
+        assert metrics["force_mae_meV_per_A"] > 0
+    assert summary["compute"]["stable-small"]["sim_steps"] > 0
+    assert len(summary["targets_met"]) == 4
+    assert "| stable-small |" in results.with_suffix(".md").read_text()
