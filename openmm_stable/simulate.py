@@ -121,6 +121,27 @@ def hr_comparison(result: SimulationResult, dataset: QMDataset, reference: Optio
     return out
 
 
+def check_molecules(dataset: QMDataset, reference: Optional[QMDataset] = None,
+                    model_atomic_numbers: Optional[np.ndarray] = None) -> None:
+    """Raise ValueError when the reference data (h(r) is only comparable for the same
+    molecule) or the molecule a model file records it was trained on has another
+    composition than the dataset (atom order may differ: both are permutation invariant)."""
+    from ase.data import chemical_symbols
+
+    def formula(z) -> str:
+        counts = np.bincount(np.asarray(z, dtype=np.int64).reshape(-1))
+        return "".join(f"{chemical_symbols[e]}{counts[e]}" for e in np.flatnonzero(counts))
+
+    z = np.asarray(dataset.atomic_numbers)
+    here = f"the dataset {dataset.source} ({len(z)} atoms, {formula(z)})"
+    if reference is not None and formula(reference.atomic_numbers) != formula(z):
+        raise ValueError(f"reference {reference.source} ({reference.n_atoms} atoms, {formula(reference.atomic_numbers)}) "
+                         f"is another molecule than {here}; h(r) can only be compared for the same molecule")
+    if model_atomic_numbers is not None and formula(model_atomic_numbers) != formula(z):
+        zm = np.asarray(model_atomic_numbers).reshape(-1)
+        raise ValueError(f"the model was trained on {len(zm)} atoms ({formula(zm)}), another molecule than {here}")
+
+
 def simulate(model: nn.Module, dataset: QMDataset, config: SimulationConfig, out_dir,
              reference: Optional[QMDataset] = None, test_set: Optional[QMDataset] = None,
              progress: bool = True) -> dict:
@@ -130,6 +151,7 @@ def simulate(model: nn.Module, dataset: QMDataset, config: SimulationConfig, out
     one file holds stability, observables and accuracy."""
     from openmm_stable import report
 
+    check_molecules(dataset, reference)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     result = run_replicas(model, dataset, config, progress=progress)

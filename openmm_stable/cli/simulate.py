@@ -49,13 +49,15 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from openmm_stable.cli.export import stored_atomic_numbers
     from openmm_stable.data import load_dataset
     from openmm_stable.models import load_model
-    from openmm_stable.simulate import SimulationConfig, simulate, summary
+    from openmm_stable.simulate import SimulationConfig, check_molecules, simulate, summary
 
     model = load_model(args.model)
     dataset = load_dataset(args.data)
     reference = load_dataset(args.reference) if args.reference else dataset
+    check_molecules(dataset, reference, stored_atomic_numbers(args.model))
     test_set = load_dataset(args.test_data) if args.test_data else None
     config = SimulationConfig(n_replicas=args.replicas, time_ps=args.time, check_interval_ps=args.check_interval,
                               bond_threshold=args.bond_threshold, seed=args.seed,
