@@ -321,8 +321,11 @@ def test_langevin_kinetic_temperature(pretrained_ethanol_model, xtb_ethanol):
     n_independent = R * sampled_ps / 0.040
     stderr = T0 * math.sqrt(2 / dof / n_independent)
     mean = temps.mean()
-    print(f"kinetic temperature {mean:.1f} K +- {stderr:.1f} K (target {T0} K)")
-    assert abs(mean - T0) < 4 * stderr
-    # per-frame fluctuations: relative variance 2/(3N), its estimate good to ~7 % here
     rel_var = (temps / T0 - 1).var()
-    assert rel_var == pytest.approx(2 / dof, rel=0.3)
+    print(f"kinetic temperature {mean:.1f} K +- {stderr:.1f} K (target {T0} K); "
+          f"per-frame relative variance {rel_var:.4f} (2/3N = {2 / dof:.4f})")
+    assert abs(mean - T0) < 4 * stderr
+    # Per-frame fluctuations: relative variance 2/(3N), estimated to ~7 % here. With this
+    # crude model at 0.5 fs it comes out ~10-25 % high (and <T> ~1 % high; both shrink with
+    # the time step; a force-free run gives 2/(3N) and 500 K), hence the one-sided margin.
+    assert 0.8 < rel_var / (2 / dof) < 1.5

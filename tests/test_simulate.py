@@ -1,0 +1,184 @@
+"""`simulate`: stable times detected at the right check, frozen failed replicas, contained
+NaN replicas, metrics.json / plots / DCD files, and the `openmm-stable simulate` CLI.
+
+A model without forces and a Langevin integrator without friction make atoms fly on
+straight lines, x(t) = x0 + v0 t, from velocities the tests can draw themselves
+(`maxwell_boltzmann` with the engine's seed): every bond deviation, and so every
+replica's time of failure, is known in advance.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from openmm_stable.cli import main
+from openmm_stable.data import QMDataset, save_dataset
+from openmm_stable.engine import EngineConfig, masses_amu, maxwell_boltzmann
+from openmm_stable.models import save_model
+from openmm_stable.simulate import SimulationConfig, initial_frames, run_replicas, simulate, write_trajectories
+from openmm_stable.stability import BondDeviationCriterion
+
+from test_engine import NaNBeyond, ZeroModel
+
+METRIC_KEYS = {"n_replicas", "time_ps", "temperature_K", "stable_time_ps", "median_stable_time_ps",
+               "stable_fraction", "replica_steps_per_s"}
+
+
+def ballistic_config(**kw) -> SimulationConfig:
+    """4 replicas, 0.1 ps, a check every 0.005 ps (10 steps), no friction."""
+    engine = EngineConfig(platform="CPU", friction_per_ps=0.0, seed=3)
+    return SimulationConfig(n_replicas=4, time_ps=0.1, check_interval_ps=0.005, seed=2, engine=engine, **kw)
+
+
+def predicted_deviations(dataset, config, criterion):
+    """(T, R) bond deviations of free flight from the run's starting frames and velocities,
+    until each replica's first failure (NaN afterwards), and the expected stable times."""
+    start = dataset.positions[initial_frames(dataset, config.n_replicas, config.seed)]
+    v0 = maxwell_boltzmann(masses_amu(dataset.atomic_numbers), config.engine.temperature_K,
+                           config.n_replicas, config.engine.seed)
+    times = (np.arange(config.n_checks) + 1) * config.steps_per_check * config.engine.timestep_ps
+    frames = start[None] + v0[None] * times[:, None, None, None]
+    dev = criterion(frames).numpy()
+    bad = dev > criterion.threshold
+    assert bad.any(0).all(), "every replica should fail within the run"
+    first = bad.argmax(0)
+    expected_dev = np.where(np.arange(len(times))[:, None] <= first[None, :], dev, np.nan)
+    return times, expected_dev, times[first]
+
+
+def test_failures_detected_at_the_right_check_and_frozen(xtb_ethanol, tmp_path):
+    config = ballistic_config()
+    criterion = BondDeviationCriterion.from_dataset(xtb_ethanol, config.bond_threshold)
+    times, expected_dev, expected_stable = predicted_deviations(xtb_ethanol, config, criterion)
+    result = run_replicas(ZeroModel(), xtb_ethanol, config, progress=False)
+
+    np.testing.assert_allclose(result.times_ps, times)
+    until_failure = ~np.isnan(expected_dev)
+    np.testing.assert_allclose(result.deviations[until_failure], expected_dev[until_failure], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(result.stable_time_ps, expected_stable, rtol=0, atol=1e-9)
+    assert len(set(np.round(expected_stable, 6))) > 1  # replicas fail at different checks
+    # frozen: once failed, never stable again; the failed replica restarts from its first frame
+    failed_at = until_failure.sum(0) - 1  # index of the check that saw the failure
+    for k, c in enumerate(failed_at):
+        assert result.stable_mask[:c, k].all() and not result.stable_mask[c:, k].any()
+        if c + 1 < len(times):
+            assert result.deviations[c + 1, k] < result.deviations[c, k]
+
+    # the recorded frames go to DCD files that mdtraj reads back
+    import mdtraj
+
+    paths = write_trajectories(tmp_path / "traj", xtb_ethanol.atomic_numbers, result)
+    assert len(paths) == 4
+    for k, path in enumerate(paths):
+        traj = mdtraj.load(str(path), top=str(tmp_path / "traj" / "topology.pdb"))
+        assert traj.n_frames == len(times) and traj.n_atoms == xtb_ethanol.n_atoms
+        np.testing.assert_allclose(traj.xyz * 10.0, result.positions[:, k], rtol=0, atol=1e-3)
+
+
+def test_simulate_metrics_for_failing_model(xtb_ethanol, tmp_path):
+    config = ballistic_config()
+    criterion = BondDeviationCriterion.from_dataset(xtb_ethanol, config.bond_threshold)
+    _, _, expected_stable = predicted_deviations(xtb_ethanol, config, criterion)
+    metrics = simulate(ZeroModel(), xtb_ethanol, config, tmp_path, progress=False)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(metrics))
+    assert METRIC_KEYS <= set(saved) and "hr_mae" not in saved  # no reference given
+    np.testing.assert_allclose(saved["stable_time_ps"], expected_stable, rtol=0, atol=1e-9)
+    assert saved["median_stable_time_ps"] == pytest.approx(np.median(expected_stable))
+    assert saved["stable_fraction"] == 0.0
+    assert saved["time_ps"] == pytest.approx(0.1)
+
+
+def test_nan_replica_detected_at_first_check_others_run_on(pretrained_ethanol_model, xtb_ethanol):
+    """A replica on which the model returns NaN (an atom 20 A away) fails at the first
+    check; the run goes on and the others stay stable."""
+    positions = xtb_ethanol.positions[:4].copy()
+    positions[2, 8] += [20.0, 0.0, 0.0]
+    data = QMDataset(xtb_ethanol.atomic_numbers, positions, source="broken")
+    config = SimulationConfig(n_replicas=4, time_ps=0.05, check_interval_ps=0.01, seed=0,
+                              engine=EngineConfig(platform="CPU", friction_per_ps=10.0))
+    broken_replica = int(np.flatnonzero(initial_frames(data, 4, config.seed) == 2)[0])
+    criterion = BondDeviationCriterion.from_dataset(xtb_ethanol, config.bond_threshold)
+    result = run_replicas(NaNBeyond(pretrained_ethanol_model, radius=8.0), data, config, criterion, progress=False)
+    assert np.isfinite(result.positions).all()
+    expected = np.full(4, result.times_ps[-1])
+    expected[broken_replica] = result.times_ps[0]
+    np.testing.assert_allclose(result.stable_time_ps, expected)
+    others = np.arange(4) != broken_replica
+    assert result.stable_mask[:, others].all()
+    assert (result.deviations[:, others] < 0.5).all()
+
+
+def test_simulate_outputs(pretrained_ethanol_model, xtb_ethanol, tmp_path):
+    config = SimulationConfig(n_replicas=3, time_ps=0.1, check_interval_ps=0.025, write_trajectories=True,
+                              engine=EngineConfig(platform="CPU", friction_per_ps=10.0))
+    metrics = simulate(pretrained_ethanol_model, xtb_ethanol, config, tmp_path, reference=xtb_ethanol,
+                       progress=False)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert METRIC_KEYS | {"hr_mae"} <= set(saved)
+    assert saved == json.loads(json.dumps(metrics))
+    assert saved["n_replicas"] == 3 and saved["temperature_K"] == 500.0
+    assert saved["time_ps"] == pytest.approx(0.1)
+    # a pre-trained model at high friction survives 0.1 ps: every stable time is the run time
+    assert saved["stable_time_ps"] == pytest.approx([0.1] * 3)
+    assert saved["median_stable_time_ps"] == pytest.approx(0.1) and saved["stable_fraction"] == 1.0
+    assert saved["replica_steps_per_s"] > 0
+    assert 0 <= saved["hr_mae"] < 0.05  # 1/A; ~0.01 for this model, 0.1-0.2 against another molecule
+    for name in ("survival.png", "bond_deviation.png", "hr.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+    with np.load(tmp_path / "hr.npz") as hr:
+        assert {"r", "model", "reference"} <= set(hr.files)
+        assert np.trapezoid(hr["model"], hr["r"]) == pytest.approx(1.0, abs=0.02)
+
+    import mdtraj
+
+    folder = tmp_path / "trajectories"
+    for k in range(3):
+        traj = mdtraj.load(str(folder / f"replica_{k:03d}.dcd"), top=str(folder / "topology.pdb"))
+        assert traj.n_frames == 4 and traj.n_atoms == 9
+        cc = np.linalg.norm(traj.xyz[:, 0] - traj.xyz[:, 1], axis=-1) * 10.0
+        assert ((cc > 1.3) & (cc < 1.8)).all()  # a C-C bond, in Angstrom after nm -> A
+
+
+# --- command line ------------------------------------------------------------------------------
+def cli_args(model, data, out, *extra):
+    return ["simulate", str(model), "--data", str(data), "--out", str(out), "--replicas", "2", "--time", "0.05",
+            "--check-interval", "0.025", "--platform", "CPU", "--friction", "10", "--no-progress", *map(str, extra)]
+
+
+def test_cli_simulate(pretrained_ethanol_model_file, xtb_ethanol, tmp_path, capsys):
+    out = tmp_path / "sim"
+    assert main(cli_args(pretrained_ethanol_model_file, xtb_ethanol.source, out, "--trajectories")) == 0
+    printed = capsys.readouterr().out
+    assert "median stable time" in printed and "h(r) MAE" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_replicas"] == 2 and metrics["time_ps"] == pytest.approx(0.05)
+    assert len(metrics["stable_time_ps"]) == 2 and "hr_mae" in metrics  # --data is the reference
+    assert len(list((out / "trajectories").glob("replica_*.dcd"))) == 2
+
+
+def test_cli_simulate_bad_inputs(pretrained_ethanol_model, pretrained_ethanol_model_file, xtb_ethanol, tmp_path,
+                                 capsys):
+    water = QMDataset([8, 1, 1], np.tile([[0.0, 0.0, 0.0], [0.96, 0.0, 0.0], [-0.24, 0.93, 0.0]], (3, 1, 1)),
+                      temperature=500.0, source="water")
+    water_path = save_dataset(water, tmp_path / "water.npz")
+    missing = tmp_path / "no_model.pt"
+    cases = [
+        (cli_args(missing, xtb_ethanol.source, tmp_path / "a"), "does not exist"),
+        (cli_args(pretrained_ethanol_model_file, tmp_path / "no_data.npz", tmp_path / "b"), "no_data.npz"),
+        (cli_args(pretrained_ethanol_model_file, xtb_ethanol.source, tmp_path / "c", "--reference", water_path),
+         "another molecule"),
+    ]
+    # a model file that records its molecule (as refine writes it) run on another molecule
+    water_model = tmp_path / "water_model.pt"
+    save_model(pretrained_ethanol_model, water_model, atomic_numbers=[8, 1, 1])
+    cases.append((cli_args(water_model, xtb_ethanol.source, tmp_path / "d"), "trained on 3 atoms"))
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "openmm-stable simulate: error:" in err and message in err, err
+        assert "Traceback" not in err
+    for folder in "abcd":
+        assert not (tmp_path / folder / "metrics.json").exists()
