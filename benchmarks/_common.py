@@ -147,8 +147,19 @@ def choose_chunk(runner: Runner, target_s: float, max_chunk: int) -> int:
     return int(max(1, min(max_chunk, target_s / max(dt, 1e-6))))
 
 
+def warm_up(runner: Runner, steps: int, max_s: float, min_steps: int = 3) -> float:
+    """Run `steps` untimed steps (at least `min_steps`: TorchScript's profiling executor
+    optimises a module on its first calls, per module copy, i.e. per Context), stopping early
+    after `max_s` seconds for slow runners. Returns the seconds spent."""
+    spent, done = 0.0, 0
+    while done < min_steps or (done < steps and spent < max_s):
+        spent += timed(lambda: runner.run(1))
+        done += 1
+    return spent
+
+
 def interleaved_rates(runners: Sequence[Runner], min_time_s: float, rounds: int = 3,
-                      max_chunk: int = 20, warmup_steps: int = 20) -> dict[str, dict]:
+                      max_chunk: int = 20, warmup_steps: int = 20, warmup_max_s: float = 5.0) -> dict[str, dict]:
     """Replica-steps per second of each runner, measured side by side.
 
     Each of `rounds` rounds times every runner in turn for at least min_time_s / rounds
@@ -160,7 +171,7 @@ def interleaved_rates(runners: Sequence[Runner], min_time_s: float, rounds: int 
     warmup = {}
     for runner in runners:  # the first steps include TorchScript's profiling and optimisation
         runner.reset(seed=20_000)
-        warmup[runner.name] = timed(lambda: runner.run(warmup_steps))
+        warmup[runner.name] = warm_up(runner, warmup_steps, warmup_max_s)
     chunks = {r.name: choose_chunk(r, per_round / 4, max_chunk) for r in runners}
     stats = {r.name: {"steps": 0, "seconds": 0.0, "round_rates": [], "chunk_steps": chunks[r.name],
                       "warmup_s": warmup[r.name]}

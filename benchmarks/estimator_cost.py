@@ -207,6 +207,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--compare-frames", nargs="*", type=int, default=None,
                    help="K values at which to compare the gradients in float64 (default: all)")
     p.add_argument("--min-time", type=float, default=1.0, help="repeat a timed call until this many seconds")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds of all measurements (default 2)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per worker process")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--name", default=None, help="stem of the output files (default estimator_cost[_quick])")
@@ -218,10 +219,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.arch = args.arch or "schnet"
         args.preset = args.preset or "tiny"
         args.min_time = min(args.min_time, 0.2)
+        args.rounds = args.rounds or 1
     args.frames = args.frames or [32, 128, 512]
     args.minibatch = args.minibatch or [0, 16]
     args.arch = args.arch or "tensornet"
     args.preset = args.preset or "small"
+    args.rounds = args.rounds or 2
     args.compare_frames = args.frames if args.compare_frames is None else args.compare_frames
     args.name = args.name or ("estimator_cost_quick" if args.quick else "estimator_cost")
     return args
@@ -232,25 +235,29 @@ def run(args) -> dict:
                "settings": {"arch": args.arch, "preset": args.preset, "dtype": args.dtype, "molecule": "aspirin",
                             "observable": "hr", "noise_angstrom": NOISE_ANGSTROM, "temperature_K": TEMPERATURE_K,
                             "minibatches": args.minibatch, "min_time_s": args.min_time,
+                            "rounds": args.rounds,
                             "memory_method": "peak RSS growth (VmHWM after reset - VmRSS before), fresh process"},
                "results": [], "comparisons": []}
     if not can_measure_memory():
         print("warning: /proc/self/clear_refs is not available; peak memory is not measured", file=sys.stderr)
     out_json = args.out / f"{args.name}.json"
     t_start = time.perf_counter()
-    for K in args.frames:
-        for method, mb in variants(args.minibatch):  # side by side, one fresh process each
-            spec = {"mode": "cost", "method": method.split("-")[0], "K": K, "arch": args.arch, "preset": args.preset,
-                    "dtype": args.dtype, "minibatch": mb, "min_time": args.min_time}
-            res = spawn(spec, args.timeout)
-            payload["results"].append({"K": K, "method": method, "minibatch": mb, **res})
-            if "error" in res:
-                print(f"[{time.perf_counter() - t_start:7.1f} s] K={K} {method}: {res['error']}", flush=True)
-            else:
-                print(f"[{time.perf_counter() - t_start:7.1f} s] K={K} {method}: {res['seconds']:.3f} s, "
-                      f"peak +{res['peak_rss_growth_mib']:.1f} MiB", flush=True)
-            payload["summary"] = summarise(payload)
-            write_json(out_json, payload)
+    # Rounds: every variant at every K once per round, so that a change of machine load
+    # during the run hits all of them; the summary takes the median over rounds.
+    for round_index in range(args.rounds):
+        for K in args.frames:
+            for method, mb in variants(args.minibatch):  # side by side, one fresh process each
+                spec = {"mode": "cost", "method": method.split("-")[0], "K": K, "arch": args.arch,
+                        "preset": args.preset, "dtype": args.dtype, "minibatch": mb, "min_time": args.min_time}
+                res = spawn(spec, args.timeout)
+                payload["results"].append({"K": K, "method": method, "minibatch": mb, "round": round_index, **res})
+                head = f"[{time.perf_counter() - t_start:7.1f} s] round {round_index} K={K} {method}:"
+                if "error" in res:
+                    print(f"{head} {res['error']}", flush=True)
+                else:
+                    print(f"{head} {res['seconds']:.3f} s, peak +{res['peak_rss_growth_mib']:.1f} MiB", flush=True)
+                payload["summary"] = summarise(payload)
+                write_json(out_json, payload)
     for K in args.compare_frames:
         spec = {"mode": "compare", "K": K, "arch": args.arch, "preset": args.preset, "minibatches": args.minibatch}
         res = spawn(spec, args.timeout)
@@ -268,10 +275,13 @@ def run(args) -> dict:
 
 
 def _get(payload, K, method):
-    for r in payload["results"]:
-        if r["K"] == K and r["method"] == method and "error" not in r:
-            return r
-    return None
+    """The measurements of one variant at one K, as medians over rounds (None if none)."""
+    found = [r for r in payload["results"] if r["K"] == K and r["method"] == method and "error" not in r]
+    if not found:
+        return None
+    return {"seconds": statistics.median(r["seconds"] for r in found),
+            "peak_rss_growth_mib": statistics.median(r["peak_rss_growth_mib"] for r in found),
+            "n_params": found[0]["n_params"], "rounds": len(found)}
 
 
 def single_variants(payload: dict) -> list[str]:
