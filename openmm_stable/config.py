@@ -15,7 +15,7 @@ T = TypeVar("T")
 
 def _coerce(value: Any, annotation: Any) -> Any:
     """YAML reads 1e-3 as a string; turn such strings into the float a field wants."""
-    if isinstance(value, str) and ("float" in str(annotation)):
+    if isinstance(value, str) and annotation in (float, Optional[float]):
         try:
             return float(value)
         except ValueError:
@@ -41,8 +41,8 @@ def config_from_dict(cls: type[T], values: Optional[dict], name: Optional[str] =
     return cls(**values)
 
 
-def config_from_yaml(cls: type[T], path, overrides: Optional[dict] = None) -> T:
-    """Read a YAML mapping of `cls` fields; non-None `overrides` win over the file."""
+def read_yaml_mapping(path) -> dict:
+    """The mapping in a YAML file, with clear errors for a missing file or another shape."""
     import yaml
 
     path = Path(path)
@@ -51,7 +51,13 @@ def config_from_yaml(cls: type[T], path, overrides: Optional[dict] = None) -> T:
     with open(path) as handle:
         values = yaml.safe_load(handle) or {}
     if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping of {cls.__name__} fields")
+        raise ValueError(f"{path}: expected a mapping of settings, got {type(values).__name__}")
+    return values
+
+
+def config_from_yaml(cls: type[T], path, overrides: Optional[dict] = None) -> T:
+    """Read a YAML mapping of `cls` fields; non-None `overrides` win over the file."""
+    values = read_yaml_mapping(path)
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return config_from_dict(cls, values, str(path))
 

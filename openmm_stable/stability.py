@@ -24,7 +24,7 @@ from typing import Any, Callable, Literal, Optional, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from .observables import ArrayLike, _as_tensor, _box_tensor, bond_lengths, minimum_image, pair_indices
+from .observables import ArrayLike, _as_tensor, _box_tensor, bond_lengths, minimum_image
 
 EVALUATION_BOND_THRESHOLD = 0.5  # Angstrom
 TRAINING_BOND_THRESHOLD = 0.25  # Angstrom

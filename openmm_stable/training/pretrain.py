@@ -26,12 +26,10 @@ network only learns the geometry-dependent remainder.
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import json
 import math
 import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -39,13 +37,16 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
 from openmm_stable.data.dataset import QMDataset
 from openmm_stable.data.splits import parse_size, split_indices
 from openmm_stable.models import ARCHITECTURES, PRESETS, create_model, load_model, save_model
 from openmm_stable.models.base import MAX_Z, NNIP
-from openmm_stable.training.batching import FrameTensors, energy_force_loss, evaluate, loss_from_metrics
+from openmm_stable.config import config_from_dict, read_yaml_mapping
+from openmm_stable.io import atomic_write_text, get_rng_state, set_rng_state, write_csv
+from openmm_stable.training.batching import FrameTensors, energy_force_loss, evaluate, loss_from_metrics, refit_energy_shift
 
 SizeLike = Union[int, float, str]
 
@@ -147,39 +148,18 @@ class PretrainConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "PretrainConfig":
         """Build from plain data (YAML, a checkpoint); unknown keys are an error, not ignored."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"pretrain config: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         values = dict(values)
         if isinstance(values.get("test"), str) and values["test"].strip().lower() in ("rest", "remaining"):
             values["test"] = None  # all frames not in train or val
-        # YAML reads 1e-3 as a string and 10 as int where a float is meant; coerce the obvious cases.
-        for f in dataclasses.fields(cls):
-            if f.name in values and isinstance(values[f.name], str) and f.name in _FLOAT_FIELDS:
-                try:
-                    values[f.name] = float(values[f.name])
-                except ValueError:
-                    pass
-        return cls(**values)
+        return config_from_dict(cls, values, "pretrain config")
 
     @classmethod
     def from_yaml(cls, path: Union[str, os.PathLike], **overrides) -> "PretrainConfig":
         """Read a YAML mapping of field names; `overrides` win over the file (None included)."""
-        import yaml
-
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        with open(path) as handle:
-            values = yaml.safe_load(handle) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: expected a mapping of PretrainConfig fields")
+        values = read_yaml_mapping(path)
         values.update(overrides)
         return cls.from_dict(values)
 
-
-_FLOAT_FIELDS = {"energy_weight", "force_weight", "lr", "lr_factor", "min_lr", "grad_clip", "ema_decay", "time_budget_min"}
 
 
 def _is_real(value: Any) -> bool:
@@ -356,9 +336,9 @@ def pretrain(
         scheduler.load_state_dict(payload["scheduler"])
         if ema is not None and payload.get("ema") is not None:
             ema.load_state_dict(payload["ema"])
-        _set_rng_state(payload["rng"])
+        set_rng_state(payload["rng"])
         del payload
-    _write_yaml(out_dir / "config.yaml", config.to_dict())
+    atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
 
     frames_train = FrameTensors(train_ds, device=device, dtype=dtype)
     frames_val = FrameTensors(val_ds, device=device, dtype=dtype)
@@ -407,6 +387,7 @@ def pretrain(
                     totals[key] += b * batch_metrics.get(key, 0.0)
                 if elapsed() >= budget_s:
                     break
+            refit_energy_shift(model, frames_train)
             with (ema.applied(model) if ema is not None else contextlib.nullcontext()):
                 val = evaluate(model, frames_val, batch_size=max(64, config.batch_size))
             val_loss = loss_from_metrics(val, scale, config.energy_weight, config.force_weight)
@@ -437,9 +418,9 @@ def pretrain(
                 model, last_path, kind="checkpoint_last", epoch=epoch,
                 optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                 ema=None if ema is None else ema.state_dict(), run_state=dataclasses.asdict(state),
-                rng=_get_rng_state(), **common,
+                rng=get_rng_state(), **common,
             )
-            _write_log(out_dir / "log.csv", state.history)
+            write_csv(out_dir / "log.csv", state.history, LOG_COLUMNS)
             if time.perf_counter() - last_plot > 30.0:
                 _plot_learning_curve(state.history, out_dir / "learning_curve.png")
                 last_plot = time.perf_counter()
@@ -479,8 +460,8 @@ def pretrain(
         "dataset_source": str(dataset.source),
     }
     save_model(model, out_dir / "model.pt", kind="model", epoch=state.best_epoch, metrics=metrics, **common)
-    _write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    _write_log(out_dir / "log.csv", state.history)
+    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    write_csv(out_dir / "log.csv", state.history, LOG_COLUMNS)
     _plot_learning_curve(state.history, out_dir / "learning_curve.png")
     return model, metrics
 
@@ -502,45 +483,6 @@ def _check_resumable(payload: dict, path: Path, fingerprint: str, split: dict, c
         )
     if payload.get("split") != split:
         raise ValueError(f"{path}: the split (sizes, mode or seed) differs from the run being resumed")
-
-
-def _get_rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"].cpu())
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-
-
-# --- outputs ------------------------------------------------------------------------------------------
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def _write_yaml(path: Path, values: dict) -> None:
-    import yaml
-
-    _write_text(path, yaml.safe_dump(values, sort_keys=False))
-
-
-def _write_log(path: Path, history: list) -> None:
-    """The whole history each time: after a resume the file matches the checkpoint exactly."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=LOG_COLUMNS)
-        writer.writeheader()
-        for row in history:
-            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in LOG_COLUMNS})
-    tmp.replace(path)
 
 
 def _plot_learning_curve(history: list, path: Path) -> None:

@@ -35,7 +35,7 @@ from openmm_stable.io import atomic_torch_save, atomic_write_json, get_rng_state
 from openmm_stable.models import NNIP, load_model, save_model
 from openmm_stable.observables import make_observable, reference_from_dataset
 from openmm_stable.stability import TRAINING_BOND_THRESHOLD, BondDeviationCriterion
-from openmm_stable.training.batching import FrameTensors, energy_force_loss, evaluate
+from openmm_stable.training.batching import FrameTensors, energy_force_loss, evaluate, refit_energy_shift
 from openmm_stable.training.estimator import (ObservableLoss, boltzmann_coefficients, model_energy_fn,
                                               surrogate_backward)
 
@@ -270,7 +270,7 @@ class StableTrainer:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf")))
         if math.isfinite(grad_norm):
             self.optimizer.step()
-        self._refit_energy_shift()
+        refit_energy_shift(self.model, self.train_tensors)
         lr_before = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step(result.loss)
         if self.optimizer.param_groups[0]["lr"] < lr_before:
@@ -278,21 +278,6 @@ class StableTrainer:
         self.engine.update_model(self.model)
         return {"observable_loss": result.loss, "grad_norm": grad_norm, "observable_grad_norm": obs_norm,
                 "energy_force_grad_norm": ef_norm, "n_samples": int(len(samples))}
-
-    @torch.no_grad()
-    def _refit_energy_shift(self) -> None:
-        """Re-centre the model's energies on the training set after a step.
-
-        A constant shift of U changes no force and no Boltzmann average, so the estimator
-        leaves it undetermined and optimizer noise moves it freely; re-fitting it (spread
-        equally over the atoms of the single composition) keeps energy errors meaningful."""
-        residual, count = 0.0, 0
-        for batch in self.train_tensors.batches(256):
-            energies = self.model(batch.z, batch.pos, batch.batch, batch.box)
-            residual += float((batch.energies - energies).sum())
-            count += batch.n_structures
-        present = torch.as_tensor(np.unique(self.z))
-        self.model.atom_energies[present] += residual / count / len(self.z)
 
     def _energy_force_loss_on_train(self, max_frames: int = 256) -> float:
         """Energy/force loss of the current model on (up to) `max_frames` training frames."""
