@@ -21,7 +21,6 @@ import torch
 from torch import Tensor, nn
 
 from openmm_stable.engine import EngineConfig, ReplicaEngine, masses_amu, maxwell_boltzmann
-
 from openmm_stable.stability import BondDeviationCriterion
 from openmm_stable.units import EV_IN_KJ_PER_MOL
 
