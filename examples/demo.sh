@@ -24,7 +24,8 @@ openmm-stable data info "$OUT/aspirin_train.npz"
 
 step "2/6 pre-train a small SchNet on 500 frames (energies + forces)"
 openmm-stable pretrain "$OUT/aspirin_train.npz" --out "$OUT/pretrain" --architecture schnet --preset small \
-  --train 0.8 --val 0.2 --test 0 --time-budget "${PRETRAIN_MIN:-3}" --resume
+  --train 0.8 --val 0.2 --test 0 --time-budget "${PRETRAIN_MIN:-3}" \
+  $( [ -f "$OUT/pretrain/checkpoint_last.pt" ] && echo --resume )
 
 step "3/6 simulate the pre-trained model: 16 replicas, 500 K"
 openmm-stable simulate "$OUT/pretrain/model.pt" --data "$OUT/aspirin_train.npz" --reference "$OUT/aspirin_xtb.npz" \
