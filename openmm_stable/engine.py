@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from openmm_stable.export import make_torch_force, script_force_module
+from openmm_stable.models.base import check_cutoff_fits_box
 from openmm_stable.units import BOLTZMANN_EV_PER_K, EV_IN_KJ_PER_MOL, NM_IN_ANGSTROM
 
 INTEGRATORS = ("langevin", "nose-hoover")
@@ -96,6 +97,7 @@ class ReplicaEngine:
         if self.n_replicas < 1:
             raise ValueError("n_replicas must be at least 1")
         self.box_angstrom = None if box_angstrom is None else np.asarray(box_angstrom, dtype=float)
+        check_cutoff_fits_box(model, self.box_angstrom)
         self.masses = masses_amu(self.atomic_numbers)
         self.platform_name = self.config.platform or default_platform_name()
         self.platform = openmm.Platform.getPlatformByName(self.platform_name)

@@ -279,6 +279,27 @@ def rdf(
     return counts * volume / (i.size * shell), bins.centres(frames.dtype, dev)
 
 
+def element_pair_list(atomic_numbers) -> list[tuple[int, int]]:
+    """Every element pair of a system, heaviest first: water gives (8, 8), (8, 1), (1, 1)."""
+    zs = sorted({int(z) for z in np.asarray(atomic_numbers).reshape(-1)}, reverse=True)
+    return [(a, b) for k, a in enumerate(zs) for b in zs[k:]]
+
+
+def pair_label(pair: tuple[int, int]) -> str:
+    from ase.data import chemical_symbols
+
+    return f"{chemical_symbols[pair[0]]}-{chemical_symbols[pair[1]]}"
+
+
+def half_box_width(box) -> float:
+    """Half the smallest distance between opposite faces of the box (A): the largest
+    radius within which minimum-image neighbour counts are complete."""
+    b = np.asarray(box, dtype=float)
+    volume = abs(np.linalg.det(b))
+    areas = [np.linalg.norm(np.cross(b[(k + 1) % 3], b[(k + 2) % 3])) for k in range(3)]
+    return 0.5 * volume / max(areas)
+
+
 def angle_triples(bonds: ArrayLike) -> np.ndarray:
     """(A, 3) bonded triples (i, j, k), j the central atom, i < k, from (B, 2) bonds.
 
@@ -519,7 +540,11 @@ class HrObservable:
 
 @dataclasses.dataclass(frozen=True)
 class RdfObservable:
-    """Element-pair g(r) of a periodic system; see `rdf`. Smeared by default for training."""
+    """Element-pair g(r) of a periodic system; see `rdf`. Smeared by default for training.
+
+    With `pairs` (e.g. ((8, 8), (8, 1), (1, 1)), the paper's water observable) the rows
+    are the g(r) of every listed pair side by side, (K, len(pairs) * n_bins), and `pair`
+    is ignored."""
 
     name: ClassVar[str] = "rdf"
     pair: tuple[int, int] = (8, 8)
@@ -527,14 +552,19 @@ class RdfObservable:
     n_bins: int = 120
     sigma: float = 0.05
     r_min: float = 0.0
+    pairs: Optional[tuple[tuple[int, int], ...]] = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pair", tuple(int(z) for z in self.pair))
+        if self.pairs is not None:
+            object.__setattr__(self, "pairs", tuple(tuple(int(z) for z in p) for p in self.pairs))
 
     def __call__(self, positions, atomic_numbers=None, box=None) -> torch.Tensor:
         if atomic_numbers is None or box is None:
             raise ValueError("the rdf observable needs atomic_numbers and a periodic box")
-        return rdf(positions, box, atomic_numbers, self.pair, self.r_max, self.n_bins, self.sigma, self.r_min)[0]
+        parts = [rdf(positions, box, atomic_numbers, p, self.r_max, self.n_bins, self.sigma, self.r_min)[0]
+                 for p in (self.pairs or (self.pair,))]
+        return torch.cat(parts, -1)
 
     def prepare(self, atomic_numbers, reference_positions) -> "RdfObservable":
         return self
@@ -612,8 +642,41 @@ class AdfObservable:
         return Bins(0.0, 180.0, self.n_bins).centres()
 
 
+@dataclasses.dataclass(frozen=True)
+class MinDistanceObservable:
+    """Smallest intermolecular distance per frame, (K, 1) in A (minimum image in a box):
+    with the ``hinge_below`` loss, a penalty on collisions (the paper's liquid stability
+    quantity as a training signal). molecule_ids=None: `prepare` takes the molecules from
+    the covalent bonds of a reference structure."""
+
+    name: ClassVar[str] = "min_distance"
+    molecule_ids: Optional[tuple[int, ...]] = None
+    bond_scale: float = 1.2
+
+    def __post_init__(self) -> None:
+        if self.molecule_ids is not None:
+            object.__setattr__(self, "molecule_ids", tuple(int(m) for m in np.asarray(self.molecule_ids).reshape(-1)))
+
+    def __call__(self, positions, atomic_numbers=None, box=None) -> torch.Tensor:
+        from .stability import MinimumDistanceCriterion
+
+        if self.molecule_ids is None:
+            raise ValueError("min_distance observable has no molecules: pass molecule_ids=... or call prepare() first")
+        return MinimumDistanceCriterion(np.asarray(self.molecule_ids))(_frames(positions), box)[:, None]
+
+    def prepare(self, atomic_numbers, reference_positions) -> "MinDistanceObservable":
+        if self.molecule_ids is not None:
+            return self
+        from .stability import find_bonds, molecules_from_bonds
+
+        z = np.asarray(atomic_numbers).reshape(-1)
+        bonds = find_bonds(z, reference_positions, self.bond_scale)
+        return dataclasses.replace(self, molecule_ids=tuple(molecules_from_bonds(z.size, bonds).tolist()))
+
+
 OBSERVABLES: dict[str, type] = {
-    cls.name: cls for cls in (HrObservable, RdfObservable, BondLengthsObservable, AdfObservable)
+    cls.name: cls for cls in (HrObservable, RdfObservable, BondLengthsObservable, AdfObservable,
+                              MinDistanceObservable)
 }
 
 

@@ -45,14 +45,28 @@ def plot_curves(x: np.ndarray, curves: Mapping[str, np.ndarray], path, xlabel: s
     return _save(fig, path)
 
 
-def plot_bond_deviation(times_ps: np.ndarray, deviations: np.ndarray, threshold: float, path) -> Path:
-    """Largest bond-length deviation per replica against time, with the threshold."""
+def plot_bond_deviation(times_ps: np.ndarray, deviations: np.ndarray, threshold: float, path,
+                        ylabel: str = "max |bond - reference| (A)") -> Path:
+    """A stability criterion's value per replica against time (by default the largest
+    bond-length deviation), with the threshold."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(times_ps, np.minimum(deviations, 5 * threshold), lw=0.8, alpha=0.7)
     ax.axhline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold} A")
-    ax.set(xlabel="time (ps)", ylabel="max |bond - reference| (A)")
+    ax.set(xlabel="time (ps)", ylabel=ylabel)
     ax.legend()
+    return _save(fig, path)
+
+
+def plot_rdfs(r: np.ndarray, curves: Mapping[str, Mapping[str, np.ndarray]], path) -> Path:
+    """One panel per element pair, e.g. curves = {"O-O": {"model": g, "reference": g_ref}}."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, max(len(curves), 1), figsize=(3.4 * max(len(curves), 1), 3))
+    for ax, (pair, lines) in zip(np.atleast_1d(axes), curves.items()):
+        for label, g in lines.items():
+            ax.plot(np.asarray(r), np.asarray(g), label=label)
+        ax.set(xlabel="r (A)", ylabel="g(r)", title=pair)
+        ax.legend()
     return _save(fig, path)
 
 

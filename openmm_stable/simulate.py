@@ -1,8 +1,11 @@
 """`simulate`: how long does a model stay stable, and how good are its observables?
 
-Runs R replicas with the `ReplicaEngine`, checks the bond-length criterion every
-``check_interval_ps``, records each replica's time of first instability, and compares
-h(r) over the stable parts of the trajectories with the (reweighted) reference.
+Runs R replicas with the `ReplicaEngine`, checks the stability criterion every
+``check_interval_ps`` (bond-length deviation for molecules, minimum intermolecular
+distance for periodic boxes: `openmm_stable.stability.make_criterion`), records each
+replica's time of first instability, and compares observables over the stable parts of
+the trajectories with the (reweighted) reference: h(r) for a molecule; element-pair RDFs
+and the molecular self-diffusivity for a periodic box (a liquid).
 A replica that fails is reset to its starting frame and counted as failed from then on
 (frozen): it cannot disturb the others, which run on.
 """
@@ -19,19 +22,27 @@ import torch
 from torch import nn
 
 from openmm_stable.data.dataset import QMDataset
-from openmm_stable.engine import EngineConfig, ReplicaEngine
-from openmm_stable.observables import HrObservable, reference_from_dataset
-from openmm_stable.stability import EVALUATION_BOND_THRESHOLD, BondDeviationCriterion, first_instability_time
+from openmm_stable.engine import EngineConfig, ReplicaEngine, masses_amu
+from openmm_stable.observables import (A2_PER_PS_IN_CM2_PER_S, HrObservable, RdfObservable, diffusivity,
+                                       element_pair_list, half_box_width, mean_squared_displacement, pair_label,
+                                       reference_from_dataset, unwrap)
+from openmm_stable.stability import (EVALUATION_BOND_THRESHOLD, STABILITY_KINDS, WATER_MIN_DISTANCE_THRESHOLD,
+                                     StabilityCriterion, first_instability_time, make_criterion, molecule_ids,
+                                     resolve_stability)
 
 
 @dataclasses.dataclass
 class SimulationConfig:
     n_replicas: int = 16
     time_ps: float = 10.0
-    check_interval_ps: float = 0.1  # bond check and frame saving interval
+    check_interval_ps: float = 0.1  # stability check and frame saving interval
+    stability: str = "auto"  # "bonds", "min_distance", or "auto": min_distance for periodic data
     bond_threshold: float = EVALUATION_BOND_THRESHOLD
+    min_distance_threshold: float = WATER_MIN_DISTANCE_THRESHOLD
     hr_r_max: float = 10.0
     hr_bins: int = 200
+    rdf_r_max: float = 6.0  # periodic data; capped just below half the box
+    rdf_bins: int = 120
     seed: int = 0
     write_trajectories: bool = False
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
@@ -41,6 +52,8 @@ class SimulationConfig:
             self.engine = EngineConfig(**self.engine)
         if self.n_replicas < 1 or self.time_ps <= 0 or self.check_interval_ps <= 0:
             raise ValueError("n_replicas, time_ps and check_interval_ps must be positive")
+        if self.stability not in STABILITY_KINDS:
+            raise ValueError(f"unknown stability criterion {self.stability!r}; known: {', '.join(STABILITY_KINDS)}")
 
     @property
     def steps_per_check(self) -> int:
@@ -55,7 +68,7 @@ class SimulationConfig:
 class SimulationResult:
     times_ps: np.ndarray  # (T,)
     positions: np.ndarray  # (T, R, N, 3) Angstrom, float32
-    deviations: np.ndarray  # (T, R) largest bond deviation (A)
+    deviations: np.ndarray  # (T, R) criterion value (A): largest bond deviation, or min intermolecular distance
     stable_time_ps: np.ndarray  # (R,)
     stable_mask: np.ndarray  # (T, R) True while the replica had not failed yet
     replica_steps_per_s: float
@@ -70,11 +83,12 @@ def initial_frames(dataset: QMDataset, n_replicas: int, seed: int) -> np.ndarray
 
 
 def run_replicas(model: nn.Module, dataset: QMDataset, config: SimulationConfig,
-                 criterion: Optional[BondDeviationCriterion] = None, progress: bool = True) -> SimulationResult:
+                 criterion: Optional[StabilityCriterion] = None, progress: bool = True) -> SimulationResult:
     """Simulate `config.n_replicas` replicas started from dataset frames; see module doc."""
     from tqdm.auto import tqdm
 
-    criterion = criterion or BondDeviationCriterion.from_dataset(dataset, config.bond_threshold)
+    criterion = criterion or make_criterion(dataset, config.stability, config.bond_threshold,
+                                            config.min_distance_threshold)
     start = dataset.positions[initial_frames(dataset, config.n_replicas, config.seed)]
     engine = ReplicaEngine(model, dataset.atomic_numbers, config.n_replicas, config.engine, dataset.box)
     engine.set_states(start)
@@ -121,6 +135,79 @@ def hr_comparison(result: SimulationResult, dataset: QMDataset, reference: Optio
     return out
 
 
+def rdf_comparison(result: SimulationResult, dataset: QMDataset, reference: Optional[QMDataset],
+                   config: SimulationConfig, chunk: int = 64) -> dict:
+    """Element-pair g(r) over stable frames against the reference, and their MAE per pair.
+
+    Plain histograms (sigma = 0, mdtraj's normalisation) up to min(rdf_r_max, half box)."""
+    r_max = min(config.rdf_r_max, half_box_width(dataset.box))
+    stable = result.positions[result.stable_mask]  # (K, N, 3)
+    out: dict = {"pairs": [], "rdf_mae": {}}
+    for pair in element_pair_list(dataset.atomic_numbers):
+        label = pair_label(pair)
+        obs = RdfObservable(pair=pair, r_max=r_max, n_bins=config.rdf_bins, sigma=0.0)
+        out["r"] = obs.bin_centres.numpy()
+        out["pairs"].append(label)
+        if stable.shape[0]:
+            total = sum(obs(torch.as_tensor(stable[k:k + chunk], dtype=torch.float64), dataset.atomic_numbers,
+                            dataset.box).sum(0) for k in range(0, stable.shape[0], chunk))
+            out[f"model_{label}"] = (total / stable.shape[0]).numpy()
+        if reference is not None:
+            ref, ess = reference_from_dataset(obs, reference, config.engine.temperature_K)
+            out[f"reference_{label}"], out["reference_ess"] = ref.numpy(), ess
+            if f"model_{label}" in out:
+                out["rdf_mae"][label] = float(np.abs(out[f"model_{label}"] - out[f"reference_{label}"]).mean())
+    return out
+
+
+def molecular_diffusivity(positions: np.ndarray, box, dt_ps: float, molecules: np.ndarray, masses: np.ndarray,
+                          max_lag: Optional[int] = None) -> float:
+    """Self-diffusion coefficient (A^2/ps) of molecular centres of mass from a time series
+    (T, N, 3) or (T, R, N, 3) of positions spaced `dt_ps` (wrapped or not).
+
+    The box's own centre-of-mass drift is removed first: a Langevin thermostat does not
+    conserve momentum, and in a box of M molecules the whole box diffuses with
+    D = kT / (M m gamma), which at 64 waters and 1/ps is as large as water's own D."""
+    x = unwrap(torch.as_tensor(positions, dtype=torch.float64), box)
+    m = torch.as_tensor(masses, dtype=torch.float64)
+    ids = torch.as_tensor(np.asarray(molecules), dtype=torch.long)
+    n_mol = int(ids.max()) + 1
+    mx = x * m[:, None]
+    com = mx.new_zeros(*x.shape[:-2], n_mol, 3).index_add_(-2, ids, mx)
+    com = com / m.new_zeros(n_mol).index_add_(0, ids, m)[:, None]
+    com = com - (mx.sum(-2) / m.sum())[..., None, :]  # relative to the box's centre of mass
+    msd = mean_squared_displacement(com, max_lag)
+    return diffusivity(msd, dt_ps)
+
+
+def diffusivity_comparison(result: SimulationResult, dataset: QMDataset, reference: Optional[QMDataset],
+                           config: SimulationConfig, min_frames: int = 10) -> dict:
+    """Diffusivity of the model (each replica's stable part, lags up to half of it, mean
+    weighted by length) and of the reference trajectory (lags up to half the run time,
+    like a replica stable to the end); A^2/ps. The reference needs regularly spaced
+    times and the run's temperature (dynamics cannot be reweighted)."""
+    molecules, masses = molecule_ids(dataset), masses_amu(dataset.atomic_numbers)
+    dt = config.steps_per_check * config.engine.timestep_ps
+    out: dict = {}
+    lengths = result.stable_mask.sum(0)
+    values, weights = [], []
+    for k in np.flatnonzero(lengths >= min_frames):
+        n = int(lengths[k])
+        values.append(molecular_diffusivity(result.positions[:n, k], dataset.box, dt, molecules, masses, n // 2))
+        weights.append(n)
+    if values:
+        out["diffusivity"] = float(np.average(values, weights=weights))
+        out["diffusivity_replicas"] = len(values)
+    if reference is not None and reference.times is not None and len(reference) >= 2 * min_frames:
+        steps = np.diff(reference.times)
+        same_t = reference.temperature is None or abs(reference.temperature - config.engine.temperature_K) < 1e-6
+        if same_t and np.allclose(steps, steps[0], rtol=1e-3, atol=0):
+            lag = min(len(reference) // 2, max(2, round(0.5 * config.n_checks * dt / steps[0])))
+            out["reference_diffusivity"] = molecular_diffusivity(reference.positions, reference.box, float(steps[0]),
+                                                                 molecules, masses, lag)
+    return out
+
+
 def check_molecules(dataset: QMDataset, reference: Optional[QMDataset] = None,
                     model_atomic_numbers: Optional[np.ndarray] = None) -> None:
     """Raise ValueError when the reference data (h(r) is only comparable for the same
@@ -154,25 +241,39 @@ def simulate(model: nn.Module, dataset: QMDataset, config: SimulationConfig, out
     check_molecules(dataset, reference)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    kind = resolve_stability(config.stability, dataset)
     result = run_replicas(model, dataset, config, progress=progress)
-    hr = hr_comparison(result, dataset, reference, config)
     metrics = {
         "n_replicas": config.n_replicas,
         "time_ps": float(result.times_ps[-1]),
         "temperature_K": config.engine.temperature_K,
         "timestep_fs": config.engine.timestep_fs,
         "integrator": config.engine.integrator,
-        "bond_threshold_A": config.bond_threshold,
+        "stability": kind,
+    }
+    if kind == "bonds":
+        metrics["bond_threshold_A"] = config.bond_threshold
+    else:
+        metrics["min_distance_threshold_A"] = config.min_distance_threshold
+    metrics.update({
         "stable_time_ps": result.stable_time_ps.tolist(),
         "median_stable_time_ps": float(np.median(result.stable_time_ps)),
         "stable_fraction": float(result.stable_mask[-1].mean()),
         "replica_steps_per_s": result.replica_steps_per_s,
         "wall_time_s": result.wall_time_s,
         "platform": result.platform,
-    }
-    if "hr_mae" in hr:
-        metrics["hr_mae"] = hr["hr_mae"]
-        metrics["reference_ess"] = hr["reference_ess"]
+    })
+    if dataset.periodic:
+        metrics.update(_periodic_observables(result, dataset, reference, config, out))
+    else:
+        hr = hr_comparison(result, dataset, reference, config)
+        if "hr_mae" in hr:
+            metrics["hr_mae"] = hr["hr_mae"]
+            metrics["reference_ess"] = hr["reference_ess"]
+        curves = {k: hr[k] for k in ("model", "reference") if k in hr}
+        if curves:
+            report.plot_curves(hr["r"], curves, out / "hr.png", "r (A)", "h(r) (1/A)")
+        np.savez_compressed(out / "hr.npz", **{k: v for k, v in hr.items() if isinstance(v, np.ndarray)})
     if test_set is not None:
         from openmm_stable.training.batching import evaluate
 
@@ -180,13 +281,41 @@ def simulate(model: nn.Module, dataset: QMDataset, config: SimulationConfig, out
         metrics.update({k: errors[k] for k in ("energy_mae_meV", "force_mae_meV_per_A", "force_rmse_meV_per_A")})
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     report.plot_survival({"model": result.stable_time_ps}, metrics["time_ps"], out / "survival.png")
-    report.plot_bond_deviation(result.times_ps, result.deviations, config.bond_threshold, out / "bond_deviation.png")
-    curves = {k: hr[k] for k in ("model", "reference") if k in hr}
-    if curves:
-        report.plot_curves(hr["r"], curves, out / "hr.png", "r (A)", "h(r) (1/A)")
-    np.savez_compressed(out / "hr.npz", **{k: v for k, v in hr.items() if isinstance(v, np.ndarray)})
+    if kind == "bonds":
+        report.plot_bond_deviation(result.times_ps, result.deviations, config.bond_threshold, out / "bond_deviation.png")
+    else:
+        report.plot_bond_deviation(result.times_ps, result.deviations, config.min_distance_threshold,
+                                   out / "min_distance.png", ylabel="min intermolecular distance (A)")
     if config.write_trajectories:
         write_trajectories(out / "trajectories", dataset.atomic_numbers, result)
+    return metrics
+
+
+def _periodic_observables(result: SimulationResult, dataset: QMDataset, reference: Optional[QMDataset],
+                          config: SimulationConfig, out: Path) -> dict:
+    """RDF errors per element pair and diffusivities (cm^2/s) for metrics.json; writes
+    rdf.npz and rdf.png."""
+    from openmm_stable import report
+
+    rdfs = rdf_comparison(result, dataset, reference, config)
+    metrics: dict = {}
+    if rdfs["rdf_mae"]:
+        metrics["rdf_mae"] = rdfs["rdf_mae"]
+        metrics["rdf_mae_mean"] = float(np.mean(list(rdfs["rdf_mae"].values())))
+        metrics["reference_ess"] = rdfs["reference_ess"]
+    diff = diffusivity_comparison(result, dataset, reference, config)
+    for key in ("diffusivity", "reference_diffusivity"):
+        if key in diff:
+            metrics[f"{key}_cm2_per_s"] = diff[key] * A2_PER_PS_IN_CM2_PER_S
+    if "diffusivity_replicas" in diff:
+        metrics["diffusivity_replicas"] = diff["diffusivity_replicas"]
+    if "diffusivity" in diff and diff.get("reference_diffusivity"):
+        metrics["diffusivity_relative_error"] = diff["diffusivity"] / diff["reference_diffusivity"] - 1.0
+    curves = {label: {name: rdfs[f"{name}_{label}"] for name in ("model", "reference") if f"{name}_{label}" in rdfs}
+              for label in rdfs["pairs"]}
+    if any(curves.values()):
+        report.plot_rdfs(rdfs["r"], curves, out / "rdf.png")
+    np.savez_compressed(out / "rdf.npz", **{k: v for k, v in rdfs.items() if isinstance(v, np.ndarray)})
     return metrics
 
 
@@ -219,6 +348,13 @@ def summary(metrics: dict) -> str:
     ]
     if "hr_mae" in metrics:
         lines.append(f"h(r) MAE vs reference: {metrics['hr_mae']:.4f} 1/A (reference ESS {metrics['reference_ess']:.0f})")
+    if "rdf_mae" in metrics:
+        pairs = "  ".join(f"{k} {v:.4f}" for k, v in metrics["rdf_mae"].items())
+        lines.append(f"RDF MAE vs reference: {pairs} (reference ESS {metrics['reference_ess']:.0f})")
+    if "diffusivity_cm2_per_s" in metrics:
+        ref = metrics.get("reference_diffusivity_cm2_per_s")
+        lines.append(f"diffusivity: {metrics['diffusivity_cm2_per_s']:.3g} cm^2/s"
+                     + (f" (reference {ref:.3g})" if ref is not None else ""))
     if "force_mae_meV_per_A" in metrics:
         lines.append(f"test force MAE: {metrics['force_mae_meV_per_A']:.1f} meV/A  energy MAE: {metrics['energy_mae_meV']:.1f} meV")
     return "\n".join(lines)

@@ -33,11 +33,13 @@ WATER_MIN_DISTANCE_THRESHOLD = 1.2  # Angstrom
 Direction = Literal["above", "below"]
 
 
-def find_bonds(atomic_numbers: ArrayLike, positions: ArrayLike, scale: float = 1.2) -> np.ndarray:
+def find_bonds(atomic_numbers: ArrayLike, positions: ArrayLike, scale: float = 1.2,
+               box: Optional[ArrayLike] = None) -> np.ndarray:
     """Bonded pairs (B, 2), i < j, of a reference structure: r_ij < scale (rc_i + rc_j).
 
     rc are ASE's covalent radii (Cordero et al.). positions (N, 3) or (F, N, 3) (the first
-    frame is used; it should be a sane, e.g. optimised or dataset, structure)."""
+    frame is used; it should be a sane, e.g. optimised or dataset, structure). With a
+    periodic `box` (3, 3), distances are minimum-image ones."""
     from ase.data import chemical_symbols, covalent_radii, missing
 
     z = np.asarray(atomic_numbers, dtype=np.int64).reshape(-1)
@@ -51,7 +53,8 @@ def find_bonds(atomic_numbers: ArrayLike, positions: ArrayLike, scale: float = 1
     if pos.shape != (z.size, 3):
         raise ValueError(f"positions shape {pos.shape} does not match {z.size} atoms")
     i, j = np.triu_indices(z.size, k=1)
-    d = np.linalg.norm(pos[j] - pos[i], axis=-1)
+    dr = torch.as_tensor(pos[j] - pos[i])
+    d = torch.linalg.vector_norm(minimum_image(dr, box), dim=-1).numpy()
     cutoff = scale * (covalent_radii[z[i]] + covalent_radii[z[j]])
     keep = d < cutoff
     return np.stack([i[keep], j[keep]], axis=1).astype(np.int64)
@@ -127,13 +130,15 @@ class BondDeviationCriterion(_ThresholdMixin):
         positions: ArrayLike,
         threshold: float = EVALUATION_BOND_THRESHOLD,
         scale: float = 1.2,
+        box: Optional[ArrayLike] = None,
     ) -> "BondDeviationCriterion":
-        """Bonds from the first of the frames (F, N, 3), reference lengths = mean over all."""
+        """Bonds from the first of the frames (F, N, 3), reference lengths = mean over all
+        (minimum-image distances when a periodic `box` is given)."""
         pos = np.asarray(positions, dtype=np.float64)
         if pos.ndim == 2:
             pos = pos[None]
-        bonds = find_bonds(atomic_numbers, pos[0], scale)
-        ref = bond_lengths(torch.as_tensor(pos), bonds).mean(0)
+        bonds = find_bonds(atomic_numbers, pos[0], scale, box)
+        ref = bond_lengths(torch.as_tensor(pos), bonds, box).mean(0)
         return cls(bonds, ref, threshold)
 
     @classmethod
@@ -141,7 +146,7 @@ class BondDeviationCriterion(_ThresholdMixin):
         cls, dataset: Any, threshold: float = EVALUATION_BOND_THRESHOLD, scale: float = 1.2
     ) -> "BondDeviationCriterion":
         """From a `QMDataset`: bonds of its first frame, lengths averaged over its frames."""
-        return cls.from_structures(dataset.atomic_numbers, dataset.positions, threshold, scale)
+        return cls.from_structures(dataset.atomic_numbers, dataset.positions, threshold, scale, dataset.box)
 
 
 @dataclasses.dataclass
@@ -201,6 +206,69 @@ class CallableCriterion(_ThresholdMixin):
 
     def __call__(self, positions: ArrayLike, box: Optional[ArrayLike] = None) -> torch.Tensor:
         return _as_tensor(self.fn(positions, box))
+
+
+# --- choosing the criterion for a dataset ---------------------------------------------------
+STABILITY_KINDS = ("auto", "bonds", "min_distance")
+
+
+def molecules_from_bonds(n_atoms: int, bonds: ArrayLike) -> np.ndarray:
+    """Molecule index (N,) of every atom: connected components of the bond graph,
+    numbered in order of each molecule's first atom."""
+    parent = np.arange(n_atoms)
+
+    def root(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for a, b in np.asarray(bonds, dtype=np.int64).reshape(-1, 2):
+        ra, rb = root(int(a)), root(int(b))
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    roots = np.array([root(a) for a in range(n_atoms)])
+    return np.unique(roots, return_inverse=True)[1].astype(np.int64)
+
+
+def molecule_ids(dataset: Any) -> np.ndarray:
+    """Molecule index (N,) of every atom of a `QMDataset`: from its metadata
+    (``molecule_ids``, or ``atoms_per_molecule`` for identical consecutive molecules, as
+    the water generator writes), else from the covalent bonds of its first frame
+    (minimum image in a periodic box)."""
+    meta = getattr(dataset, "metadata", {}) or {}
+    n = int(dataset.n_atoms)
+    if meta.get("molecule_ids") is not None:
+        ids = np.asarray(meta["molecule_ids"], dtype=np.int64).reshape(-1)
+        if ids.size != n:
+            raise ValueError(f"{dataset.source}: metadata molecule_ids has {ids.size} entries for {n} atoms")
+        return ids
+    if meta.get("atoms_per_molecule"):
+        k = int(meta["atoms_per_molecule"])
+        if n % k:
+            raise ValueError(f"{dataset.source}: {n} atoms is not a multiple of atoms_per_molecule {k}")
+        return np.arange(n) // k
+    return molecules_from_bonds(n, find_bonds(dataset.atomic_numbers, dataset.positions[0], box=dataset.box))
+
+
+def resolve_stability(kind: str, dataset: Any) -> str:
+    """'auto' -> 'min_distance' for a periodic dataset (a liquid), 'bonds' for a molecule."""
+    if kind not in STABILITY_KINDS:
+        raise ValueError(f"unknown stability criterion {kind!r}; known: {', '.join(STABILITY_KINDS)}")
+    if kind == "auto":
+        return "min_distance" if getattr(dataset, "periodic", False) else "bonds"
+    return kind
+
+
+def make_criterion(dataset: Any, kind: str = "auto", bond_threshold: float = EVALUATION_BOND_THRESHOLD,
+                   min_distance_threshold: float = WATER_MIN_DISTANCE_THRESHOLD) -> StabilityCriterion:
+    """The stability criterion of `kind` (see `resolve_stability`) set up from a dataset:
+    bond-length deviation (bonds and reference lengths from its frames) or minimum
+    intermolecular distance (molecules from `molecule_ids`, the dataset's box)."""
+    kind = resolve_stability(kind, dataset)
+    if kind == "bonds":
+        return BondDeviationCriterion.from_dataset(dataset, bond_threshold)
+    return MinimumDistanceCriterion(molecule_ids(dataset), min_distance_threshold, box=dataset.box)
 
 
 def first_instability_time(unstable_flags: ArrayLike, times_ps: ArrayLike, horizon: Optional[float] = None) -> torch.Tensor:

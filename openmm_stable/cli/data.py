@@ -2,6 +2,7 @@
 
     openmm-stable data info aspirin.npz
     openmm-stable data generate --molecule aspirin --frames 1000 --stride 10 --out aspirin_xtb.npz
+    openmm-stable data generate --system water --molecules 64 --frames 1000 --stride 20 --out water.npz
     openmm-stable data split aspirin_xtb.npz --train 1k --val 100 --test 200 --out-prefix aspirin
 
 Every file-reading command reports bad input as a one-line error (exit code 2) naming
@@ -30,24 +31,35 @@ def register(subparsers) -> None:
 
     gen = commands.add_parser(
         "generate",
-        help="make a reference dataset by Langevin MD with GFN2-xTB (no download needed)",
-        description="Langevin MD with tblite (GFN2-xTB) through ASE; every STRIDE-th step is recorded. "
-        "Frames are appended to OUT.partial.extxyz as they are made; --resume continues an interrupted run.",
+        help="make a reference dataset by Langevin MD: GFN2-xTB molecules or a periodic water box (no download needed)",
+        description="--molecule: Langevin MD with tblite (GFN2-xTB) through ASE; every STRIDE-th step is recorded. "
+        "Frames are appended to OUT.partial.extxyz as they are made; --resume continues an interrupted run. "
+        "--system water: a periodic box of flexible SPC/Fw water run in OpenMM (PME): labelled frames in OUT "
+        "and a long reference trajectory (RDFs, diffusivity) in OUT_traj.npz.",
     )
-    # What to simulate. Exactly one source; a periodic `--system` (e.g. a water box) is
-    # meant to join this group as a second option.
+    # What to simulate: exactly one source.
     what = gen.add_mutually_exclusive_group(required=True)
     what.add_argument("--molecule", help="built-in name (aspirin, ethanol, Ac-Ala3-NHMe, ...), SMILES, or structure file")
+    what.add_argument("--system", choices=["water"], help="periodic system: 'water' (SPC/Fw in OpenMM)")
     gen.add_argument("--frames", type=int, required=True, help="number of frames to record")
     gen.add_argument("--stride", type=int, default=10, help="MD steps between recorded frames (default 10)")
-    gen.add_argument("--temperature", type=float, default=500.0, help="K (default 500)")
+    gen.add_argument("--temperature", type=float, default=None, help="K (default 500; water 300)")
     gen.add_argument("--timestep", type=float, default=0.5, help="fs (default 0.5)")
-    gen.add_argument("--equilibration-steps", type=int, default=None, help="steps before recording (default 1000)")
-    gen.add_argument("--friction", type=float, default=None, help="Langevin friction in 1/fs (default 0.01)")
+    gen.add_argument("--equilibration-steps", type=int, default=None,
+                     help="steps before recording (default 1000; water 10 ps)")
+    gen.add_argument("--friction", type=float, default=None, help="Langevin friction in 1/fs (default 0.01; water 0.001)")
     gen.add_argument("--method", default="GFN2-xTB", help="tblite method (GFN2-xTB, GFN1-xTB, IPEA1-xTB)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--out", required=True, help="output file (project format, .npz)")
     gen.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.partial.extxyz")
+    water = gen.add_argument_group("periodic water (--system water)")
+    water.add_argument("--molecules", type=int, default=64, help="water molecules in the box (default 64)")
+    water.add_argument("--density", type=float, default=None, help="g/cm^3 (default 0.997)")
+    water.add_argument("--trajectory-ps", type=float, default=50.0,
+                       help="length of the reference trajectory written to --trajectory-out (default 50 ps; 0: none)")
+    water.add_argument("--trajectory-interval", type=float, default=0.05, help="ps between trajectory frames (default 0.05)")
+    water.add_argument("--trajectory-out", default=None, help="reference trajectory file (default: OUT with _traj before .npz)")
+    water.add_argument("--platform", default=None, help="OpenMM platform for the reference (default CPU)")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
     gen.set_defaults(func=cmd_generate)
 
@@ -128,6 +140,9 @@ def describe(ds: QMDataset) -> list[str]:
             lines.append(f"{key:<11} {ds.metadata[key]}")
     if "molecule" in ds.metadata:
         lines.append(f"molecule    {ds.metadata['molecule'].get('spec')}")
+    if "system" in ds.metadata:
+        lines.append(f"system      {ds.metadata['system']}, {ds.metadata.get('n_molecules', '?')} molecules"
+                     f" ({ds.metadata.get('kind', 'frames')})")
     lines.append(f"fingerprint {ds.fingerprint()}")
     return lines
 
@@ -138,15 +153,60 @@ def cmd_info(args) -> int:
 
 
 # --- generate -----------------------------------------------------------------------------
+def trajectory_path_for(out) -> str:
+    """water.npz -> water_traj.npz: where `data generate --system water` puts the reference trajectory."""
+    from pathlib import Path
+
+    out = Path(out)
+    return str(out.with_name(f"{out.stem}_traj{out.suffix or '.npz'}"))
+
+
+def cmd_generate_water(args) -> int:
+    from openmm_stable.data import water
+
+    if args.resume:
+        print("openmm-stable data generate: error: --resume is for --molecule runs; a water run is fast, rerun it",
+              file=sys.stderr)
+        return 2
+    dt_ps = args.timestep * 1e-3
+    trajectory = (args.trajectory_out or trajectory_path_for(args.out)) if args.trajectory_ps > 0 else None
+    ds, traj = water.generate_water_dataset(
+        args.out,
+        n_molecules=args.molecules,
+        n_frames=args.frames,
+        stride=args.stride,
+        temperature=water.DEFAULT_TEMPERATURE if args.temperature is None else args.temperature,
+        timestep_fs=args.timestep,
+        density=water.DEFAULT_DENSITY if args.density is None else args.density,
+        equilibration_ps=(water.DEFAULT_EQUILIBRATION_PS if args.equilibration_steps is None
+                          else args.equilibration_steps * dt_ps),
+        friction_per_ps=water.DEFAULT_FRICTION_PER_PS if args.friction is None else args.friction * 1000.0,
+        trajectory_path=trajectory,
+        trajectory_ps=args.trajectory_ps,
+        trajectory_interval_ps=args.trajectory_interval,
+        seed=args.seed,
+        platform=args.platform,
+        progress=not args.no_progress,
+    )
+    timing = ds.metadata["timing"]
+    print(f"wrote {len(ds)} frames of {args.molecules} SPC/Fw waters (box {ds.box[0, 0]:.3f} A) to {args.out} "
+          f"({timing['frames_per_second']:.1f} frames/s, {timing['steps_per_second']:.0f} MD steps/s)")
+    if traj is not None:
+        print(f"wrote the {args.trajectory_ps:g} ps reference trajectory ({len(traj)} frames) to {trajectory}")
+    return 0
+
+
 def cmd_generate(args) -> int:
     from openmm_stable.data import generate
 
+    if args.system == "water":
+        return cmd_generate_water(args)
     try:
         ds = generate.generate_xtb_dataset(
             args.molecule,
             args.out,
             n_frames=args.frames,
-            temperature=args.temperature,
+            temperature=500.0 if args.temperature is None else args.temperature,
             timestep_fs=args.timestep,
             stride=args.stride,
             equilibration_steps=(

@@ -23,6 +23,7 @@ _FLAG_FIELDS = {
     "test": "test",
     "split": "split_mode",
     "time_budget": "time_budget_min",
+    "cutoff": "cutoff",
     "device": "device",
     "seed": "seed",
     "batch_size": "batch_size",
@@ -55,6 +56,7 @@ def register(subparsers) -> None:
     p.add_argument("--test", default=None, help=f"test frames, or 'rest' for all remaining (default {d.test})")
     p.add_argument("--split", choices=["random", "contiguous"], default=None, help=f"split mode (default {d.split_mode})")
     p.add_argument("--time-budget", type=float, default=None, metavar="MIN", help="stop cleanly after this many minutes of training")
+    p.add_argument("--cutoff", type=float, default=None, help="A, overrides the preset's (5 A; below half the box when periodic)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default auto)")
     p.add_argument("--seed", type=int, default=None, help=f"split, initialisation and shuffling seed (default {d.seed})")
     p.add_argument("--batch-size", type=int, default=None, help=f"default {d.batch_size}")

@@ -8,6 +8,7 @@ Settings come from `StableConfig` defaults, then the YAML file, then command-lin
 from __future__ import annotations
 
 from openmm_stable.cli.simulate import add_engine_arguments
+from openmm_stable.stability import STABILITY_KINDS
 
 
 def register(subparsers) -> None:
@@ -23,6 +24,9 @@ def register(subparsers) -> None:
     p.add_argument("--epoch-ps", type=float, default=None, help="simulated ps per replica per epoch")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stability", choices=STABILITY_KINDS, default=None,
+                   help="training stability criterion: bonds, min_distance, or auto (min_distance for periodic data)")
+    p.add_argument("--min-distance-threshold", type=float, default=None, help="A, for --stability min_distance")
     p.add_argument("--no-progress", action="store_true")
     add_engine_arguments(p, defaults_from_config=True)
     p.set_defaults(func=run)
@@ -36,7 +40,8 @@ def run(args) -> int:
     from openmm_stable.training.stable import StableConfig, refine
 
     overrides = {"max_epochs": args.epochs, "n_replicas": args.replicas, "epoch_ps": args.epoch_ps,
-                 "lr": args.lr, "seed": args.seed}
+                 "lr": args.lr, "seed": args.seed, "stability": args.stability,
+                 "min_distance_threshold": args.min_distance_threshold}
     config = (config_from_yaml(StableConfig, args.config, overrides) if args.config
               else config_from_dict(StableConfig, {k: v for k, v in overrides.items() if v is not None}))
     engine_overrides = {"temperature_K": args.temperature, "timestep_fs": args.timestep,

@@ -1,10 +1,12 @@
 """`openmm-stable simulate MODEL --data DATA`: replica stability run with metrics and plots.
 
     openmm-stable simulate model.pt --data aspirin_xtb.npz --replicas 16 --time 10 --out sim/
+    openmm-stable simulate model.pt --data water.npz --reference water_traj.npz --temperature 300 --out sim/
 """
 from __future__ import annotations
 
 from openmm_stable.engine import INTEGRATORS, LAYOUTS, EngineConfig
+from openmm_stable.stability import STABILITY_KINDS, WATER_MIN_DISTANCE_THRESHOLD
 
 
 def add_engine_arguments(parser, defaults_from_config: bool = False) -> None:
@@ -39,7 +41,12 @@ def register(subparsers) -> None:
     p.add_argument("--replicas", type=int, default=16)
     p.add_argument("--time", type=float, default=10.0, help="ps per replica (default 10)")
     p.add_argument("--check-interval", type=float, default=0.1, help="ps between stability checks (default 0.1)")
+    p.add_argument("--stability", choices=STABILITY_KINDS, default="auto",
+                   help="stability criterion: bond-length deviation, minimum intermolecular distance, or auto "
+                        "(min_distance for periodic data, bonds otherwise; default)")
     p.add_argument("--bond-threshold", type=float, default=0.5, help="A (default 0.5)")
+    p.add_argument("--min-distance-threshold", type=float, default=WATER_MIN_DISTANCE_THRESHOLD,
+                   help=f"A (default {WATER_MIN_DISTANCE_THRESHOLD})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trajectories", action="store_true", help="write one DCD per replica")
     p.add_argument("--out", required=True, help="output folder")
@@ -60,7 +67,8 @@ def run(args) -> int:
     check_molecules(dataset, reference, stored_atomic_numbers(args.model))
     test_set = load_dataset(args.test_data) if args.test_data else None
     config = SimulationConfig(n_replicas=args.replicas, time_ps=args.time, check_interval_ps=args.check_interval,
-                              bond_threshold=args.bond_threshold, seed=args.seed,
+                              stability=args.stability, bond_threshold=args.bond_threshold,
+                              min_distance_threshold=args.min_distance_threshold, seed=args.seed,
                               write_trajectories=args.trajectories, engine=engine_config(args))
     metrics = simulate(model, dataset, config, args.out, reference=reference, test_set=test_set,
                        progress=not args.no_progress)

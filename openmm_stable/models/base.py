@@ -71,3 +71,24 @@ def model_device(model: nn.Module) -> torch.device:
 
 def model_dtype(model: nn.Module) -> torch.dtype:
     return next(iter(model.parameters())).dtype
+
+
+def model_cutoff(model: nn.Module) -> Optional[float]:
+    """The model's interaction cutoff (A), from its spec or its network, if it has one."""
+    cutoff = (getattr(model, "spec", None) or {}).get("hparams", {}).get("cutoff")
+    if cutoff is None:
+        cutoff = getattr(getattr(model, "net", model), "cutoff", None)
+    return None if cutoff is None else float(cutoff)
+
+
+def check_cutoff_fits_box(model: nn.Module, box) -> None:
+    """Raise ValueError unless the cutoff is below half the box width: beyond it the
+    minimum image misses neighbours (and the energy jumps as atoms cross the boundary)."""
+    if box is None:
+        return
+    from openmm_stable.observables import half_box_width
+
+    cutoff, half = model_cutoff(model), half_box_width(box)
+    if cutoff is not None and cutoff >= half:
+        raise ValueError(f"model cutoff {cutoff:g} A is not below half the periodic box width ({half:.3f} A); "
+                         f"use a smaller cutoff (pretrain --cutoff) or a bigger box")

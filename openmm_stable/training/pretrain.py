@@ -43,7 +43,7 @@ from torch import nn
 from openmm_stable.data.dataset import QMDataset
 from openmm_stable.data.splits import parse_size, split_indices
 from openmm_stable.models import ARCHITECTURES, PRESETS, create_model, load_model, save_model
-from openmm_stable.models.base import MAX_Z, NNIP
+from openmm_stable.models.base import MAX_Z, NNIP, check_cutoff_fits_box
 from openmm_stable.config import config_from_dict, read_yaml_mapping
 from openmm_stable.io import atomic_write_text, get_rng_state, set_rng_state, write_csv
 from openmm_stable.training.batching import FrameTensors, energy_force_loss, evaluate, loss_from_metrics, refit_energy_shift
@@ -91,6 +91,7 @@ class PretrainConfig:
     test: Optional[SizeLike] = "200"
     split_mode: str = "random"  # or "contiguous"
     time_budget_min: Optional[float] = None
+    cutoff: Optional[float] = None  # A; overrides the preset's (a periodic box needs it below half the box)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -137,6 +138,8 @@ class PretrainConfig:
                 parse_size(value, n_total=1)  # syntax only; the dataset size is checked at split time
             except ValueError as err:
                 fail(name, str(err))
+        if self.cutoff is not None and (not _is_real(self.cutoff) or self.cutoff <= 0):
+            fail("cutoff", f"must be > 0 or None, got {self.cutoff!r}")
         if self.split_mode not in ("random", "contiguous"):
             fail("split_mode", f"must be 'random' or 'contiguous', got {self.split_mode!r}")
         if self.time_budget_min is not None and (not _is_real(self.time_budget_min) or self.time_budget_min <= 0):
@@ -315,7 +318,9 @@ def pretrain(
         state = _RunState(**payload["run_state"])
     else:
         torch.manual_seed(config.seed)
-        model = create_model(config.architecture, config.preset)
+        model = create_model(config.architecture, config.preset,
+                             **({} if config.cutoff is None else {"cutoff": float(config.cutoff)}))
+        check_cutoff_fits_box(model, dataset.box)
         atom_energies = fit_atom_energies([dataset.atomic_numbers] * len(train_ds), train_ds.energies)
         with torch.no_grad():
             model.atom_energies.copy_(torch.from_numpy(atom_energies))

@@ -4,7 +4,8 @@ Boltzmann estimator, repeat (arXiv 2402.13984, algorithm 1).
 Phases, one epoch at a time:
 
 * simulation: replicas run ``epoch_ps``; a replica that crosses the training threshold
-  (bond deviation 0.25 A) is reset to its last stable state. Once the fraction of replicas
+  (bond deviation 0.25 A for molecules; for periodic boxes, ``stability: auto``, a minimum
+  intermolecular distance below 1.2 A) is reset to its last stable state. Once the fraction of replicas
   that failed in this cycle reaches ``unstable_fraction`` (0.75), learning starts.
 * learning: every replica restarts from its initial frame, runs ``epoch_ps``, and the
   frames after ``equilibration_ps`` give the observable-loss gradient (Boltzmann
@@ -33,8 +34,9 @@ from openmm_stable.data.splits import split_dataset
 from openmm_stable.engine import EngineConfig, ReplicaEngine
 from openmm_stable.io import atomic_torch_save, atomic_write_json, get_rng_state, set_rng_state, write_csv
 from openmm_stable.models import NNIP, load_model, save_model
-from openmm_stable.observables import make_observable, reference_from_dataset
-from openmm_stable.stability import TRAINING_BOND_THRESHOLD, BondDeviationCriterion
+from openmm_stable.observables import element_pair_list, half_box_width, make_observable, reference_from_dataset
+from openmm_stable.stability import (STABILITY_KINDS, TRAINING_BOND_THRESHOLD, WATER_MIN_DISTANCE_THRESHOLD,
+                                     make_criterion, molecule_ids)
 from openmm_stable.training.batching import FrameTensors, energy_force_loss, evaluate, refit_energy_shift
 from openmm_stable.training.estimator import (ObservableLoss, boltzmann_coefficients, model_energy_fn,
                                               surrogate_backward)
@@ -54,7 +56,9 @@ class StableConfig:
     epoch_ps: float = 1.0  # simulated time per replica per epoch
     frame_interval_ps: float = 0.05  # stability checks and estimator samples
     equilibration_ps: float = 0.1  # learning phase: frames before this are not samples
+    stability: str = "auto"  # "bonds", "min_distance", or "auto": min_distance for periodic data
     bond_threshold: float = TRAINING_BOND_THRESHOLD
+    min_distance_threshold: float = WATER_MIN_DISTANCE_THRESHOLD
     unstable_fraction: float = 0.75  # fraction of failed replicas that starts learning
     learning_epochs: int = 5  # epochs per learning phase
     max_epochs: int = 20
@@ -87,19 +91,21 @@ class StableConfig:
         for name in ("n_replicas", "learning_epochs", "max_epochs", "qm_batch_size", "estimator_minibatch"):
             if int(getattr(self, name)) < 1:
                 fail(name, "must be >= 1")
-        for name in ("epoch_ps", "frame_interval_ps", "bond_threshold", "lr"):
+        for name in ("epoch_ps", "frame_interval_ps", "bond_threshold", "min_distance_threshold", "lr"):
             if not getattr(self, name) > 0:
                 fail(name, "must be > 0")
         if not 0 <= self.equilibration_ps < self.epoch_ps:
             fail("equilibration_ps", "must be >= 0 and shorter than epoch_ps")
         if not 0 < self.unstable_fraction <= 1:
             fail("unstable_fraction", "must be in (0, 1]")
+        if self.stability not in STABILITY_KINDS:
+            fail("stability", f"must be one of {', '.join(STABILITY_KINDS)}")
         if self.samples_from not in SAMPLE_SOURCES:
             fail("samples_from", f"must be one of {', '.join(SAMPLE_SOURCES)}")
         if self.optimizer not in OPTIMIZERS:
             fail("optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
         if not isinstance(self.observable, dict) or "name" not in self.observable:
-            fail("observable", "must be a mapping with a 'name' (hr, rdf, bond_lengths, adf) and its settings")
+            fail("observable", "must be a mapping with a 'name' (hr, rdf, bond_lengths, adf, min_distance) and its settings")
         if not 0 < self.val_fraction < 1:
             fail("val_fraction", "must be in (0, 1)")
         ObservableLoss(torch.zeros(1), self.observable_loss)  # validates the loss name
@@ -111,6 +117,24 @@ class StableConfig:
     @property
     def frames_per_epoch(self) -> int:
         return max(1, round(self.epoch_ps / self.frame_interval_ps))
+
+
+def observable_settings(observable: dict, dataset: QMDataset) -> dict:
+    """The training observable's settings for `dataset`. Molecules: as given. A periodic
+    box has no single molecule whose h(r) could be matched, so there the default ``hr``
+    means the paper's liquid observable, the element-pair RDFs of every pair (O-O, O-H,
+    H-H for water); an RDF's r_max is capped at half the box, and ``min_distance`` gets
+    the dataset's molecules."""
+    settings = dict(observable)
+    if dataset.box is None:
+        return settings
+    if settings["name"] == "hr":
+        settings = {"name": "rdf", "pairs": element_pair_list(dataset.atomic_numbers)}
+    if settings["name"] == "rdf":
+        settings["r_max"] = min(float(settings.get("r_max", 6.0)), half_box_width(dataset.box))
+    if settings["name"] == "min_distance" and settings.get("molecule_ids") is None:
+        settings["molecule_ids"] = molecule_ids(dataset).tolist()
+    return settings
 
 
 @dataclasses.dataclass
@@ -151,8 +175,11 @@ class StableTrainer:
         dtype = next(iter(model.parameters())).dtype
         self.train_tensors = FrameTensors(self.train_set, dtype=dtype)
         self.val_tensors = FrameTensors(self.val_set, dtype=dtype)
-        self.criterion = BondDeviationCriterion.from_dataset(dataset, config.bond_threshold)
-        self.observable = make_observable(**config.observable).prepare(dataset.atomic_numbers, dataset.positions[0])
+        self.criterion = make_criterion(dataset, config.stability, config.bond_threshold, config.min_distance_threshold)
+        self.box = None if dataset.box is None else torch.as_tensor(dataset.box, dtype=dtype)
+        self.observable_config = observable_settings(config.observable, dataset)
+        self.observable = make_observable(**self.observable_config).prepare(dataset.atomic_numbers,
+                                                                            dataset.positions[0])
         reference_target, self.reference_ess = reference_from_dataset(
             self.observable, reference if reference is not None else dataset, config.engine.temperature_K)
         self.loss_fn = ObservableLoss(reference_target, config.observable_loss)
@@ -253,7 +280,7 @@ class StableTrainer:
         if st.observable_loss_scale is None:
             st.observable_loss_scale = max(result.loss, 1e-12)
         factor = cfg.observable_weight / st.observable_loss_scale
-        surrogate_backward(model_energy_fn(self.model, self.z), x, result.coefficients * factor,
+        surrogate_backward(model_energy_fn(self.model, self.z, self.box), x, result.coefficients * factor,
                            minibatch=cfg.estimator_minibatch)
         params = list(self.model.parameters())
         observable_grads = [p.grad.detach().clone() for p in params]
@@ -364,6 +391,8 @@ class StableTrainer:
             "val_energy_mae_meV": self.state.history[-1]["val_energy_mae_meV"],
             "val_force_mae_meV_per_A": self.state.history[-1]["val_force_mae_meV_per_A"],
             "reference_ess": self.reference_ess,
+            "stability": self.criterion.__class__.__name__,
+            "observable": {k: v for k, v in self.observable_config.items() if k != "molecule_ids"},
             "sim_time_s": sum(r["sim_time_s"] for r in self.state.history),
             "grad_time_s": sum(r["grad_time_s"] for r in self.state.history),
             "replica_steps": self.state.epoch * cfg.n_replicas * cfg.frames_per_epoch * cfg.steps_per_frame,
