@@ -11,7 +11,13 @@ h(r) of the unperturbed molecule; 500 K) this script measures for both:
   before the call, in a FRESH subprocess per measurement (see `peak_rss_growth`);
 * the largest difference of the two gradients, both computed in float64 (``.double()``
   model), relative to the largest gradient component: max_p |g_single - g_jac| / max_p |g_jac|
-  (and the same per parameter tensor, the stricter number).
+  (and the same per parameter tensor, the stricter number, over tensors whose gradient is not
+  zero up to round-off).
+
+`jacobian_gradient` builds the rows with a loop of per-frame backward passes and contracts
+them with the projected observable a.O(x_k) first, so it holds K x P numbers; the paper's code
+builds the rows with a vmapped VJP and forms an (m, d, P) product per minibatch of m frames
+(d = observable bins), so this baseline is, if anything, cheaper than the original.
 
     python benchmarks/estimator_cost.py                  # K in 32 128 512, TensorNet small
     python benchmarks/estimator_cost.py --arch schnet    # another architecture
