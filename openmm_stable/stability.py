@@ -106,6 +106,7 @@ class BondDeviationCriterion(_ThresholdMixin):
     reference_lengths: torch.Tensor  # (B,) Angstrom
     threshold: float = EVALUATION_BOND_THRESHOLD
     direction: Direction = "above"
+    box: Optional[np.ndarray] = None  # periodic box (minimum-image bond lengths); a box passed at call time wins
 
     def __post_init__(self) -> None:
         self.bonds = np.asarray(self.bonds, dtype=np.int64).reshape(-1, 2)
@@ -119,7 +120,7 @@ class BondDeviationCriterion(_ThresholdMixin):
     def __call__(self, positions: ArrayLike, box: Optional[ArrayLike] = None) -> torch.Tensor:
         pos = _as_tensor(positions)
         lead = pos.shape[:-2]
-        r = bond_lengths(pos, self.bonds, box)  # (K, B)
+        r = bond_lengths(pos, self.bonds, box if box is not None else self.box)  # (K, B)
         dev = (r - self.reference_lengths.to(r)).abs()
         return dev.amax(-1).reshape(lead)
 
@@ -139,7 +140,7 @@ class BondDeviationCriterion(_ThresholdMixin):
             pos = pos[None]
         bonds = find_bonds(atomic_numbers, pos[0], scale, box)
         ref = bond_lengths(torch.as_tensor(pos), bonds, box).mean(0)
-        return cls(bonds, ref, threshold)
+        return cls(bonds, ref, threshold, box=None if box is None else np.asarray(box, dtype=np.float64))
 
     @classmethod
     def from_dataset(

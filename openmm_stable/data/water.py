@@ -103,8 +103,9 @@ def build_water_box(n_molecules: int, density: float = DEFAULT_DENSITY,
 def spcfw_system(n_molecules: int, box_angstrom: np.ndarray, cutoff: Optional[float] = None,
                  ewald_tolerance: float = 5e-4):
     """An OpenMM System of `n_molecules` SPC/Fw waters (atoms O, H, H per molecule) in a
-    periodic box: harmonic O-H bonds and H-O-H angle, Coulomb with PME, Lennard-Jones on O
-    with the long-range dispersion correction; intramolecular nonbonded pairs excluded."""
+    periodic box: harmonic O-H bonds and H-O-H angle (minimum image, so molecules split
+    across the faces are fine), Coulomb with PME, Lennard-Jones on O with the long-range
+    dispersion correction; intramolecular nonbonded pairs excluded."""
     import openmm
     from openmm import app, unit
 
@@ -140,6 +141,8 @@ def spcfw_system(n_molecules: int, box_angstrom: np.ndarray, cutoff: Optional[fl
         angles.addAngle(h1, o, h2, math.radians(p["theta_HOH"]), k_angle)
         for i, j in ((o, h1), (o, h2), (h1, h2)):
             nonbonded.addException(i, j, 0.0, 1.0, 0.0)
+    for force in (bonds, angles):  # minimum image also for bonded terms: frames may be wrapped atom by atom
+        force.setUsesPeriodicBoundaryConditions(True)
     for force in (bonds, angles, nonbonded):
         system.addForce(force)
     return system
@@ -151,8 +154,23 @@ def _platform(name: Optional[str]):
     return openmm.Platform.getPlatformByName(name or "CPU")
 
 
+def make_whole(positions: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """Positions (..., 3M, 3) with each H moved to the periodic image nearest its O
+    (molecules O, H, H), so no molecule is split across a face of the (orthorhombic) box."""
+    x = np.array(positions, dtype=float)
+    lengths = np.diag(np.asarray(box, dtype=float))
+    oxygen = x[..., 0::3, :]
+    for h in (1, 2):
+        d = x[..., h::3, :] - oxygen
+        x[..., h::3, :] = oxygen + d - lengths * np.round(d / lengths)
+    return x
+
+
 class WaterReference:
-    """SPC/Fw energies (eV) and forces (eV/A) of a water box at given positions (A).
+    """SPC/Fw energies (eV) and forces (eV/A) of a water box at given positions (A), which
+    may be wrapped atom by atom: molecules are made whole first (`make_whole`), because
+    OpenMM's PME exclusion correction for the intramolecular pairs uses the raw, not the
+    minimum-image, distance (measured: a split molecule changes the energy by ~1000 kJ/mol).
 
     >>> ref = WaterReference(n_molecules=16, box_angstrom=box, platform="Reference")  # doctest: +SKIP
     >>> energy, forces = ref(positions)
@@ -162,11 +180,12 @@ class WaterReference:
                  cutoff: Optional[float] = None):
         import openmm
 
-        self.system = spcfw_system(n_molecules, box_angstrom, cutoff)
+        self.box = np.asarray(box_angstrom, dtype=float)
+        self.system = spcfw_system(n_molecules, self.box, cutoff)
         self.context = openmm.Context(self.system, openmm.VerletIntegrator(1e-3), _platform(platform))
 
     def __call__(self, positions_angstrom: np.ndarray) -> tuple[float, np.ndarray]:
-        self.context.setPositions(np.asarray(positions_angstrom, dtype=float) / NM_IN_ANGSTROM)
+        self.context.setPositions(make_whole(positions_angstrom, self.box) / NM_IN_ANGSTROM)
         return _energy_forces(self.context)
 
 
