@@ -328,3 +328,26 @@ def test_estimator_sees_the_box(water, water_model_file, tmp_path):
     split = trainer._learning_step(np.stack([wrapped(x, water.box) for x in samples]))
     assert whole["observable_grad_norm"] > 0
     assert split["observable_grad_norm"] == pytest.approx(whole["observable_grad_norm"], rel=1e-3)
+
+
+def test_water_benchmark_quick(tmp_path, monkeypatch):
+    """benchmarks/water.py --quick: every stage on 8 waters, a results table with both models."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "water.py"
+    results = tmp_path / "results" / "water_quick"
+    monkeypatch.setattr(sys, "argv", [str(script), "--quick", "--workdir", str(tmp_path / "work"),
+                                      "--results", str(results)])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(script), run_name="__main__")
+    assert done.value.code == 0
+    summary = json.loads(results.with_suffix(".json").read_text())
+    assert set(summary["metrics"]) == {"pretrained", "refined"}
+    for metrics in summary["metrics"].values():
+        assert metrics["stability"] == "min_distance" and metrics["reference_diffusivity_cm2_per_s"] > 0
+        assert metrics["force_mae_meV_per_A"] > 0
+    assert summary["compute"]["refined"]["sim_steps"] > 0
+    assert "| refined |" in results.with_suffix(".md").read_text()
+    assert (results.parent / "water_quick_rdf.png").exists()
