@@ -702,7 +702,10 @@ def reference_from_dataset(
     If `temperature` differs from `dataset.temperature`, the frames are Boltzmann-reweighted
     with the dataset energies (see `boltzmann_weights` for when that is valid)."""
     obs = observable.prepare(dataset.atomic_numbers, dataset.positions[0])
-    values = obs(torch.as_tensor(dataset.positions), dataset.atomic_numbers, dataset.box)
+    positions = torch.as_tensor(dataset.positions)
+    chunk = 256  # frames at a time: pair arrays of long periodic trajectories are large
+    values = torch.cat([obs(positions[k:k + chunk], dataset.atomic_numbers, dataset.box)
+                        for k in range(0, positions.shape[0], chunk)])
     if temperature is None or (dataset.temperature is not None and temperature == dataset.temperature):
         return values.mean(0), float(values.shape[0])
     if dataset.temperature is None or dataset.energies is None:
