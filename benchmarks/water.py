@@ -44,7 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--architecture", default="schnet")
     p.add_argument("--preset", default="small")
     p.add_argument("--cutoff", type=float, default=4.5, help="A; below half the box")
-    p.add_argument("--pretrain-min", type=float, default=15.0, help="time budget of pre-training (minutes)")
+    p.add_argument("--pretrain-epochs", type=int, default=40, help="pre-training epochs (fixed: not a wall-clock budget, "
+                   "which a shared CPU would turn into a different model)")
+    p.add_argument("--pretrain-min", type=float, default=None, help="optional time budget of pre-training (minutes)")
     p.add_argument("--refine-epochs", type=int, default=15)
     p.add_argument("--replicas", type=int, default=8)
     p.add_argument("--horizon-ps", type=float, default=2.0)
@@ -54,7 +56,7 @@ def parse_args(argv=None):
     if args.quick:
         args.molecules, args.frames, args.stride, args.trajectory_ps, args.test = 8, 60, 10, 1.0, 20
         args.equilibration_ps = 1.0
-        args.preset, args.cutoff, args.pretrain_min = "tiny", 3.0, 0.1
+        args.preset, args.cutoff, args.pretrain_epochs = "tiny", 3.0, 5
         args.refine_epochs, args.replicas, args.horizon_ps = 3, 2, 0.3
     return args
 
@@ -107,14 +109,15 @@ def main(argv=None) -> dict:
     test = traj.subset(np.arange(len(traj) - min(args.test, len(traj)), len(traj)))
 
     stage(f"pre-train {args.architecture}-{args.preset} (cutoff {args.cutoff} A) on {len(data)} frames "
-          f"({args.pretrain_min} min budget)")
+          f"({args.pretrain_epochs} epochs)")
     pre_out = work / "pretrain"
 
     def run_pretrain():
         if (pre_out / "model.pt").exists() and (pre_out / "metrics.json").exists():
             return load_model(pre_out / "model.pt")
         config = PretrainConfig(architecture=args.architecture, preset=args.preset, cutoff=args.cutoff, train=0.9,
-                                val=0.1, test=0, time_budget_min=args.pretrain_min, seed=args.seed, patience=50)
+                                val=0.1, test=0, max_epochs=args.pretrain_epochs,
+                                time_budget_min=args.pretrain_min, seed=args.seed, patience=50)
         return pretrain(data, config, pre_out, progress=False, resume=(pre_out / "checkpoint_last.pt").exists())[0]
     models = {"pretrained": timed("pretrain_s", run_pretrain)}
 
