@@ -139,6 +139,13 @@ def timed(fn: Callable[[], None]) -> float:
     return time.perf_counter() - t0
 
 
+def timed_both(fn: Callable[[], None]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one call."""
+    c0, t0 = time.process_time(), time.perf_counter()
+    fn()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
 def choose_chunk(runner: Runner, target_s: float, max_chunk: int) -> int:
     """Steps per timed chunk: about `target_s` seconds, at most `max_chunk` steps (bounded so
     that models that are not trained cannot drift far from the start between resets)."""
@@ -158,40 +165,40 @@ def warm_up(runner: Runner, steps: int, max_s: float, min_steps: int = 3) -> flo
     return spent
 
 
-def interleaved_rates(runners: Sequence[Runner], min_time_s: float, rounds: int = 3,
-                      max_chunk: int = 20, warmup_steps: int = 20, warmup_max_s: float = 5.0) -> dict[str, dict]:
-    """Replica-steps per second of each runner, measured side by side.
+def interleaved_rates(runners: dict[str, Runner], min_time_s: float, chunk_s: float = 0.1, max_chunk: int = 20,
+                      warmup_steps: int = 20, warmup_max_s: float = 5.0) -> dict[str, dict]:
+    """Replica-steps per second of each runner (keyed by name), measured side by side.
 
-    Each of `rounds` rounds times every runner in turn for at least min_time_s / rounds
-    seconds, in chunks of at most `max_chunk` steps, resetting the replicas (untimed) before
-    each chunk, so that a change of machine load during the measurement hits every runner
-    alike and ratios between runners stay meaningful on a shared machine.
+    After a warm-up, the runners take turns chunk by chunk (round robin): each turn resets the
+    replicas to their start states (untimed) and times one chunk of about `chunk_s` seconds
+    (at least one step, at most `max_chunk`), until every runner has at least `min_time_s`
+    seconds of timed steps. Load from other processes on a shared machine therefore falls on
+    every runner alike. Two rates are reported: ``replica_steps_per_s`` from the median chunk
+    time (robust to the moments another process takes the core) and
+    ``replica_steps_per_s_mean`` (all steps / all time).
     """
-    per_round = min_time_s / rounds
     warmup = {}
-    for runner in runners:  # the first steps include TorchScript's profiling and optimisation
+    for name, runner in runners.items():  # the first steps include TorchScript's profiling and optimisation
         runner.reset(seed=20_000)
-        warmup[runner.name] = warm_up(runner, warmup_steps, warmup_max_s)
-    chunks = {r.name: choose_chunk(r, per_round / 4, max_chunk) for r in runners}
-    stats = {r.name: {"steps": 0, "seconds": 0.0, "round_rates": [], "chunk_steps": chunks[r.name],
-                      "warmup_s": warmup[r.name]}
-             for r in runners}
+        warmup[name] = warm_up(runner, warmup_steps, warmup_max_s)
+    chunks = {name: choose_chunk(r, chunk_s, max_chunk) for name, r in runners.items()}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
     seed = 0
-    for _ in range(rounds):
-        for runner in runners:
-            st = stats[runner.name]
-            spent, steps = 0.0, 0
-            while spent < per_round:
-                seed += 1
-                runner.reset(seed)
-                spent += timed(lambda: runner.run(chunks[runner.name]))
-                steps += chunks[runner.name]
-            st["steps"] += steps
-            st["seconds"] += spent
-            st["round_rates"].append(runner.n_replicas * steps / spent)
-    for runner in runners:
-        st = stats[runner.name]
-        st["replica_steps_per_s"] = runner.n_replicas * st["steps"] / st["seconds"]
+    while any(sum(w for w, _ in t) < min_time_s for t in times.values()):
+        for name, runner in runners.items():
+            seed += 1
+            runner.reset(seed)
+            times[name].append(timed_both(lambda: runner.run(chunks[name])))
+    stats = {}
+    for name, runner in runners.items():
+        wall, cpu = np.asarray(times[name]).T
+        work = runner.n_replicas * chunks[name]  # replica-steps per chunk
+        stats[name] = {"replica_steps_per_s": float(work / np.median(wall)),
+                       "replica_steps_per_s_mean": float(work * wall.size / wall.sum()),
+                       "replica_steps_per_cpu_s": float(work / np.median(cpu)),
+                       "chunk_rate_quartiles": [float(q) for q in np.percentile(work / wall, [25, 50, 75])],
+                       "chunks": int(wall.size), "chunk_steps": chunks[name], "seconds": float(wall.sum()),
+                       "cpu_seconds": float(cpu.sum()), "warmup_s": warmup[name]}
     return stats
 
 

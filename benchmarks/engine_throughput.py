@@ -1,6 +1,9 @@
 """Replica-steps per second of the replica engine against the alternatives.
 
-For each system, architecture and number of replicas R, measured side by side in one run:
+For each system and number of replicas R, every architecture and method below is measured
+side by side: the runners take turns chunk by chunk (round robin, see
+`_common.interleaved_rates`), so that load from other processes on a shared machine falls on
+all of them alike, and the rate is taken from the median chunk time. The methods:
 
 * ``batched``      the replica engine: R replicas in ONE OpenMM Context, one batched TorchForce
                    (Langevin, 0.5 fs, 500 K, friction 1/ps);
@@ -198,7 +201,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--platform", default="CPU")
     p.add_argument("--min-time", type=float, default=None, help="timed seconds per method and point (default 1.5)")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per point")
+    p.add_argument("--chunk-time", type=float, default=0.1,
+                   help="seconds per timed chunk (runners take turns chunk by chunk)")
     p.add_argument("--chunk", type=int, default=20, help="most steps between resets to the start structures")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--name", default=None, help="stem of the output files (default engine_throughput[_quick])")
@@ -210,7 +214,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.systems = args.systems or ["aspirin"]
         args.atoms_replicas = args.atoms_replicas or [8]
         args.min_time = args.min_time or 0.2
-        args.rounds = 2
+        args.chunk_time = 0.02
         args.warmup_steps = 5
     else:
         args.warmup_steps = 20
@@ -234,20 +238,23 @@ def start_structures(positions: np.ndarray, n_replicas: int, seed: int = 0) -> n
     return positions[None] + 0.02 * rng.standard_normal((n_replicas, *positions.shape))
 
 
-def measure_point(model, z, positions, R: int, args) -> list[dict]:
+def measure_point(models: dict, z, positions, R: int, args) -> list[dict]:
+    """Every (architecture, method) at one system and R, measured side by side."""
     starts = start_structures(positions, R)
-    runners, setup = [], {}
+    runners, setup = {}, {}
     try:
-        for method in args.methods:
-            t0 = time.perf_counter()
-            runners.append(make_runner(method, model, z, starts, args.platform))
-            setup[method] = time.perf_counter() - t0
-        stats = interleaved_rates(runners, args.min_time, rounds=args.rounds, max_chunk=args.chunk,
+        for arch, model in models.items():
+            for method in args.methods:
+                t0 = time.perf_counter()
+                runners[(arch, method)] = make_runner(method, model, z, starts, args.platform)
+                setup[(arch, method)] = time.perf_counter() - t0
+        stats = interleaved_rates(runners, args.min_time, chunk_s=args.chunk_time, max_chunk=args.chunk,
                                   warmup_steps=args.warmup_steps)
     finally:
-        for r in runners:
+        for r in runners.values():
             r.close()
-    return [{"method": m, "setup_s": setup[m], **stats[m]} for m in args.methods]
+    return [{"arch": arch, "method": method, "setup_s": setup[(arch, method)], **stats[(arch, method)]}
+            for arch, method in runners]
 
 
 def run(args) -> dict:
@@ -259,30 +266,34 @@ def run(args) -> dict:
     payload = {"benchmark": "engine_throughput", "quick": bool(args.quick), "machine": machine_info(),
                "settings": {"preset": args.preset, "temperature_K": TEMPERATURE_K, "timestep_fs": TIMESTEP_FS,
                             "friction_per_ps": FRICTION_PER_PS, "platform": args.platform, "dtype": "float32",
-                            "min_time_s": args.min_time, "rounds": args.rounds, "max_chunk": args.chunk,
-                            "warmup_steps": args.warmup_steps, "methods": args.methods, "limits": args.limits},
+                            "min_time_s": args.min_time, "chunk_time_s": args.chunk_time, "max_chunk": args.chunk,
+                            "warmup_steps": args.warmup_steps, "methods": args.methods, "limits": args.limits,
+                            "rate": "replica-steps per second from the median chunk time"},
                "results": []}
     out_json = args.out / f"{args.name}.json"
     t_start = time.perf_counter()
+    models = {}
+    for arch in args.archs:
+        torch.manual_seed(0)
+        models[arch] = create_model(arch, args.preset)
     for s_index, system in enumerate(args.systems):
         z, positions = build_system(system)
         r_values = args.replicas if s_index == 0 else args.atoms_replicas
-        for arch in args.archs:
-            torch.manual_seed(0)
-            model = create_model(arch, args.preset)
-            for R in r_values:
-                if R > args.limits.get(arch, math.inf):
-                    continue
-                t0 = time.perf_counter()
-                records = measure_point(model, z, positions, R, args)
-                for rec in records:
-                    payload["results"].append({"system": system, "n_atoms": int(len(z)), "arch": arch,
-                                               "replicas": R, **rec})
-                rates = "  ".join(f"{r['method']} {r['replica_steps_per_s']:.1f}" for r in records)
-                print(f"[{time.perf_counter() - t_start:7.1f} s] {system} ({len(z)} atoms) {arch} R={R}: {rates} "
-                      f"replica-steps/s  ({time.perf_counter() - t0:.1f} s)", flush=True)
-                payload["summary"] = summarise(payload["results"])
-                write_json(out_json, payload)  # partial results survive an interrupted run
+        for R in r_values:
+            chosen = {arch: m for arch, m in models.items() if R <= args.limits.get(arch, math.inf)}
+            t0 = time.perf_counter()
+            records = measure_point(chosen, z, positions, R, args)
+            for rec in records:
+                payload["results"].append({"system": system, "n_atoms": int(len(z)), "replicas": R, **rec})
+            print(f"[{time.perf_counter() - t_start:7.1f} s] {system} ({len(z)} atoms) R={R} "
+                  f"({time.perf_counter() - t0:.1f} s), replica-steps per CPU-second (per wall-clock second):",
+                  flush=True)
+            for arch in chosen:
+                rates = "  ".join(f"{r['method']} {r['replica_steps_per_cpu_s']:.1f} ({r['replica_steps_per_s']:.1f})"
+                                  for r in records if r["arch"] == arch)
+                print(f"    {arch:24s} {rates}", flush=True)
+            payload["summary"] = summarise(payload["results"])
+            write_json(out_json, payload)  # partial results survive an interrupted run
     payload["machine"]["load_average_at_end"] = list(__import__("os").getloadavg())
     payload["wall_s"] = time.perf_counter() - t_start
     payload["summary"] = summarise(payload["results"])
@@ -291,34 +302,39 @@ def run(args) -> dict:
 
 
 # --- summary, tables, plots --------------------------------------------------------------------
-def _rate(results, **key) -> float:
+# Rates: per CPU-second of this (single-threaded) process, the primary measure on a shared
+# machine (time the process spends descheduled is not counted; on an idle core it equals the
+# wall-clock rate), and per wall-clock second from the median chunk time.
+RATE_KEYS = {"cpu": "replica_steps_per_cpu_s", "wall": "replica_steps_per_s"}
+RATIO_NAMES = ("batched/bare", "batched/bare-guarded", "batched/per-replica", "batched/ase")
+
+
+def _rate(results, clock: str = "cpu", **key) -> float:
     for r in results:
         if all(r.get(k) == v for k, v in key.items()):
-            return r["replica_steps_per_s"]
+            return r.get(RATE_KEYS[clock], math.nan)
     return math.nan
 
 
-def summarise(results: list[dict]) -> dict:
+def _summary_for(results: list[dict], clock: str) -> dict:
     points = sorted({(r["system"], r["n_atoms"], r["arch"], r["replicas"]) for r in results},
-                    key=lambda p: (p[1], p[2], p[3]))
+                    key=lambda p: (p[1], DEFAULT_ARCHS.index(p[2]) if p[2] in DEFAULT_ARCHS else 99, p[3]))
     ratios = []
     for system, n_atoms, arch, R in points:
-        rate = {m: _rate(results, system=system, arch=arch, replicas=R, method=m) for m in METHODS}
-        ratios.append({"system": system, "n_atoms": n_atoms, "arch": arch, "replicas": R,
-                       "batched/bare": rate["batched"] / rate["bare"],
-                       "batched/bare-guarded": rate["batched"] / rate["bare-guarded"],
-                       "batched/per-replica": rate["batched"] / rate["per-replica"],
-                       "batched/ase": rate["batched"] / rate["ase"]})
-    # Our plain-PyTorch SchNet against torchmd-net's SchNet-type graph network.
+        rate = {m: _rate(results, clock, system=system, arch=arch, replicas=R, method=m) for m in METHODS}
+        row = {"system": system, "n_atoms": n_atoms, "arch": arch, "replicas": R}
+        row.update({name: rate[name.split("/")[0]] / rate[name.split("/")[1]] for name in RATIO_NAMES})
+        ratios.append(row)
+    # Our plain-PyTorch SchNet against torchmd-net's SchNet-type graph network (same point, side by side).
     family = []
     for system, n_atoms, arch, R in points:
         if arch != "schnet":
             continue
         row = {"system": system, "n_atoms": n_atoms, "replicas": R}
         for m in ("batched", "bare", "ase"):
-            row[f"{m}: schnet/graph-network"] = (_rate(results, system=system, arch="schnet", replicas=R, method=m)
-                                                 / _rate(results, system=system, arch="graph-network", replicas=R,
-                                                         method=m))
+            row[f"{m}: schnet/graph-network"] = (
+                _rate(results, clock, system=system, arch="schnet", replicas=R, method=m)
+                / _rate(results, clock, system=system, arch="graph-network", replicas=R, method=m))
         family.append(row)
     targets = []
     first_system = results[0]["system"] if results else None
@@ -327,37 +343,46 @@ def summarise(results: list[dict]) -> dict:
             for name, threshold in TARGETS.items():
                 value = row[name]
                 targets.append({"system": row["system"], "arch": row["arch"], "replicas": TARGET_R, "ratio": name,
-                                "value": value, "target": threshold,
+                                "clock": clock, "value": value, "target": threshold,
                                 "met": bool(np.isfinite(value) and value >= threshold)})
     return {"ratios": ratios, "schnet_vs_graph_network": family, "targets": targets}
 
 
+def summarise(results: list[dict]) -> dict:
+    """Ratios, the schnet/graph-network comparison and the targets, per CPU-second (primary)
+    and per wall-clock second (``*_wall``)."""
+    cpu, wall = _summary_for(results, "cpu"), _summary_for(results, "wall")
+    return {**cpu, **{f"{k}_wall": v for k, v in wall.items()}}
+
+
 def print_report(payload: dict) -> None:
     results = payload["results"]
+    summary = payload["summary"]
     m = payload["machine"]
     print(f"\nmachine: {m.get('cpu_model')}, nproc {m.get('nproc')}, torch {m.get('torch')}, openmm {m.get('openmm')}, "
           f"load at start {m['load_average_at_start'][0]:.2f}")
-    print("replica-steps per second (float32, Langevin 0.5 fs, 500 K)\n")
     methods = [x for x in METHODS if any(r["method"] == x for r in results)]
-    ratio_names = ["batched/bare", "batched/bare-guarded", "batched/per-replica", "batched/ase"]
-    rows = []
-    for row in payload["summary"]["ratios"]:
-        rates = [_rate(results, system=row["system"], arch=row["arch"], replicas=row["replicas"], method=x)
-                 for x in methods]
-        rows.append([row["system"], row["n_atoms"], row["arch"], row["replicas"], *rates,
-                     *[row[n] for n in ratio_names]])
-    print(format_table(["system", "atoms", "arch", "R", *methods, *ratio_names], rows))
-    family = payload["summary"]["schnet_vs_graph_network"]
+    for clock, suffix, title in (("cpu", "", "replica-steps per CPU-second (primary; = per second on an idle core)"),
+                                 ("wall", "_wall", "replica-steps per wall-clock second (median chunk)")):
+        print(f"\n{title}; float32, Langevin 0.5 fs, 500 K\n")
+        rows = []
+        for row in summary["ratios" + suffix]:
+            rates = [_rate(results, clock, system=row["system"], arch=row["arch"], replicas=row["replicas"], method=x)
+                     for x in methods]
+            rows.append([row["system"], row["n_atoms"], row["arch"], row["replicas"], *rates,
+                         *[row[n] for n in RATIO_NAMES]])
+        print(format_table(["system", "atoms", "arch", "R", *methods, *RATIO_NAMES], rows))
+    family = summary["schnet_vs_graph_network"]
     if family and any(np.isfinite(v) for f in family for k, v in f.items() if "/" in k):
-        print("\nour plain-PyTorch schnet / torchmd-net graph-network (same SchNet family), throughput ratio\n")
+        print("\nour plain-PyTorch schnet / torchmd-net graph-network (same SchNet family), per CPU-second\n")
         keys = [k for k in family[0] if "/" in k]
         print(format_table(["system", "atoms", "R", *keys], [[f["system"], f["n_atoms"], f["replicas"],
                                                               *[f[k] for k in keys]] for f in family]))
-    if payload["summary"]["targets"]:
+    if summary["targets"]:
         print(f"\ntargets (R = {TARGET_R}, SchNet type)\n")
-        print(format_table(["system", "arch", "ratio", "value", "target", "met"],
-                           [[t["system"], t["arch"], t["ratio"], t["value"], f">= {t['target']:g}",
-                             "yes" if t["met"] else "NO"] for t in payload["summary"]["targets"]]))
+        print(format_table(["system", "arch", "ratio", "clock", "value", "target", "met"],
+                           [[t["system"], t["arch"], t["ratio"], t["clock"], t["value"], f">= {t['target']:g}",
+                             "yes" if t["met"] else "NO"] for t in summary["targets"] + summary["targets_wall"]]))
 
 
 STYLE = {"batched": ("C0", "o", "-"), "bare": ("k", "s", "--"), "bare-guarded": ("0.5", "s", ":"),
@@ -382,7 +407,7 @@ def plot(payload: dict, out_dir: Path, name: str) -> list[Path]:
     fig, axes = plt.subplots(1, len(archs), figsize=(4.2 * len(archs), 3.8), squeeze=False, sharey=True)
     for ax, arch in zip(axes[0], archs):
         for method in methods:
-            pts = sorted((r["replicas"], r["replica_steps_per_s"]) for r in results
+            pts = sorted((r["replicas"], r[RATE_KEYS["cpu"]]) for r in results
                          if r["system"] == first and r["arch"] == arch and r["method"] == method)
             if pts:
                 c, mk, ls = STYLE[method]
@@ -392,7 +417,7 @@ def plot(payload: dict, out_dir: Path, name: str) -> list[Path]:
         ax.set_title(f"{arch} ({first})")
         ax.set_xlabel("replicas R")
         ax.grid(alpha=0.3, which="both")
-    axes[0][0].set_ylabel("replica-steps / s")
+    axes[0][0].set_ylabel("replica-steps per CPU-second")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     path = out_dir / f"{name}_vs_replicas.png"
@@ -406,7 +431,7 @@ def plot(payload: dict, out_dir: Path, name: str) -> list[Path]:
         for ax, arch in zip(axes[0], archs):
             for method in methods:
                 for R, alpha in zip(reversed(r_common), (1.0, 0.45, 0.3)):
-                    pts = sorted((r["n_atoms"], r["replica_steps_per_s"]) for r in results
+                    pts = sorted((r["n_atoms"], r[RATE_KEYS["cpu"]]) for r in results
                                  if r["arch"] == arch and r["method"] == method and r["replicas"] == R)
                     if pts:
                         c, mk, ls = STYLE[method]
@@ -416,7 +441,7 @@ def plot(payload: dict, out_dir: Path, name: str) -> list[Path]:
             ax.set_title(arch)
             ax.set_xlabel("atoms per replica (" + ", ".join(systems) + ")")
             ax.grid(alpha=0.3, which="both")
-        axes[0][0].set_ylabel("replica-steps / s")
+        axes[0][0].set_ylabel("replica-steps per CPU-second")
         axes[0][0].legend(fontsize=7)
         fig.tight_layout()
         path = out_dir / f"{name}_vs_atoms.png"
