@@ -31,13 +31,14 @@ def test_engine_throughput_quick(tmp_path):
     payload = json.loads((tmp_path / "engine_throughput_quick.json").read_text())
     assert {r["replicas"] for r in payload["results"]} == {1, 8}
     assert {r["method"] for r in payload["results"]} == {"batched", "bare", "bare-guarded", "per-replica", "ase"}
-    assert all(positive_finite(r["replica_steps_per_s"]) for r in payload["results"])
-    ratios = payload["summary"]["ratios"]
-    assert len(ratios) == 2
-    for row in ratios:
-        for key in ("batched/bare", "batched/bare-guarded", "batched/per-replica", "batched/ase"):
-            assert positive_finite(row[key]), (key, row)
-    assert "batched/per-replica" in stdout and "replica-steps per second" in stdout
+    for key in ("replica_steps_per_s", "replica_steps_per_cpu_s"):  # wall-clock and CPU-time rates
+        assert all(positive_finite(r[key]) for r in payload["results"])
+    for ratios in (payload["summary"]["ratios"], payload["summary"]["ratios_wall"]):
+        assert len(ratios) == 2
+        for row in ratios:
+            for key in ("batched/bare", "batched/bare-guarded", "batched/per-replica", "batched/ase"):
+                assert positive_finite(row[key]), (key, row)
+    assert "batched/per-replica" in stdout and "replica-steps per CPU-second" in stdout
     assert (tmp_path / "engine_throughput_quick_vs_replicas.png").stat().st_size > 0
 
 
