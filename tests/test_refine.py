@@ -132,3 +132,11 @@ def test_config_errors_are_clear(tmp_path, xtb_ethanol, pretrained_ethanol_model
                  "--config", str(bad), "--out", str(tmp_path / "o"), "--no-progress"])
     assert code == 2
     assert "bins" in capsys.readouterr().err
+
+
+def test_refine_leaves_the_callers_model_alone(xtb_ethanol, pretrained_ethanol_model, tmp_path):
+    before = [p.detach().clone() for p in pretrained_ethanol_model.parameters()]
+    refined, _ = refine(pretrained_ethanol_model, xtb_ethanol, _learning_config(max_epochs=2), tmp_path,
+                        progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, pretrained_ethanol_model.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(before, refined.parameters()))

@@ -18,6 +18,7 @@ RNG states, phase and cycle), so ``refine(..., resume=True)`` continues after a 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -433,8 +434,9 @@ def refine(model, dataset: QMDataset, config: StableConfig, out_dir, reference: 
     """
     import yaml
 
-    if isinstance(model, (str, Path)):
-        model = load_model(model)
+    # Train a copy: the caller's model stays the pre-trained one (a benchmark that
+    # refined in place silently compared the refined model with itself).
+    model = load_model(model) if isinstance(model, (str, Path)) else copy.deepcopy(model)
     trainer = StableTrainer(model, dataset, config, out_dir, reference=reference, progress=progress)
     (Path(out_dir) / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
     summary = trainer.fit(resume=resume)
