@@ -39,7 +39,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from _common import (Runner, build_system, format_table, interleaved_rates, machine_info, single_thread_torch,
-                     write_json)
+                     tune_malloc, write_json)
 
 METHODS = ("batched", "bare", "bare-guarded", "per-replica", "ase")
 DEFAULT_ARCHS = ("schnet", "graph-network", "equivariant-transformer", "tensornet")
@@ -204,6 +204,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--chunk-time", type=float, default=0.1,
                    help="seconds per timed chunk (runners take turns chunk by chunk)")
     p.add_argument("--chunk", type=int, default=20, help="most steps between resets to the start structures")
+    p.add_argument("--malloc-tuned", action="store_true",
+                   help="keep freed memory in the process (glibc mallopt; see _common.tune_malloc) instead of "
+                        "glibc's defaults, which return it to the OS and page-fault it back every step")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--name", default=None, help="stem of the output files (default engine_throughput[_quick])")
     p.add_argument("--plot-only", type=Path, default=None, help="re-plot and re-print a results JSON")
@@ -223,7 +226,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args.systems = args.systems or ["aspirin", "Ac-Ala3-NHMe", "water32"]
     args.atoms_replicas = args.atoms_replicas or [1, 32]
     args.min_time = args.min_time or 1.5
-    args.name = args.name or ("engine_throughput_quick" if args.quick else "engine_throughput")
+    args.name = args.name or (("engine_throughput_quick" if args.quick else "engine_throughput")
+                              + ("_malloc_tuned" if args.malloc_tuned else ""))
     limits = dict(DEFAULT_MAX_REPLICAS)
     for item in args.max_replicas or []:
         arch, _, value = item.partition("=")
@@ -258,6 +262,7 @@ def measure_point(models: dict, z, positions, R: int, args) -> list[dict]:
 
 
 def run(args) -> dict:
+    malloc_tuned = tune_malloc() if args.malloc_tuned else False
     single_thread_torch()
     import torch  # noqa: F401  (before openmmtorch)
 
@@ -268,7 +273,8 @@ def run(args) -> dict:
                             "friction_per_ps": FRICTION_PER_PS, "platform": args.platform, "dtype": "float32",
                             "min_time_s": args.min_time, "chunk_time_s": args.chunk_time, "max_chunk": args.chunk,
                             "warmup_steps": args.warmup_steps, "methods": args.methods, "limits": args.limits,
-                            "rate": "replica-steps per second from the median chunk time"},
+                            "rate": "replica-steps per second from the median chunk time",
+                            "malloc_tuned": malloc_tuned},
                "results": []}
     out_json = args.out / f"{args.name}.json"
     t_start = time.perf_counter()
@@ -316,6 +322,13 @@ def _rate(results, clock: str = "cpu", **key) -> float:
     return math.nan
 
 
+def _field(results, field: str, **key) -> float:
+    for r in results:
+        if all(r.get(k) == v for k, v in key.items()):
+            return r.get(field, math.nan)
+    return math.nan
+
+
 def _summary_for(results: list[dict], clock: str) -> dict:
     points = sorted({(r["system"], r["n_atoms"], r["arch"], r["replicas"]) for r in results},
                     key=lambda p: (p[1], DEFAULT_ARCHS.index(p[2]) if p[2] in DEFAULT_ARCHS else 99, p[3]))
@@ -360,7 +373,8 @@ def print_report(payload: dict) -> None:
     summary = payload["summary"]
     m = payload["machine"]
     print(f"\nmachine: {m.get('cpu_model')}, nproc {m.get('nproc')}, torch {m.get('torch')}, openmm {m.get('openmm')}, "
-          f"load at start {m['load_average_at_start'][0]:.2f}")
+          f"load at start {m['load_average_at_start'][0]:.2f}; glibc malloc "
+          + ("tuned (--malloc-tuned)" if payload["settings"].get("malloc_tuned") else "defaults"))
     methods = [x for x in METHODS if any(r["method"] == x for r in results)]
     for clock, suffix, title in (("cpu", "", "replica-steps per CPU-second (primary; = per second on an idle core)"),
                                  ("wall", "_wall", "replica-steps per wall-clock second (median chunk)")):
@@ -369,9 +383,14 @@ def print_report(payload: dict) -> None:
         for row in summary["ratios" + suffix]:
             rates = [_rate(results, clock, system=row["system"], arch=row["arch"], replicas=row["replicas"], method=x)
                      for x in methods]
+            extra = []
+            if clock == "cpu":  # share of CPU time spent in the kernel (page faults), batched / bare
+                extra = [100 * _field(results, "system_cpu_fraction", system=row["system"], arch=row["arch"],
+                                      replicas=row["replicas"], method=x) for x in ("batched", "bare")]
             rows.append([row["system"], row["n_atoms"], row["arch"], row["replicas"], *rates,
-                         *[row[n] for n in RATIO_NAMES]])
-        print(format_table(["system", "atoms", "arch", "R", *methods, *RATIO_NAMES], rows))
+                         *[row[n] for n in RATIO_NAMES], *extra])
+        extra_heads = ["sys % batched", "sys % bare"] if clock == "cpu" else []
+        print(format_table(["system", "atoms", "arch", "R", *methods, *RATIO_NAMES, *extra_heads], rows))
     family = summary["schnet_vs_graph_network"]
     if family and any(np.isfinite(v) for f in family for k, v in f.items() if "/" in k):
         print("\nour plain-PyTorch schnet / torchmd-net graph-network (same SchNet family), per CPU-second\n")
