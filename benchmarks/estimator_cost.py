@@ -45,7 +45,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from _common import format_table, machine_info, single_thread_torch, write_json
+from _common import format_table, machine_info, single_thread_torch, tune_malloc, write_json
 
 TEMPERATURE_K = 500.0
 NOISE_ANGSTROM = 0.1
@@ -137,6 +137,8 @@ def run_method(method: str, model, energy_fn, frames, values, loss, minibatch: O
 
 def worker_cost(spec: dict) -> dict:
     """Runs in a fresh process: time and peak memory of one method at one K."""
+    if spec.get("malloc_tuned"):
+        tune_malloc()
     single_thread_torch()
     model, energy_fn, frames, values, loss = make_problem(spec["arch"], spec["preset"], spec["K"], spec["dtype"])
     mb = spec.get("minibatch")
@@ -222,6 +224,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--min-time", type=float, default=1.0, help="repeat a timed call until this many seconds")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds of all measurements (default 2)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per worker process")
+    p.add_argument("--malloc-tuned", action="store_true",
+                   help="keep freed memory in the worker processes (glibc mallopt; see _common.tune_malloc)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--name", default=None, help="stem of the output files (default estimator_cost[_quick])")
     p.add_argument("--plot-only", type=Path, default=None, help="re-plot and re-print a results JSON")
@@ -239,7 +243,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args.preset = args.preset or "small"
     args.rounds = args.rounds or 2
     args.compare_frames = args.frames if args.compare_frames is None else args.compare_frames
-    args.name = args.name or ("estimator_cost_quick" if args.quick else "estimator_cost")
+    args.name = args.name or (("estimator_cost_quick" if args.quick else "estimator_cost")
+                              + ("" if args.arch == "tensornet" or args.quick else f"_{args.arch}")
+                              + ("_malloc_tuned" if args.malloc_tuned else ""))
     return args
 
 
@@ -248,7 +254,7 @@ def run(args) -> dict:
                "settings": {"arch": args.arch, "preset": args.preset, "dtype": args.dtype, "molecule": "aspirin",
                             "observable": "hr", "noise_angstrom": NOISE_ANGSTROM, "temperature_K": TEMPERATURE_K,
                             "minibatches": args.minibatch, "min_time_s": args.min_time,
-                            "rounds": args.rounds,
+                            "rounds": args.rounds, "malloc_tuned": args.malloc_tuned,
                             "memory_method": "peak RSS growth (VmHWM after reset - VmRSS before), fresh process"},
                "results": [], "comparisons": []}
     if not can_measure_memory():
@@ -261,7 +267,8 @@ def run(args) -> dict:
         for K in args.frames:
             for method, mb in variants(args.minibatch):  # side by side, one fresh process each
                 spec = {"mode": "cost", "method": method.split("-")[0], "K": K, "arch": args.arch,
-                        "preset": args.preset, "dtype": args.dtype, "minibatch": mb, "min_time": args.min_time}
+                        "preset": args.preset, "dtype": args.dtype, "minibatch": mb, "min_time": args.min_time,
+                        "malloc_tuned": args.malloc_tuned}
                 res = spawn(spec, args.timeout)
                 payload["results"].append({"K": K, "method": method, "minibatch": mb, "round": round_index, **res})
                 head = f"[{time.perf_counter() - t_start:7.1f} s] round {round_index} K={K} {method}:"
@@ -345,7 +352,8 @@ def print_report(payload: dict) -> None:
     print(f"\nmachine: {m.get('cpu_model')}, nproc {m.get('nproc')}, torch {m.get('torch')}, "
           f"load at start {m['load_average_at_start'][0]:.2f}")
     print(f"{st['arch']} ({st['preset']}), aspirin frames, h(r) MSE loss, timed in {st['dtype']}, gradients "
-          f"compared in float64; single = one backward over all K frames, single-mbM = minibatches of M frames\n")
+          f"compared in float64; single = one backward over all K frames, single-mbM = minibatches of M frames; "
+          f"glibc malloc {'tuned' if st.get('malloc_tuned') else 'defaults'}\n")
     rows = payload["summary"]["rows"]
     print("times: median CPU-seconds of this single-threaded process (= seconds on an idle core); "
           "'speedup wall' from wall-clock medians\n")
