@@ -53,6 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--horizon-ps", type=float, default=2.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every stage")
+    p.add_argument("--plot-only", default=None, metavar="FILE.json", help="re-print the table and re-draw the plots")
     args = p.parse_args(argv)
     if args.quick:
         args.molecules, args.frames, args.stride, args.trajectory_ps, args.test = 8, 60, 10, 1.0, 20
@@ -68,8 +69,12 @@ def stage(name: str) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.plot_only:
+        path = Path(args.plot_only)
+        summary = json.loads(path.read_text())
+        write_outputs(summary, path.with_suffix(""))
+        return summary
     _common.single_thread_torch()
-    from openmm_stable import report
     from openmm_stable.data import load_dataset
     from openmm_stable.data.water import box_length, generate_water_dataset
     from openmm_stable.engine import EngineConfig
@@ -152,33 +157,42 @@ def main(argv=None) -> dict:
 
     stage("results")
     refine_metrics = json.loads((refine_out / "metrics.json").read_text())
-    report.plot_survival({k: m["stable_time_ps"] for k, m in metrics.items()}, args.horizon_ps,
-                         results_base.parent / f"{results_base.name}_survival.png")
-    curves: dict = {}
+    rdf_curves: dict = {}
     for label in metrics:
         rdf = np.load(work / f"simulate_{label}" / "rdf.npz")
+        rdf_curves["r"] = rdf["r"].tolist()
         for pair in ("O-O", "O-H", "H-H"):
-            curves.setdefault(pair, {})
-            if f"reference_{pair}" in rdf.files:
-                curves[pair]["reference"] = rdf[f"reference_{pair}"]
-            if f"model_{pair}" in rdf.files:
-                curves[pair][label] = rdf[f"model_{pair}"]
-        r = rdf["r"]
-    report.plot_rdfs(r, curves, results_base.parent / f"{results_base.name}_rdf.png")
+            for name, key in (("reference", f"reference_{pair}"), (label, f"model_{pair}")):
+                if key in rdf.files:
+                    rdf_curves.setdefault(pair, {})[name] = rdf[key].tolist()
     compute = {"pretrained": {"sim_steps": 0, "wall_s": timings.get("pretrain_s")},
                "refined": {"sim_steps": refine_metrics["replica_steps"],
                            "wall_s": (timings.get("pretrain_s") or 0) + (timings.get("refine_s") or 0)}}
     summary = {"settings": vars(args), "metrics": metrics, "refine": refine_metrics, "compute": compute,
                "timings_s": timings, "reference": data.metadata.get("method"),
                "generation_frames_per_s": data.metadata.get("timing", {}).get("frames_per_second"),
-               "machine": _common.machine_info()}
+               "rdf_curves": rdf_curves, "machine": _common.machine_info()}
     results_base.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    write_outputs(summary, results_base)
+    return summary
+
+
+def write_outputs(summary: dict, results_base: Path) -> None:
+    """Markdown table, survival and RDF plots from a results JSON (also for --plot-only)."""
+    from openmm_stable import report
+
+    metrics, compute = summary["metrics"], summary["compute"]
+    report.plot_survival({k: m["stable_time_ps"] for k, m in metrics.items()}, summary["settings"]["horizon_ps"],
+                         results_base.parent / f"{results_base.name}_survival.png")
+    curves = {pair: {k: np.asarray(v) for k, v in lines.items()}
+              for pair, lines in summary["rdf_curves"].items() if pair != "r"}
+    report.plot_rdfs(np.asarray(summary["rdf_curves"]["r"]), curves, results_base.parent / f"{results_base.name}_rdf.png")
     lines = ["| model | median stable (ps) | stable fraction | RDF MAE O-O | O-H | H-H | D (1e-5 cm^2/s) | "
              "D ref | test force MAE (meV/A) | sim steps | wall (s) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    cell = lambda v, f="{:.3f}": "-" if v is None else f.format(v)  # noqa: E731
     for label, m in metrics.items():
         mae = m.get("rdf_mae", {})
-        cell = lambda v, f="{:.3f}": "-" if v is None else f.format(v)  # noqa: E731
         d, d_ref = m.get("diffusivity_cm2_per_s"), m.get("reference_diffusivity_cm2_per_s")
         lines.append(
             f"| {label} | {m['median_stable_time_ps']:.2f} | {m['stable_fraction']:.2f} | {cell(mae.get('O-O'))} | "
@@ -187,8 +201,6 @@ def main(argv=None) -> dict:
             f"{compute[label]['sim_steps']} | {compute[label]['wall_s'] or 0:.0f} |")
     results_base.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    return summary
-
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -36,7 +36,7 @@ class SimulationConfig:
     n_replicas: int = 16
     time_ps: float = 10.0
     check_interval_ps: float = 0.1  # stability check and frame saving interval
-    stability: str = "auto"  # "bonds", "min_distance", or "auto": min_distance for periodic data
+    stability: str = "auto"  # "bonds", "min_distance", "min_nonbonded_distance"; "auto": min_distance if periodic
     bond_threshold: float = EVALUATION_BOND_THRESHOLD
     min_distance_threshold: float = WATER_MIN_DISTANCE_THRESHOLD
     hr_r_max: float = 10.0
@@ -284,8 +284,9 @@ def simulate(model: nn.Module, dataset: QMDataset, config: SimulationConfig, out
     if kind == "bonds":
         report.plot_bond_deviation(result.times_ps, result.deviations, config.bond_threshold, out / "bond_deviation.png")
     else:
+        what = "intermolecular" if kind == "min_distance" else "non-bonded"
         report.plot_bond_deviation(result.times_ps, result.deviations, config.min_distance_threshold,
-                                   out / "min_distance.png", ylabel="min intermolecular distance (A)")
+                                   out / "min_distance.png", ylabel=f"min {what} distance (A)")
     if config.write_trajectories:
         write_trajectories(out / "trajectories", dataset.atomic_numbers, result)
     return metrics

@@ -154,6 +154,9 @@ class BondDeviationCriterion(_ThresholdMixin):
 class MinimumDistanceCriterion(_ThresholdMixin):
     """Smallest distance between atoms of different molecules (minimum image when
     periodic); unstable BELOW `threshold` (1.2 A for water: molecules have collided).
+    With `bonds`, the smallest distance between any two atoms that are not bonded: it
+    also sees a molecule folding onto itself (water's two H merging), which the
+    intermolecular distance misses.
 
     molecule_ids (N,) gives each atom's molecule; `from_atoms_per_molecule` builds it for
     systems of identical consecutive molecules. The box passed at call time overrides the
@@ -163,6 +166,7 @@ class MinimumDistanceCriterion(_ThresholdMixin):
     threshold: float = WATER_MIN_DISTANCE_THRESHOLD
     box: Optional[np.ndarray] = None
     direction: Direction = "below"
+    bonds: Optional[np.ndarray] = None  # (B, 2): if given, non-bonded pairs INSIDE molecules count too
 
     def __post_init__(self) -> None:
         self.molecule_ids = np.asarray(self.molecule_ids, dtype=np.int64).reshape(-1)
@@ -170,6 +174,10 @@ class MinimumDistanceCriterion(_ThresholdMixin):
         inter = self.molecule_ids[i] != self.molecule_ids[j]
         if not inter.any():
             raise ValueError("MinimumDistanceCriterion needs atoms of at least two molecules")
+        if self.bonds is not None:  # every pair but the covalent bonds (e.g. water's H-H too)
+            self.bonds = np.sort(np.asarray(self.bonds, dtype=np.int64).reshape(-1, 2), axis=1)
+            n = self.molecule_ids.size
+            inter = ~np.isin(i * n + j, self.bonds[:, 0] * n + self.bonds[:, 1])
         self._pairs = (i[inter], j[inter])
         _check_direction(self.direction)
 
@@ -210,7 +218,7 @@ class CallableCriterion(_ThresholdMixin):
 
 
 # --- choosing the criterion for a dataset ---------------------------------------------------
-STABILITY_KINDS = ("auto", "bonds", "min_distance")
+STABILITY_KINDS = ("auto", "bonds", "min_distance", "min_nonbonded_distance")
 
 
 def molecules_from_bonds(n_atoms: int, bonds: ArrayLike) -> np.ndarray:
@@ -264,12 +272,16 @@ def resolve_stability(kind: str, dataset: Any) -> str:
 def make_criterion(dataset: Any, kind: str = "auto", bond_threshold: float = EVALUATION_BOND_THRESHOLD,
                    min_distance_threshold: float = WATER_MIN_DISTANCE_THRESHOLD) -> StabilityCriterion:
     """The stability criterion of `kind` (see `resolve_stability`) set up from a dataset:
-    bond-length deviation (bonds and reference lengths from its frames) or minimum
-    intermolecular distance (molecules from `molecule_ids`, the dataset's box)."""
+    bond-length deviation (bonds and reference lengths from its frames), minimum
+    intermolecular distance (molecules from `molecule_ids`, the dataset's box; the paper's
+    liquid criterion), or minimum non-bonded distance (also within molecules)."""
     kind = resolve_stability(kind, dataset)
     if kind == "bonds":
         return BondDeviationCriterion.from_dataset(dataset, bond_threshold)
-    return MinimumDistanceCriterion(molecule_ids(dataset), min_distance_threshold, box=dataset.box)
+    bonds = None
+    if kind == "min_nonbonded_distance":
+        bonds = find_bonds(dataset.atomic_numbers, dataset.positions[0], box=dataset.box)
+    return MinimumDistanceCriterion(molecule_ids(dataset), min_distance_threshold, box=dataset.box, bonds=bonds)
 
 
 def first_instability_time(unstable_flags: ArrayLike, times_ps: ArrayLike, horizon: Optional[float] = None) -> torch.Tensor:

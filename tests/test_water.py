@@ -247,6 +247,14 @@ def test_criterion_choice_and_collisions_across_the_face(water, ethanol):
     assert criterion.unstable(criterion(bad)).item()
     bonds = make_criterion(water, "bonds")  # bonds and lengths through the faces too
     assert bonds.bonds.shape == (2 * N_WATERS, 2) and not bonds.unstable(bonds(x)).item()
+    # a molecule folding onto itself (its two H 0.3 A apart, O-H bonds intact) is invisible to
+    # the intermolecular and the bond criteria; the non-bonded distance sees it
+    folded = x.copy()
+    folded[2] = folded[1] + 0.3 * (folded[2] - folded[1]) / np.linalg.norm(folded[2] - folded[1])
+    nonbonded = make_criterion(water, "min_nonbonded_distance")
+    assert not criterion.unstable(criterion(folded)).item()
+    assert nonbonded(folded).item() == pytest.approx(0.3, abs=1e-6) and nonbonded.unstable(nonbonded(folded)).item()
+    assert nonbonded(x).item() > 1.2
 
 
 def test_multi_pair_rdf_and_com_diffusivity(water_traj):
@@ -345,6 +353,9 @@ def test_water_benchmark_quick(tmp_path, monkeypatch):
     assert done.value.code == 0
     summary = json.loads(results.with_suffix(".json").read_text())
     assert set(summary["metrics"]) == {"pretrained", "refined"}
+    results.with_suffix(".md").unlink()
+    runpy.run_path(str(script))["main"](["--plot-only", str(results.with_suffix(".json"))])
+    assert results.with_suffix(".md").exists()
     for metrics in summary["metrics"].values():
         assert metrics["stability"] == "min_distance" and metrics["reference_diffusivity_cm2_per_s"] > 0
         assert metrics["force_mae_meV_per_A"] > 0

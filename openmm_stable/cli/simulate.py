@@ -42,8 +42,9 @@ def register(subparsers) -> None:
     p.add_argument("--time", type=float, default=10.0, help="ps per replica (default 10)")
     p.add_argument("--check-interval", type=float, default=0.1, help="ps between stability checks (default 0.1)")
     p.add_argument("--stability", choices=STABILITY_KINDS, default="auto",
-                   help="stability criterion: bond-length deviation, minimum intermolecular distance, or auto "
-                        "(min_distance for periodic data, bonds otherwise; default)")
+                   help="stability criterion: bond-length deviation, minimum intermolecular distance, minimum "
+                        "non-bonded distance (also inside molecules), or auto (min_distance for periodic data, "
+                        "bonds otherwise; default)")
     p.add_argument("--bond-threshold", type=float, default=0.5, help="A (default 0.5)")
     p.add_argument("--min-distance-threshold", type=float, default=WATER_MIN_DISTANCE_THRESHOLD,
                    help=f"A (default {WATER_MIN_DISTANCE_THRESHOLD})")

@@ -57,7 +57,7 @@ class StableConfig:
     epoch_ps: float = 1.0  # simulated time per replica per epoch
     frame_interval_ps: float = 0.05  # stability checks and estimator samples
     equilibration_ps: float = 0.1  # learning phase: frames before this are not samples
-    stability: str = "auto"  # "bonds", "min_distance", or "auto": min_distance for periodic data
+    stability: str = "auto"  # "bonds", "min_distance", "min_nonbonded_distance"; "auto": min_distance if periodic
     bond_threshold: float = TRAINING_BOND_THRESHOLD
     min_distance_threshold: float = WATER_MIN_DISTANCE_THRESHOLD
     unstable_fraction: float = 0.75  # fraction of failed replicas that starts learning
