@@ -25,7 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402,F401  (one thread per pool, repository on sys.path)
 
 import argparse  # noqa: E402
-import copy  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 
@@ -137,9 +136,8 @@ def main(argv=None) -> dict:
     def run_refine():
         if (refine_out / "model.pt").exists() and (refine_out / "metrics.json").exists():
             return load_model(refine_out / "model.pt")
-        # refine() trains the model it is given in place: hand it a copy, keep the pre-trained one
-        return refine(copy.deepcopy(models["pretrained"]), data, rconfig, refine_out, reference=traj, resume=True,
-                      progress=False)[0]
+        return refine(models["pretrained"], data, rconfig, refine_out, reference=traj, resume=True,
+                      progress=False)[0]  # refine trains a copy: models["pretrained"] stays as it was
     models["refined"] = timed("refine_s", run_refine)
 
     metrics = {}
