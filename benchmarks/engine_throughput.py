@@ -52,6 +52,9 @@ TIMESTEP_FS = 0.5
 FRICTION_PER_PS = 1.0
 TARGET_R = 32
 TARGETS = {"batched/bare": 1.0, "batched/per-replica": 2.0}
+# Ratios within this fraction below a target are reported as "within noise": the spread of
+# the per-chunk rates of one runner (interquartile range) is a few per cent on a quiet core.
+NOISE = 0.03
 
 
 # --- runners ---------------------------------------------------------------------------------
@@ -355,9 +358,11 @@ def _summary_for(results: list[dict], clock: str) -> dict:
         if row["system"] == first_system and row["replicas"] == TARGET_R and row["arch"] in SCHNET_FAMILY:
             for name, threshold in TARGETS.items():
                 value = row[name]
+                met = bool(np.isfinite(value) and value >= threshold)
+                near = bool(np.isfinite(value) and value >= threshold * (1 - NOISE))
                 targets.append({"system": row["system"], "arch": row["arch"], "replicas": TARGET_R, "ratio": name,
-                                "clock": clock, "value": value, "target": threshold,
-                                "met": bool(np.isfinite(value) and value >= threshold)})
+                                "clock": clock, "value": value, "target": threshold, "met": met,
+                                "status": "yes" if met else (f"within noise ({NOISE:.0%})" if near else "NO")})
     return {"ratios": ratios, "schnet_vs_graph_network": family, "targets": targets}
 
 
@@ -401,7 +406,8 @@ def print_report(payload: dict) -> None:
         print(f"\ntargets (R = {TARGET_R}, SchNet type)\n")
         print(format_table(["system", "arch", "ratio", "clock", "value", "target", "met"],
                            [[t["system"], t["arch"], t["ratio"], t["clock"], t["value"], f">= {t['target']:g}",
-                             "yes" if t["met"] else "NO"] for t in summary["targets"] + summary["targets_wall"]]))
+                             t.get("status", "yes" if t["met"] else "NO")]
+                            for t in summary["targets"] + summary["targets_wall"]]))
 
 
 STYLE = {"batched": ("C0", "o", "-"), "bare": ("k", "s", "--"), "bare-guarded": ("0.5", "s", ":"),
@@ -478,6 +484,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         payload = json.loads(args.plot_only.read_text())
         payload["summary"] = summarise(payload["results"])
         out_dir, name = args.plot_only.parent, args.plot_only.stem
+        write_json(args.plot_only, payload)  # the summary, recomputed by this version
     else:
         payload = run(args)
         out_dir, name = args.out, args.name

@@ -419,6 +419,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         payload = json.loads(args.plot_only.read_text())
         payload["summary"] = summarise(payload)
         out_dir, name = args.plot_only.parent, args.plot_only.stem
+        write_json(args.plot_only, payload)  # the summary, recomputed by this version
     else:
         payload = run(args)
         out_dir, name = args.out, args.name
