@@ -454,13 +454,17 @@ def plot(payload: dict, out_dir: Path, name: str) -> list[Path]:
         r_common = sorted({r["replicas"] for r in results if r["system"] == systems[-1]})
         fig, axes = plt.subplots(1, len(archs), figsize=(4.2 * len(archs), 3.8), squeeze=False, sharey=True)
         for ax, arch in zip(axes[0], archs):
-            for method in methods:
-                for R, alpha in zip(reversed(r_common), (1.0, 0.45, 0.3)):
-                    pts = sorted((r["n_atoms"], r[RATE_KEYS["cpu"]]) for r in results
-                                 if r["arch"] == arch and r["method"] == method and r["replicas"] == R)
-                    if pts:
-                        c, mk, ls = STYLE[method]
-                        ax.plot(*zip(*pts), color=c, marker=mk, linestyle=ls, alpha=alpha, label=f"{method} R={R}")
+            # Every method at the largest common R; the batched engine also at the smallest
+            # (at R = 1 all methods but ASE coincide).
+            lines = [(m, r_common[-1], 1.0) for m in methods if m != "bare-guarded"]
+            if len(r_common) > 1 and "batched" in methods:
+                lines.append(("batched", r_common[0], 0.4))
+            for method, R, alpha in lines:
+                pts = sorted((r["n_atoms"], r[RATE_KEYS["cpu"]]) for r in results
+                             if r["arch"] == arch and r["method"] == method and r["replicas"] == R)
+                if pts:
+                    c, mk, ls = STYLE[method]
+                    ax.plot(*zip(*pts), color=c, marker=mk, linestyle=ls, alpha=alpha, label=f"{method} R={R}")
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_title(arch)
