@@ -26,6 +26,9 @@ from pathlib import Path
 import numpy as np
 
 
+STAGES = ("generate", "pretrain", "refine")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="runs/stability", help="data, models and runs (not committed)")
@@ -45,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--horizon-ps", type=float, default=10.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every stage")
+    p.add_argument("--stop-after", choices=STAGES, default=None,
+                   help="stop once this stage is done (run the rest later with the same --workdir)")
     args = p.parse_args(argv)
     if args.quick:
         args.frames, args.stride, args.small, args.large, args.test = 160, 5, 40, 100, 30
@@ -94,6 +99,8 @@ def main(argv=None) -> dict:
                                     timestep_fs=0.5, stride=args.stride, seed=args.seed + 7,
                                     resume=Path(str(traj_path) + ".partial.extxyz").exists(), progress=False)
     traj = timed("generate_s", make_traj)
+    if args.stop_after == "generate":
+        return {"stopped_after": "generate", "timings_s": timings}
     n = len(traj)
     if n < args.large + args.test:
         raise SystemExit(f"trajectory has {n} frames; need large + test = {args.large + args.test}")
@@ -120,6 +127,8 @@ def main(argv=None) -> dict:
             resume = (out / "checkpoint_last.pt").exists()
             return pretrain(sets[name], config, out, progress=False, resume=resume)[0]
         models[f"pretrained-{name}"] = timed(f"pretrain_{name}_s", run_pretrain)
+    if args.stop_after == "pretrain":
+        return {"stopped_after": "pretrain", "timings_s": timings}
 
     stage("StABlE refinement of the small model")
     refine_out = work / "refine_small"
@@ -138,6 +147,8 @@ def main(argv=None) -> dict:
         return refine(models["pretrained-small"], sets["small"], rconfig, refine_out, reference=traj,
                       resume=True, progress=False)[0]
     models["stable-small"] = timed("refine_s", run_refine)
+    if args.stop_after == "refine":
+        return {"stopped_after": "refine", "timings_s": timings}
 
     runs = {}
     for label, model in models.items():

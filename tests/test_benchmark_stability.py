@@ -13,11 +13,26 @@ def test_stability_replication_quick(tmp_path, monkeypatch):
     pytest.importorskip("tblite")
     script = ROOT / "benchmarks" / "stability_replication.py"
     results = tmp_path / "results" / "stability_quick"
-    monkeypatch.setattr(sys, "argv", [str(script), "--quick", "--workdir", str(tmp_path / "work"),
-                                      "--results", str(results)])
+    work = tmp_path / "work"
+    argv = [str(script), "--quick", "--workdir", str(work), "--results", str(results)]
+
+    # first part of a run that spans sessions: stops after pre-training
+    monkeypatch.setattr(sys, "argv", argv + ["--stop-after", "pretrain"])
     with pytest.raises(SystemExit) as done:
         runpy.run_path(str(script), run_name="__main__")
     assert done.value.code == 0
+    assert (work / "pretrain_large" / "model.pt").exists()
+    assert not (work / "refine_small").exists() and not results.with_suffix(".json").exists()
+    done_before = json.loads((work / "timings.json").read_text())
+    assert set(done_before) == {"generate_s", "pretrain_small_s", "pretrain_large_s"}
+
+    # the rest: finished stages are loaded, not redone
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(script), run_name="__main__")
+    assert done.value.code == 0
+    timings = json.loads((work / "timings.json").read_text())
+    assert {k: timings[k] for k in done_before} == done_before
     summary = json.loads(results.with_suffix(".json").read_text())
     assert set(summary["metrics"]) == {"pretrained-small", "pretrained-large", "stable-small"}
     for metrics in summary["metrics"].values():
