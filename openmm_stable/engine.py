@@ -19,6 +19,7 @@ from openmm_stable.models.base import check_cutoff_fits_box
 from openmm_stable.units import BOLTZMANN_EV_PER_K, EV_IN_KJ_PER_MOL, NM_IN_ANGSTROM
 
 INTEGRATORS = ("langevin", "nose-hoover")
+FALLBACK_TEMPERATURE_K = 500.0  # MD17's temperature: the default when a dataset records none
 LAYOUTS = ("batched", "per-replica")
 
 
@@ -45,6 +46,28 @@ class EngineConfig:
     @property
     def timestep_ps(self) -> float:
         return self.timestep_fs * 1e-3
+
+
+def dataset_temperature(dataset, fallback: float = FALLBACK_TEMPERATURE_K, log=None) -> float:
+    """The temperature (K) a dataset's frames were sampled at: the default temperature of
+    `simulate` and `refine` (an explicit --temperature wins). Generated datasets record
+    it (``dataset.temperature``, or ``metadata["temperature_K"]`` in older files); for a
+    dataset without one, `fallback` (500 K) is used and a line saying so goes to `log`
+    (stderr by default)."""
+    import math
+    import sys
+
+    for value in (getattr(dataset, "temperature", None), (getattr(dataset, "metadata", None) or {}).get("temperature_K")):
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(value) and value > 0:
+            return value
+    message = (f"{getattr(dataset, 'source', 'the dataset')}: no sampling temperature recorded; simulating at "
+               f"{fallback:g} K (pass --temperature to choose another)")
+    print(message, file=log or sys.stderr)
+    return float(fallback)
 
 
 def default_platform_name() -> str:

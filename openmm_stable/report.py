@@ -45,6 +45,19 @@ def plot_curves(x: np.ndarray, curves: Mapping[str, np.ndarray], path, xlabel: s
     return _save(fig, path)
 
 
+def plot_series(series: Mapping[str, tuple], path, xlabel: str, ylabel: str) -> Path:
+    """Curves with their own x values, e.g. a VACF and a reference sampled more coarsely:
+    series = {"model": (t, c), "reference": (t_ref, c_ref)}; a zero line for orientation."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for label, (x, y) in series.items():
+        ax.plot(np.asarray(x), np.asarray(y), marker="." if len(x) < 60 else None, label=label)
+    ax.axhline(0.0, color="k", lw=0.5)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    ax.legend()
+    return _save(fig, path)
+
+
 def plot_bond_deviation(times_ps: np.ndarray, deviations: np.ndarray, threshold: float, path,
                         ylabel: str = "max |bond - reference| (A)") -> Path:
     """A stability criterion's value per replica against time (by default the largest

@@ -5,7 +5,9 @@ Runs R replicas with the `ReplicaEngine`, checks the stability criterion every
 distance for periodic boxes: `openmm_stable.stability.make_criterion`), records each
 replica's time of first instability, and compares observables over the stable parts of
 the trajectories with the (reweighted) reference: h(r) for a molecule; element-pair RDFs
-and the molecular self-diffusivity for a periodic box (a liquid).
+and the molecular self-diffusivity for a periodic box (a liquid). Velocities are saved
+every ``vacf_interval_ps`` (finer than the checks) for the velocity autocorrelation
+function (VACF) of the stable parts.
 A replica that fails is reset to its starting frame and counted as failed from then on
 (frozen): it cannot disturb the others, which run on.
 """
@@ -25,7 +27,7 @@ from openmm_stable.data.dataset import QMDataset
 from openmm_stable.engine import EngineConfig, ReplicaEngine, masses_amu
 from openmm_stable.observables import (A2_PER_PS_IN_CM2_PER_S, HrObservable, RdfObservable, diffusivity,
                                        element_pair_list, half_box_width, mean_squared_displacement, pair_label,
-                                       reference_from_dataset, unwrap)
+                                       reference_from_dataset, unwrap, vacf)
 from openmm_stable.stability import (EVALUATION_BOND_THRESHOLD, STABILITY_KINDS, WATER_MIN_DISTANCE_THRESHOLD,
                                      StabilityCriterion, first_instability_time, make_criterion, molecule_ids,
                                      resolve_stability)
@@ -43,6 +45,8 @@ class SimulationConfig:
     hr_bins: int = 200
     rdf_r_max: float = 6.0  # periodic data; capped just below half the box
     rdf_bins: int = 120
+    vacf_interval_ps: Optional[float] = 0.0025  # velocities saved this often for the VACF; None: no VACF
+    vacf_max_lag_ps: float = 1.0  # longest VACF lag (and at most half of a replica's stable part)
     seed: int = 0
     write_trajectories: bool = False
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
@@ -54,6 +58,8 @@ class SimulationConfig:
             raise ValueError("n_replicas, time_ps and check_interval_ps must be positive")
         if self.stability not in STABILITY_KINDS:
             raise ValueError(f"unknown stability criterion {self.stability!r}; known: {', '.join(STABILITY_KINDS)}")
+        if self.vacf_interval_ps is not None and not (self.vacf_interval_ps > 0 and self.vacf_max_lag_ps > 0):
+            raise ValueError("vacf_interval_ps (or None) and vacf_max_lag_ps must be positive")
 
     @property
     def steps_per_check(self) -> int:
@@ -62,6 +68,16 @@ class SimulationConfig:
     @property
     def n_checks(self) -> int:
         return max(1, round(self.time_ps / (self.steps_per_check * self.engine.timestep_ps)))
+
+    @property
+    def steps_per_velocity(self) -> Optional[int]:
+        """MD steps between saved velocities: the divisor of `steps_per_check` closest to
+        `vacf_interval_ps` (so that velocities are equally spaced); None without VACF."""
+        if self.vacf_interval_ps is None:
+            return None
+        wanted = self.vacf_interval_ps / self.engine.timestep_ps
+        divisors = [d for d in range(1, self.steps_per_check + 1) if self.steps_per_check % d == 0]
+        return min(divisors, key=lambda d: (abs(d - wanted), d))
 
 
 @dataclasses.dataclass
@@ -74,6 +90,12 @@ class SimulationResult:
     replica_steps_per_s: float
     wall_time_s: float
     platform: str
+    velocities: Optional[np.ndarray] = None  # (T * per_check, R, N, 3) A/ps, float32, every velocity_interval_ps
+    velocity_interval_ps: Optional[float] = None
+
+    @property
+    def velocities_per_check(self) -> int:
+        return 0 if self.velocities is None else self.velocities.shape[0] // self.stable_mask.shape[0]
 
 
 def initial_frames(dataset: QMDataset, n_replicas: int, seed: int) -> np.ndarray:
@@ -98,11 +120,20 @@ def run_replicas(model: nn.Module, dataset: QMDataset, config: SimulationConfig,
     deviations = np.empty((n_checks, R))
     failed = np.zeros(R, dtype=bool)
     stable_mask = np.empty((n_checks, R), dtype=bool)
+    v_steps = config.steps_per_velocity
+    per_check = steps // v_steps if v_steps else 0
+    velocities = np.empty((n_checks * per_check, R, dataset.n_atoms, 3), dtype=np.float32) if v_steps else None
     t0 = time.perf_counter()
     bar = tqdm(range(n_checks), desc="simulate", unit="chk", disable=not progress, leave=False)
     for c in bar:
-        engine.step(steps)
-        pos, _ = engine.get_states()
+        if v_steps:
+            for s in range(per_check):
+                engine.step(v_steps)
+                pos, vel = engine.get_states()
+                velocities[c * per_check + s] = vel
+        else:
+            engine.step(steps)
+            pos, _ = engine.get_states()
         dev = criterion(torch.as_tensor(pos)).numpy()
         newly = ~failed & criterion.unstable(torch.as_tensor(dev)).numpy()
         failed |= newly
@@ -116,7 +147,8 @@ def run_replicas(model: nn.Module, dataset: QMDataset, config: SimulationConfig,
     unstable_flags = ~stable_mask
     stable_time = first_instability_time(unstable_flags, times).numpy()
     return SimulationResult(times, positions, deviations, stable_time, stable_mask,
-                            R * n_checks * steps / wall, wall, engine.platform_name)
+                            R * n_checks * steps / wall, wall, engine.platform_name, velocities,
+                            v_steps * config.engine.timestep_ps if v_steps else None)
 
 
 def hr_comparison(result: SimulationResult, dataset: QMDataset, reference: Optional[QMDataset],
@@ -208,6 +240,111 @@ def diffusivity_comparison(result: SimulationResult, dataset: QMDataset, referen
     return out
 
 
+# Reference velocities saved further apart than this resolve neither a VACF's first minimum
+# nor its integral (liquid water: O-H stretch period ~10 fs, molecular VACF minimum ~0.1 ps).
+VACF_MAX_REFERENCE_INTERVAL_PS = 0.01
+
+
+def vacf_over_segments(segments: list, max_lag: int) -> np.ndarray:
+    """Unnormalised VACF (A^2/ps^2) at lags 0..L averaged over every time origin, particle
+    and segment: segments are (T_r, N, 3) velocity series of one spacing (each replica's
+    stable part). A segment contributes lags up to half its length; L <= max_lag is the
+    longest lag any segment gives."""
+    total, count = np.zeros(max_lag + 1), np.zeros(max_lag + 1)
+    for v in segments:
+        lag = min(max_lag, len(v) // 2)
+        if lag < 1:
+            continue
+        c = vacf(torch.as_tensor(np.asarray(v), dtype=torch.float64), lag, normalize=False).numpy()
+        n = len(v) - np.arange(lag + 1)
+        total[:lag + 1] += c * n
+        count[:lag + 1] += n
+    return total[count > 0] / count[count > 0]
+
+
+def first_minimum(curve: np.ndarray, drop: float = 0.01) -> Optional[int]:
+    """Index of the first local minimum of a curve after lag 0 that lies at least `drop`
+    x |curve[0]| below curve[0] (so rounding noise on a flat curve is no minimum); None
+    if there is none (a curve that only falls, or stays flat)."""
+    c = np.asarray(curve, dtype=float)
+    for k in range(1, len(c) - 1):
+        if c[k] < c[k - 1] and c[k] <= c[k + 1] and c[k] <= c[0] - drop * abs(c[0]):
+            return k
+    return None
+
+
+def green_kubo_diffusivity(curve: np.ndarray, dt_ps: float, dim: int = 3) -> float:
+    """D = (1/dim) * integral of <v(0).v(t)> dt (trapezoid over the curve's lags), A^2/ps."""
+    c = np.asarray(curve, dtype=float)
+    return float(dt_ps * (c.sum() - 0.5 * (c[0] + c[-1])) / dim)
+
+
+def molecular_velocities(velocities: np.ndarray, molecules: np.ndarray, masses: np.ndarray) -> np.ndarray:
+    """Centre-of-mass velocities (..., M, 3) of the molecules in (..., N, 3) velocities,
+    relative to the box's centre-of-mass velocity (see `molecular_diffusivity`)."""
+    v = np.asarray(velocities, dtype=np.float64)
+    m = np.asarray(masses, dtype=np.float64)
+    ids = np.asarray(molecules)
+    one_hot = np.zeros((ids.size, int(ids.max()) + 1))
+    one_hot[np.arange(ids.size), ids] = m
+    momenta = np.einsum("...ni,nm->...mi", v, one_hot)
+    com = momenta / one_hot.sum(0)[:, None]
+    return com - (momenta.sum(-2) / m.sum())[..., None, :]
+
+
+def vacf_comparison(result: SimulationResult, dataset: QMDataset, reference: Optional[QMDataset],
+                    config: SimulationConfig) -> dict:
+    """VACF of the stable parts: all atoms (normalised, C(t)/C(0)), its first minimum, and
+    for a periodic box the Green-Kubo self-diffusivity of molecular centres of mass (A^2/ps).
+
+    A reference with velocities at the run's temperature gives its own normalised curve at
+    its spacing, and `vacf_mae`, the mean |model - reference| at the reference's lags
+    (t > 0) when its spacing is a multiple of ours; its first minimum and diffusivity only
+    when its spacing resolves them (<= VACF_MAX_REFERENCE_INTERVAL_PS)."""
+    out: dict = {}
+    if result.velocities is None:
+        return out
+    dt = float(result.velocity_interval_ps)
+    max_lag = max(1, round(config.vacf_max_lag_ps / dt))
+    lengths = result.stable_mask.sum(0) * result.velocities_per_check
+    segments = [result.velocities[:n, k] for k, n in enumerate(lengths) if n >= 4]
+    periodic = dataset.periodic
+    if periodic:
+        molecules, masses = molecule_ids(dataset), masses_amu(dataset.atomic_numbers)
+    if segments:
+        c = vacf_over_segments(segments, max_lag)
+        out["lag_ps"], out["model"] = np.arange(len(c)) * dt, c / c[0]
+        k = first_minimum(out["model"])
+        out["first_minimum_ps"] = None if k is None else k * dt
+        if periodic:
+            c_mol = vacf_over_segments([molecular_velocities(v, molecules, masses) for v in segments], max_lag)
+            out["model_molecular"] = c_mol
+            out["diffusivity"] = green_kubo_diffusivity(c_mol, dt)
+    if reference is None or reference.velocities is None or reference.times is None or len(reference) < 8:
+        return out
+    steps = np.diff(reference.times)
+    same_t = reference.temperature is None or abs(reference.temperature - config.engine.temperature_K) < 1e-6
+    if not (same_t and np.allclose(steps, steps[0], rtol=1e-3, atol=0)):
+        return out
+    dt_ref = float(steps[0])
+    c_ref = vacf_over_segments([reference.velocities], max(1, round(config.vacf_max_lag_ps / dt_ref)))
+    out["reference_lag_ps"], out["reference"] = np.arange(len(c_ref)) * dt_ref, c_ref / c_ref[0]
+    ratio = dt_ref / dt
+    if "model" in out and ratio >= 1 and abs(ratio - round(ratio)) < 1e-6:
+        model_at_ref = out["model"][::round(ratio)]
+        n = min(len(model_at_ref), len(out["reference"]))
+        if n > 1:
+            out["vacf_mae"] = float(np.abs(model_at_ref[1:n] - out["reference"][1:n]).mean())
+    if dt_ref <= VACF_MAX_REFERENCE_INTERVAL_PS:
+        k = first_minimum(out["reference"])
+        out["reference_first_minimum_ps"] = None if k is None else k * dt_ref
+        if periodic:
+            c_ref_mol = vacf_over_segments([molecular_velocities(reference.velocities, molecules, masses)],
+                                           max(1, round(config.vacf_max_lag_ps / dt_ref)))
+            out["reference_diffusivity"] = green_kubo_diffusivity(c_ref_mol, dt_ref)
+    return out
+
+
 def check_molecules(dataset: QMDataset, reference: Optional[QMDataset] = None,
                     model_atomic_numbers: Optional[np.ndarray] = None) -> None:
     """Raise ValueError when the reference data (h(r) is only comparable for the same
@@ -274,6 +411,7 @@ def simulate(model: nn.Module, dataset: QMDataset, config: SimulationConfig, out
         if curves:
             report.plot_curves(hr["r"], curves, out / "hr.png", "r (A)", "h(r) (1/A)")
         np.savez_compressed(out / "hr.npz", **{k: v for k, v in hr.items() if isinstance(v, np.ndarray)})
+    metrics.update(_vacf_outputs(result, dataset, reference, config, out))
     if test_set is not None:
         from openmm_stable.training.batching import evaluate
 
@@ -320,6 +458,37 @@ def _periodic_observables(result: SimulationResult, dataset: QMDataset, referenc
     return metrics
 
 
+def _vacf_outputs(result: SimulationResult, dataset: QMDataset, reference: Optional[QMDataset],
+                  config: SimulationConfig, out: Path) -> dict:
+    """VACF summary for metrics.json; writes vacf.npz, vacf.csv and vacf.png."""
+    from openmm_stable import report
+
+    v = vacf_comparison(result, dataset, reference, config)
+    if not v:
+        return {}
+    metrics: dict = {"vacf_interval_ps": result.velocity_interval_ps}
+    names = {"first_minimum_ps": "vacf_first_minimum_ps", "reference_first_minimum_ps": "reference_vacf_first_minimum_ps",
+             "vacf_mae": "vacf_mae"}
+    metrics.update({name: v[key] for key, name in names.items() if key in v})
+    for key, name in (("diffusivity", "vacf_diffusivity_cm2_per_s"),
+                      ("reference_diffusivity", "reference_vacf_diffusivity_cm2_per_s")):
+        if key in v:
+            metrics[name] = v[key] * A2_PER_PS_IN_CM2_PER_S
+    np.savez_compressed(out / "vacf.npz", **{k: np.asarray(x) for k, x in v.items() if isinstance(x, np.ndarray)})
+    if "model" in v:
+        from openmm_stable.io import write_csv
+
+        ref = dict(zip(np.round(v.get("reference_lag_ps", []), 9), v.get("reference", [])))
+        rows = [{"lag_ps": f"{t:.6g}", "model": f"{c:.6g}", "reference": ref.get(round(t, 9))}
+                for t, c in zip(v["lag_ps"], v["model"])]
+        write_csv(out / "vacf.csv", rows, ["lag_ps", "model", "reference"])
+    series = {name: (v[lag], v[name]) for name, lag in (("model", "lag_ps"), ("reference", "reference_lag_ps"))
+              if name in v}
+    if series:
+        report.plot_series(series, out / "vacf.png", "t (ps)", "VACF C(t)/C(0), all atoms")
+    return metrics
+
+
 def write_trajectories(folder, atomic_numbers, result: SimulationResult) -> list[Path]:
     """One DCD per replica (mdtraj), plus a PDB topology to read them with."""
     import mdtraj
@@ -356,6 +525,19 @@ def summary(metrics: dict) -> str:
         ref = metrics.get("reference_diffusivity_cm2_per_s")
         lines.append(f"diffusivity: {metrics['diffusivity_cm2_per_s']:.3g} cm^2/s"
                      + (f" (reference {ref:.3g})" if ref is not None else ""))
+    if "vacf_interval_ps" in metrics:
+        parts = [f"VACF first minimum: {_fmt_ps(metrics.get('vacf_first_minimum_ps'))}"]
+        if "reference_vacf_first_minimum_ps" in metrics:
+            parts.append(f"(reference {_fmt_ps(metrics['reference_vacf_first_minimum_ps'])})")
+        if "vacf_mae" in metrics:
+            parts.append(f" MAE vs reference {metrics['vacf_mae']:.3f}")
+        if "vacf_diffusivity_cm2_per_s" in metrics:
+            parts.append(f" Green-Kubo D {metrics['vacf_diffusivity_cm2_per_s']:.3g} cm^2/s")
+        lines.append(" ".join(parts))
     if "force_mae_meV_per_A" in metrics:
         lines.append(f"test force MAE: {metrics['force_mae_meV_per_A']:.1f} meV/A  energy MAE: {metrics['energy_mae_meV']:.1f} meV")
     return "\n".join(lines)
+
+
+def _fmt_ps(value) -> str:
+    return "none" if value is None else f"{value:.3g} ps"

@@ -17,7 +17,9 @@ from openmm_stable.cli import main
 from openmm_stable.data import QMDataset, save_dataset
 from openmm_stable.engine import EngineConfig, masses_amu, maxwell_boltzmann
 from openmm_stable.models import save_model
-from openmm_stable.simulate import SimulationConfig, initial_frames, run_replicas, simulate, write_trajectories
+from openmm_stable.observables import vacf
+from openmm_stable.simulate import (SimulationConfig, first_minimum, green_kubo_diffusivity, initial_frames,
+                                    run_replicas, simulate, vacf_comparison, vacf_over_segments, write_trajectories)
 from openmm_stable.stability import BondDeviationCriterion
 
 from test_engine import NaNBeyond, ZeroModel
@@ -131,6 +133,18 @@ def test_simulate_outputs(pretrained_ethanol_model, xtb_ethanol, tmp_path):
     with np.load(tmp_path / "hr.npz") as hr:
         assert {"r", "model", "reference"} <= set(hr.files)
         assert np.trapezoid(hr["model"], hr["r"]) == pytest.approx(1.0, abs=0.02)
+    # VACF: velocities every 2.5 fs; the xTB reference has them every 5 fs, fine enough for
+    # its own first minimum and for a comparison at its lags. No diffusivity for a molecule.
+    assert saved["vacf_interval_ps"] == pytest.approx(0.0025)
+    assert 0 < saved["vacf_first_minimum_ps"] < 0.05 and 0 < saved["reference_vacf_first_minimum_ps"] < 0.05
+    assert 0 < saved["vacf_mae"] < 0.5 and "vacf_diffusivity_cm2_per_s" not in saved
+    with np.load(tmp_path / "vacf.npz") as v:
+        assert v["model"][0] == 1.0 and v["reference"][0] == pytest.approx(1.0)
+        assert v["lag_ps"][-1] == pytest.approx(0.05)  # half of the 0.1 ps run
+    rows = (tmp_path / "vacf.csv").read_text().splitlines()
+    assert rows[0] == "lag_ps,model,reference" and len(rows) == 1 + 21
+    assert rows[3].split(",")[2] != "" and rows[2].split(",")[2] == ""  # reference at 5 fs lags only
+    assert (tmp_path / "vacf.png").stat().st_size > 1000
 
     import mdtraj
 
@@ -142,6 +156,58 @@ def test_simulate_outputs(pretrained_ethanol_model, xtb_ethanol, tmp_path):
         assert ((cc > 1.3) & (cc < 1.8)).all()  # a C-C bond, in Angstrom after nm -> A
 
 
+# --- VACF ---------------------------------------------------------------------------------------
+def test_free_flight_vacf_is_flat(ethanol):
+    """No forces, no friction: every velocity stays v0, so the saved velocities are the
+    drawn ones and the VACF is C(0) at every lag (no minimum)."""
+    z, pos = ethanol
+    dataset = QMDataset(z, pos[None].repeat(4, 0), temperature=500.0, source="ethanol")
+    config = ballistic_config(vacf_interval_ps=0.001, stability="bonds", bond_threshold=10.0)
+    result = run_replicas(ZeroModel(), dataset, config, progress=False)
+    assert result.velocity_interval_ps == pytest.approx(0.001) and result.velocities_per_check == 5
+    assert result.velocities.shape == (config.n_checks * 5, 4, len(z), 3) and result.stable_mask.all()
+    v0 = maxwell_boltzmann(masses_amu(z), 500.0, 4, config.engine.seed)
+    np.testing.assert_allclose(result.velocities, np.broadcast_to(v0, result.velocities.shape), rtol=1e-5, atol=1e-4)
+    out = vacf_comparison(result, dataset, None, config)
+    np.testing.assert_allclose(out["model"], 1.0, rtol=1e-6)
+    assert out["first_minimum_ps"] is None and len(out["model"]) == 51  # lags up to half of 100 frames
+
+
+def test_vacf_over_segments_pools_time_origins(rng):
+    """Segments of different lengths: each lag averages v(t).v(t+lag) over every origin of
+    every segment at least twice that long (brute force)."""
+    segments = [rng.normal(size=(40, 3, 3)), rng.normal(size=(25, 3, 3)), rng.normal(size=(3, 3, 3))]
+    pooled = vacf_over_segments(segments, max_lag=15)
+    assert len(pooled) == 16  # the longest segment gives lags up to 20, capped at 15
+    for lag in range(16):
+        products = [np.einsum("tni,tni->tn", v[:len(v) - lag], v[lag:]).reshape(-1)
+                    for v in segments if lag <= len(v) // 2]
+        assert pooled[lag] == pytest.approx(np.concatenate(products).mean(), rel=1e-10)
+    np.testing.assert_allclose(vacf_over_segments(segments[:1], 20),
+                               vacf(segments[0], 20, normalize=False).numpy(), rtol=1e-10)
+
+
+def test_green_kubo_diffusivity_of_an_ornstein_uhlenbeck_process(rng):
+    """Langevin velocities v' = -gamma v + noise: VACF sigma^2 exp(-gamma t), so the
+    Green-Kubo integral gives D = sigma^2 / gamma; the MSD of the integrated path agrees."""
+    from openmm_stable.observables import diffusivity, mean_squared_displacement
+
+    gamma, sigma, dt, steps, particles = 5.0, 2.0, 0.01, 3000, 300
+    a = np.exp(-gamma * dt)
+    v = np.empty((steps, particles, 3))
+    v[0] = rng.normal(0.0, sigma, size=(particles, 3))
+    noise = rng.normal(0.0, sigma * np.sqrt(1 - a * a), size=(steps, particles, 3))
+    for t in range(1, steps):
+        v[t] = a * v[t - 1] + noise[t]
+    c = vacf_over_segments([v], max_lag=200)  # 2 ps = 10 / gamma
+    assert green_kubo_diffusivity(c, dt) == pytest.approx(sigma**2 / gamma, rel=0.05)
+    x = np.cumsum(v, 0) * dt
+    d_msd = diffusivity(mean_squared_displacement(x, 400), dt)
+    assert d_msd == pytest.approx(green_kubo_diffusivity(c, dt), rel=0.1)
+    assert first_minimum(np.exp(-np.arange(50) * 0.1) * np.cos(np.arange(50) * 0.3)) is not None
+    assert first_minimum(np.exp(-np.arange(50) * 0.1)) is None
+
+
 # --- command line ------------------------------------------------------------------------------
 def cli_args(model, data, out, *extra):
     return ["simulate", str(model), "--data", str(data), "--out", str(out), "--replicas", "2", "--time", "0.05",
@@ -150,10 +216,12 @@ def cli_args(model, data, out, *extra):
 
 def test_cli_simulate(pretrained_ethanol_model_file, xtb_ethanol, tmp_path, capsys):
     out = tmp_path / "sim"
-    assert main(cli_args(pretrained_ethanol_model_file, xtb_ethanol.source, out, "--trajectories")) == 0
+    assert main(cli_args(pretrained_ethanol_model_file, xtb_ethanol.source, out, "--trajectories",
+                         "--temperature", "450")) == 0
     printed = capsys.readouterr().out
-    assert "median stable time" in printed and "h(r) MAE" in printed
+    assert "median stable time" in printed and "h(r) MAE" in printed and "VACF first minimum" in printed
     metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["temperature_K"] == 450.0  # an explicit --temperature wins over the data's 500 K
     assert metrics["n_replicas"] == 2 and metrics["time_ps"] == pytest.approx(0.05)
     assert len(metrics["stable_time_ps"]) == 2 and "hr_mae" in metrics  # --data is the reference
     assert len(list((out / "trajectories").glob("replica_*.dcd"))) == 2

@@ -297,22 +297,32 @@ def test_simulate_water_writes_rdf_and_diffusivity(water, water_traj, tmp_path):
     assert rdf["r"].max() < 0.5 * water.box[0, 0] and {"model_O-H", "reference_H-H"} <= set(rdf.files)
     assert (tmp_path / "rdf.png").exists() and (tmp_path / "min_distance.png").exists()
     assert not (tmp_path / "hr.npz").exists()
+    # VACF: the reference trajectory's velocities (every 0.025 ps) are compared at their lags
+    # but are too sparse for their own first minimum or Green-Kubo integral
+    assert metrics["vacf_interval_ps"] == pytest.approx(0.0025) and 0 < metrics["vacf_mae"] < 1
+    assert 0 < metrics["vacf_first_minimum_ps"] < 0.1
+    # Green-Kubo (integral of the molecular VACF) and Einstein (MSD slope) on the same runs
+    assert metrics["vacf_diffusivity_cm2_per_s"] == pytest.approx(metrics["diffusivity_cm2_per_s"], rel=0.3)
+    assert "reference_vacf_first_minimum_ps" not in metrics and "reference_vacf_diffusivity_cm2_per_s" not in metrics
+    assert (tmp_path / "vacf.csv").exists() and "model_molecular" in np.load(tmp_path / "vacf.npz").files
 
 
 def test_simulate_and_refine_cli_on_water(water_files, water_model_file, tmp_path):
     data, traj = map(str, water_files)
+    # no --temperature: the 300 K that water.npz records, not the molecular default of 500 K
     code = main(["simulate", str(water_model_file), "--data", data, "--reference", traj, "--test-data", traj,
-                 "--temperature", "300", "--replicas", "2", "--time", "0.2", "--check-interval", "0.02",
+                 "--replicas", "2", "--time", "0.2", "--check-interval", "0.02",
                  "--min-distance-threshold", "1.1", "--out", str(tmp_path / "sim"), "--no-progress"])
     assert code == 0
     metrics = json.loads((tmp_path / "sim" / "metrics.json").read_text())
+    assert metrics["temperature_K"] == 300.0
     assert metrics["stability"] == "min_distance" and metrics["min_distance_threshold_A"] == 1.1
     assert metrics["reference_diffusivity_cm2_per_s"] > 0 and metrics["force_mae_meV_per_A"] > 0
     assert {"reference_O-O", "reference_O-H", "reference_H-H"} <= set(np.load(tmp_path / "sim" / "rdf.npz").files)
 
     (tmp_path / "refine.yaml").write_text(
         "n_replicas: 2\nepoch_ps: 0.1\nframe_interval_ps: 0.01\nequilibration_ps: 0.02\nmax_epochs: 2\n"
-        "unstable_fraction: 0.01\nmin_distance_threshold: 5.0\nengine: {temperature_K: 300.0}\n")
+        "unstable_fraction: 0.01\nmin_distance_threshold: 5.0\nengine: {platform: CPU}\n")
     code = main(["refine", str(water_model_file), "--data", data, "--reference", traj, "--config",
                  str(tmp_path / "refine.yaml"), "--out", str(tmp_path / "ref"), "--no-progress"])
     assert code == 0
@@ -321,6 +331,24 @@ def test_simulate_and_refine_cli_on_water(water_files, water_model_file, tmp_pat
     assert summary["observable"]["name"] == "rdf" and len(summary["observable"]["pairs"]) == 3
     assert summary["last_observable_loss"] is not None  # a learning step ran (threshold 5 A: all unstable)
     assert (tmp_path / "ref" / "model.pt").exists()
+    import yaml
+
+    assert yaml.safe_load((tmp_path / "ref" / "config.yaml").read_text())["engine"]["temperature_K"] == 300.0
+
+
+def test_default_temperature_from_the_dataset(water, capsys):
+    """The sampling temperature the file records; else metadata (older files); else 500 K
+    with a line saying so. An explicit --temperature is tested with the CLI."""
+    from openmm_stable.engine import dataset_temperature
+
+    assert dataset_temperature(water) == 300.0
+    old = QMDataset(water.atomic_numbers, water.positions[:2], box=water.box, metadata={"temperature_K": 310.0},
+                    source="old.npz")
+    assert dataset_temperature(old) == 310.0
+    bare = QMDataset(water.atomic_numbers, water.positions[:2], box=water.box, source="bare.npz")
+    assert dataset_temperature(bare) == 500.0
+    err = capsys.readouterr().err
+    assert "bare.npz: no sampling temperature recorded; simulating at 500 K" in err
 
 
 def test_estimator_sees_the_box(water, water_model_file, tmp_path):

@@ -36,7 +36,9 @@ def run(args) -> int:
     import dataclasses
 
     from openmm_stable.config import config_from_dict, config_from_yaml
+    from openmm_stable.config import read_yaml_mapping
     from openmm_stable.data import load_dataset
+    from openmm_stable.engine import dataset_temperature
     from openmm_stable.training.stable import StableConfig, refine
 
     overrides = {"max_epochs": args.epochs, "n_replicas": args.replicas, "epoch_ps": args.epoch_ps,
@@ -48,9 +50,14 @@ def run(args) -> int:
                         "integrator": args.integrator, "friction_per_ps": args.friction,
                         "platform": args.platform, "layout": args.layout}
     engine_overrides = {k: v for k, v in engine_overrides.items() if v is not None}
+    dataset = load_dataset(args.data)
+    # Temperature: --temperature, else the YAML file's engine.temperature_K, else the
+    # temperature the dataset was sampled at (500 K when it records none).
+    from_yaml = (read_yaml_mapping(args.config).get("engine") or {}) if args.config else {}
+    if "temperature_K" not in engine_overrides and from_yaml.get("temperature_K") is None:
+        engine_overrides["temperature_K"] = dataset_temperature(dataset)
     if engine_overrides:
         config.engine = dataclasses.replace(config.engine, **engine_overrides)
-    dataset = load_dataset(args.data)
     reference = load_dataset(args.reference) if args.reference else None
     _, summary = refine(args.model, dataset, config, args.out, reference=reference, resume=args.resume,
                         progress=not args.no_progress)

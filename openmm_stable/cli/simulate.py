@@ -1,11 +1,11 @@
 """`openmm-stable simulate MODEL --data DATA`: replica stability run with metrics and plots.
 
     openmm-stable simulate model.pt --data aspirin_xtb.npz --replicas 16 --time 10 --out sim/
-    openmm-stable simulate model.pt --data water.npz --reference water_traj.npz --temperature 300 --out sim/
+    openmm-stable simulate model.pt --data water.npz --reference water_traj.npz --out sim/   # at water.npz's 300 K
 """
 from __future__ import annotations
 
-from openmm_stable.engine import INTEGRATORS, LAYOUTS, EngineConfig
+from openmm_stable.engine import FALLBACK_TEMPERATURE_K, INTEGRATORS, LAYOUTS, EngineConfig
 from openmm_stable.stability import STABILITY_KINDS, WATER_MIN_DISTANCE_THRESHOLD
 
 
@@ -17,7 +17,9 @@ def add_engine_arguments(parser, defaults_from_config: bool = False) -> None:
     def default(value):
         return None if defaults_from_config else value
 
-    parser.add_argument("--temperature", type=float, default=default(d.temperature_K), help=f"K (default {d.temperature_K})")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="K (default: the temperature the --data frames were sampled at, as recorded in the file; "
+                             f"{FALLBACK_TEMPERATURE_K:g} K when it records none)")
     parser.add_argument("--timestep", type=float, default=default(d.timestep_fs), help=f"fs (default {d.timestep_fs})")
     parser.add_argument("--integrator", choices=INTEGRATORS, default=default(d.integrator))
     parser.add_argument("--friction", type=float, default=default(d.friction_per_ps),
@@ -27,8 +29,8 @@ def add_engine_arguments(parser, defaults_from_config: bool = False) -> None:
                         help="all replicas in one Context (batched) or one Context each")
 
 
-def engine_config(args) -> EngineConfig:
-    return EngineConfig(temperature_K=args.temperature, timestep_fs=args.timestep, integrator=args.integrator,
+def engine_config(args, temperature_K: float) -> EngineConfig:
+    return EngineConfig(temperature_K=temperature_K, timestep_fs=args.timestep, integrator=args.integrator,
                         friction_per_ps=args.friction, platform=args.platform, layout=args.layout, seed=args.seed)
 
 
@@ -59,6 +61,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from openmm_stable.cli.export import stored_atomic_numbers
     from openmm_stable.data import load_dataset
+    from openmm_stable.engine import dataset_temperature
     from openmm_stable.models import load_model
     from openmm_stable.simulate import SimulationConfig, check_molecules, simulate, summary
 
@@ -70,7 +73,9 @@ def run(args) -> int:
     config = SimulationConfig(n_replicas=args.replicas, time_ps=args.time, check_interval_ps=args.check_interval,
                               stability=args.stability, bond_threshold=args.bond_threshold,
                               min_distance_threshold=args.min_distance_threshold, seed=args.seed,
-                              write_trajectories=args.trajectories, engine=engine_config(args))
+                              write_trajectories=args.trajectories,
+                              engine=engine_config(args, args.temperature if args.temperature is not None
+                                                   else dataset_temperature(dataset)))
     metrics = simulate(model, dataset, config, args.out, reference=reference, test_set=test_set,
                        progress=not args.no_progress)
     print(summary(metrics))
