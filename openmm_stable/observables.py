@@ -279,6 +279,71 @@ def rdf(
     return counts * volume / (i.size * shell), bins.centres(frames.dtype, dev)
 
 
+def local_rdf(
+    positions: ArrayLike,
+    box: ArrayLike,
+    atomic_numbers: ArrayLike,
+    pair: tuple[int, int] = (8, 8),
+    r_max: float = 6.0,
+    n_bins: int = 120,
+    sigma: float = 0.0,
+    r_min: float = 0.0,
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Per-centre g(r) in a periodic box: for every atom c of element pair[0], the
+    distances from c to the atoms of element pair[1] (other than c), normalised like `rdf`
+    (g_c(r_b) = n_cb V / (M shell_b), M the number of partners). Returns (values (K, C,
+    n_bins), centre atom indices (C,)); the mean over centres is the frame's `rdf` exactly,
+    so each centre's local environment can serve as one sample of the same ensemble
+    average (StABlE's local-neighbourhood samples for liquids)."""
+    frames = _frames(positions)
+    b = _box_tensor(box, frames)
+    if b is None:
+        raise ValueError("local_rdf needs a periodic box")
+    if b.ndim > 2:
+        b = b.reshape(-1, 3, 3)
+    z = np.asarray(atomic_numbers).reshape(-1)
+    centres, others = np.flatnonzero(z == pair[0]), np.flatnonzero(z == pair[1])
+    partners = (np.stack([others[others != c] for c in centres]) if pair[0] == pair[1]
+                else np.tile(others, (centres.size, 1))).reshape(centres.size, -1)
+    if centres.size == 0 or partners.shape[1] == 0:
+        raise ValueError(f"no atom pairs of elements {pair} in this system")
+    K, (C, M) = frames.shape[0], partners.shape
+    dev = frames.device
+    d = _distances(frames, _as_index(np.repeat(centres, M), dev), _as_index(partners.reshape(-1), dev), b)
+    bins = Bins(r_min, r_max, n_bins)
+    counts = smeared_histogram(d.reshape(K * C, M), bins, sigma).reshape(K, C, n_bins)
+    edges = bins.edges(frames.dtype, dev)
+    shell = (4.0 / 3.0) * math.pi * (edges[1:] ** 3 - edges[:-1] ** 3)
+    volume = torch.linalg.det(b).abs().reshape(-1, 1, 1)
+    return counts * volume / (M * shell), centres
+
+
+def neighbourhood_members(positions: ArrayLike, box: Optional[ArrayLike], centres: ArrayLike,
+                          radius: float) -> torch.Tensor:
+    """(K, C, N) bool: atom n lies within `radius` of centre atom c in frame k (minimum
+    image; the centre itself included)."""
+    frames = _frames(positions)
+    b = _box_tensor(box, frames)
+    if b is not None and b.ndim > 2:
+        b = b.reshape(-1, 3, 3)
+    centres = np.asarray(centres).reshape(-1)
+    K, N = frames.shape[:2]
+    dev = frames.device
+    i = _as_index(np.repeat(centres, N), dev)
+    j = _as_index(np.tile(np.arange(N), centres.size), dev)
+    return (_distances(frames, i, j, b) <= radius).reshape(K, centres.size, N)
+
+
+@dataclasses.dataclass
+class LocalSamples:
+    """One block of local-neighbourhood samples: `values` (K, C, d), the observable of the
+    environment of each of C centre atoms in each of K frames, and `members` (K, C, N),
+    the atoms of each neighbourhood, whose per-atom energies make the sample's energy."""
+
+    values: torch.Tensor
+    members: torch.Tensor
+
+
 def element_pair_list(atomic_numbers) -> list[tuple[int, int]]:
     """Every element pair of a system, heaviest first: water gives (8, 8), (8, 1), (1, 1)."""
     zs = sorted({int(z) for z in np.asarray(atomic_numbers).reshape(-1)}, reverse=True)
@@ -568,6 +633,21 @@ class RdfObservable:
 
     def prepare(self, atomic_numbers, reference_positions) -> "RdfObservable":
         return self
+
+    def local_samples(self, positions, atomic_numbers, box, radius: Optional[float] = None) -> list[LocalSamples]:
+        """One `LocalSamples` block per pair, in the order of the columns of __call__: the
+        centres are the atoms of the pair's first element, the values their `local_rdf`,
+        the neighbourhoods every atom within `radius` (default r_max) of the centre. The
+        mean of a block's values over centres is the pair's column block of __call__."""
+        if atomic_numbers is None or box is None:
+            raise ValueError("local-neighbourhood samples need atomic_numbers and a periodic box")
+        blocks = []
+        for p in self.pairs or (self.pair,):
+            values, centres = local_rdf(positions, box, atomic_numbers, p, self.r_max, self.n_bins, self.sigma,
+                                        self.r_min)
+            members = neighbourhood_members(positions, box, centres, self.r_max if radius is None else radius)
+            blocks.append(LocalSamples(values, members))
+        return blocks
 
     @property
     def bin_centres(self) -> torch.Tensor:

@@ -130,6 +130,25 @@ def test_rdf_smearing_keeps_counts():
     assert torch.allclose(c0, c1, rtol=0.05)
 
 
+@pytest.mark.parametrize("sigma", [0.0, 0.1])
+def test_local_rdfs_average_to_the_rdf_and_neighbourhoods_are_brute_force(sigma):
+    """Per-centre g(r) of every O (or H) averages to the frame's element-pair g(r)
+    (like pairs counted from both ends), and neighbourhood members are the atoms within
+    the radius under the minimum image, centre included."""
+    z, pos, lengths = _random_box_system(1)
+    box = np.diag(lengths)
+    rdf_obs = obs.RdfObservable(pairs=((8, 8), (8, 1), (1, 1)), r_max=3.9, n_bins=30, sigma=sigma)
+    blocks = rdf_obs.local_samples(torch.tensor(pos), z, box, radius=3.0)
+    whole = rdf_obs(torch.tensor(pos), z, box)
+    assert [b.values.shape for b in blocks] == [(5, 10, 30), (5, 10, 30), (5, 20, 30)]
+    torch.testing.assert_close(torch.cat([b.values.mean(1) for b in blocks], -1), whole, rtol=1e-10, atol=1e-12)
+    centres = np.flatnonzero(z == 1)
+    d = pos[:, centres, None, :] - pos[:, None, :, :]
+    d -= lengths * np.round(d / lengths)
+    np.testing.assert_array_equal(blocks[2].members.numpy(), np.linalg.norm(d, axis=-1) <= 3.0)
+    assert blocks[2].members[:, np.arange(20), centres].all()
+
+
 def test_rdf_errors():
     z, pos, lengths = _random_box_system()
     with pytest.raises(ValueError, match="no atom pairs"):

@@ -7,6 +7,7 @@ Element-pair RDFs against mdtraj are in test_observables.py.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -364,6 +365,30 @@ def test_estimator_sees_the_box(water, water_model_file, tmp_path):
     split = trainer._learning_step(np.stack([wrapped(x, water.box) for x in samples]))
     assert whole["observable_grad_norm"] > 0
     assert split["observable_grad_norm"] == pytest.approx(whole["observable_grad_norm"], rel=1e-3)
+
+
+def test_local_neighbourhood_learning_step(water, water_model_file, tmp_path):
+    """local_neighbourhoods: every O and H environment of every frame is a sample (8 O + 8 O
+    + 16 H centres per frame for O-O, O-H, H-H); the step sees the box (wrapping changes
+    nothing) and needs the rdf observable and per-atom energies."""
+    from openmm_stable.models import create_model, load_model
+
+    config = StableConfig(n_replicas=2, epoch_ps=0.1, frame_interval_ps=0.01, equilibration_ps=0.02, lr=1e-12,
+                          energy_force_weight=0.0, local_neighbourhoods=True, neighbourhood_radius=2.8,
+                          engine=EngineConfig(temperature_K=300.0, platform="CPU"))
+    trainer = StableTrainer(load_model(water_model_file), water, config, tmp_path, progress=False)
+    samples = water.positions[:12]
+    whole = trainer._learning_step(samples)
+    split = trainer._learning_step(np.stack([wrapped(x, water.box) for x in samples]))
+    assert whole["n_samples"] == 12 and whole["n_local_samples"] == 12 * (8 + 8 + 16)
+    assert whole["observable_grad_norm"] > 0
+    assert split["observable_grad_norm"] == pytest.approx(whole["observable_grad_norm"], rel=1e-3)
+    assert whole["observable_loss"] == pytest.approx(trainer.observable_loss_of(samples), rel=1e-9)
+    with pytest.raises(ValueError, match="only for the rdf observable"):
+        StableTrainer(load_model(water_model_file), water,
+                      dataclasses.replace(config, observable={"name": "bond_lengths"}), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="per-atom energies"):
+        StableTrainer(create_model("graph-network", "tiny", cutoff=3.0), water, config, tmp_path, progress=False)
 
 
 def test_water_benchmark_quick(tmp_path, monkeypatch):

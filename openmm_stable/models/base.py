@@ -6,6 +6,10 @@ positions ``pos`` (N, 3) in Angstrom, a structure index ``batch`` (N,) sorted as
 an optional periodic box ``box`` (3, 3) in Angstrom (rows are box vectors). Forces come from
 autograd. Anything meeting it can be trained, exported and refined; `NNIP` adds the fitted
 per-element energy offsets and the energy scale around such a network.
+
+Optional: a network with ``atom_energies(z, pos, batch, box)`` returning per-atom energies
+(N,) that sum to ``forward`` per structure (our ``schnet``) also gives `NNIP.atom_energies`,
+which StABlE's local-neighbourhood samples need (`supports_atom_energies`).
 """
 from __future__ import annotations
 
@@ -39,6 +43,22 @@ class NNIP(nn.Module):
         energy = self.net(z, pos, batch, box).reshape(-1).to(torch.float64) * self.energy_scale.to(torch.float64)
         offsets = self.atom_energies.to(torch.float64)[z]
         return energy + torch.zeros(n_structures, dtype=torch.float64, device=energy.device).index_add(0, batch, offsets)
+
+    def atom_energies_of(self, z: Tensor, pos: Tensor, batch: Tensor, box: Optional[Tensor] = None) -> Tensor:
+        """Per-atom energies (N,), float64 eV, summing per structure to `forward`: the
+        network's per-atom output times the energy scale, plus each atom's element offset.
+        Raises NotImplementedError for networks without per-atom energies."""
+        if not supports_atom_energies(self):
+            raise NotImplementedError(
+                f"architecture {self.spec.get('architecture', type(self.net).__name__)!r} does not expose per-atom "
+                "energies (needed for local-neighbourhood samples); use the 'schnet' architecture")
+        energy = self.net.atom_energies(z, pos, batch, box).reshape(-1).to(torch.float64)
+        return energy * self.energy_scale.to(torch.float64) + self.atom_energies.to(torch.float64)[z]
+
+
+def supports_atom_energies(model: nn.Module) -> bool:
+    """Whether `model` (an `NNIP`) can give per-atom energies (`NNIP.atom_energies_of`)."""
+    return isinstance(model, NNIP) and callable(getattr(model.net, "atom_energies", None))
 
 
 def energy_and_forces(

@@ -92,6 +92,13 @@ class SchNet(nn.Module):
         self.readout = nn.Sequential(nn.Linear(features, features // 2), ShiftedSoftplus(), nn.Linear(features // 2, 1))
 
     def forward(self, z: Tensor, pos: Tensor, batch: Tensor, box: Optional[Tensor] = None) -> Tensor:
+        atom_energy = self.atom_energies(z, pos, batch, box)
+        n_structures = int(batch[-1].item()) + 1
+        return torch.zeros(n_structures, dtype=pos.dtype, device=pos.device).index_add(0, batch, atom_energy)
+
+    def atom_energies(self, z: Tensor, pos: Tensor, batch: Tensor, box: Optional[Tensor] = None) -> Tensor:
+        """Per-atom energies (N,): the readout of each atom's features; their sum per
+        structure is `forward`. StABlE's local-neighbourhood samples need them."""
         i, j = structure_pairs(batch)
         r = torch.linalg.norm(pair_vectors(pos, i, j, box), dim=-1)
         inside = r < self.cutoff
@@ -101,6 +108,4 @@ class SchNet(nn.Module):
         h = self.embedding(z).to(pos.dtype)
         for interaction in self.interactions:
             h = interaction(h, rbf, envelope, i, j)
-        atom_energy = self.readout(h).squeeze(-1)
-        n_structures = int(batch[-1].item()) + 1
-        return torch.zeros(n_structures, dtype=pos.dtype, device=pos.device).index_add(0, batch, atom_energy)
+        return self.readout(h).squeeze(-1)

@@ -11,6 +11,16 @@ the frames, no per-sample Jacobian and no backpropagation through the trajectory
 
 We keep beta = 1/kT (in 1/eV, as U is in eV), so the gradient is the true derivative of
 the loss; the paper's reference code drops beta and folds it into the learning rate.
+
+Local-neighbourhood samples (the paper's option for liquids, where a few whole-box frames
+are few samples): every (frame k, centre atom c) is one sample, with the observable of c's
+environment O_kc and the energy U_kc = sum of the per-atom energies of the atoms in the
+neighbourhood. The same formula over the M = K x C samples, and the surrogate
+sum_kc c_kc U_kc = sum_k sum_i W_ki e_i(x_k) is again one backward pass, now of per-atom
+energies weighted by W_ki = sum over the neighbourhoods of frame k that hold atom i of c_kc
+(`local_boltzmann_coefficients`). This is the exact gradient of the loss of the reweighted
+average over local samples, sum w_kc O_kc / sum w_kc with w_kc = exp(-beta dU_kc); treating
+a neighbourhood as a canonical subsystem with energy U_kc is the paper's approximation.
 """
 from __future__ import annotations
 
@@ -20,6 +30,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from openmm_stable.observables import LocalSamples
 from openmm_stable.units import kT_eV
 
 EnergyFn = Callable[[Tensor], Tensor]  # frames (k, N, 3) -> energies (k,) in eV
@@ -87,12 +98,62 @@ def surrogate_backward(energy_fn: EnergyFn, frames: Tensor, coefficients: Tensor
         (coefficients[chunk].to(energies) * energies).sum().backward()
 
 
+def surrogate_backward_atoms(atom_energy_fn: EnergyFn, frames: Tensor, weights: Tensor,
+                             minibatch: Optional[int] = None) -> None:
+    """Accumulate d/dtheta sum_ki W_ki e_i(x_k) (per-atom energies, weights (K, N)) into
+    .grad, in minibatches of frames: the local-neighbourhood surrogate."""
+    K = frames.shape[0]
+    step = K if not minibatch else int(minibatch)
+    for start in range(0, K, step):
+        chunk = slice(start, start + step)
+        energies = atom_energy_fn(frames[chunk])
+        (weights[chunk].to(energies) * energies).sum().backward()
+
+
 def boltzmann_gradient(energy_fn: EnergyFn, frames: Tensor, values: Tensor, loss_fn: Callable[[Tensor], Tensor],
                        temperature_K: float, minibatch: Optional[int] = None) -> EstimatorResult:
     """Gradient of L(<O>) w.r.t. the parameters behind `energy_fn`, accumulated into .grad."""
     result = boltzmann_coefficients(values, loss_fn, temperature_K)
     surrogate_backward(energy_fn, frames, result.coefficients, minibatch)
     return result
+
+
+@dataclasses.dataclass
+class LocalEstimatorResult:
+    loss: float  # L(<O>)
+    mean: Tensor  # <O> (d,), the blocks' means side by side
+    atom_weights: Tensor  # W_ki (K, N): the surrogate is sum_ki W_ki e_i(x_k)
+    n_samples: int  # local samples over all blocks
+
+
+def local_boltzmann_coefficients(blocks: list[LocalSamples], loss_fn: Callable[[Tensor], Tensor],
+                                 temperature_K: float) -> LocalEstimatorResult:
+    """Per-atom surrogate weights W (K, N) from blocks of local samples (see module doc).
+
+    <O> is the blocks' means over their K x C samples side by side (e.g. the O-O, O-H and
+    H-H RDFs); a = dL/d<O> is split into the blocks, and block p, with its own samples,
+    gives c_kc = beta (<a_p.O_p> - a_p.O_p,kc) / (K C_p), spread onto the atoms of each
+    neighbourhood."""
+    if not blocks:
+        raise ValueError("no blocks of local samples")
+    values = [b.values.detach().to(torch.float64) for b in blocks]
+    if values[0].shape[0] < 2:
+        raise ValueError("the Boltzmann estimator needs at least two frames")
+    mean = torch.cat([v.mean((0, 1)) for v in values]).requires_grad_(True)
+    loss = loss_fn(mean)
+    (a,) = torch.autograd.grad(loss, mean)
+    beta = 1.0 / kT_eV(temperature_K)
+    K, N = blocks[0].members.shape[0], blocks[0].members.shape[2]
+    weights = torch.zeros(K, N, dtype=torch.float64, device=values[0].device)
+    start, n_samples = 0, 0
+    for v, block in zip(values, blocks):
+        a_p = a[start:start + v.shape[-1]]
+        start += v.shape[-1]
+        projected = v @ a_p  # (K, C)
+        coefficients = beta * (projected.mean() - projected) / projected.numel()
+        weights += torch.einsum("kc,kcn->kn", coefficients, block.members.to(weights))
+        n_samples += projected.numel()
+    return LocalEstimatorResult(float(loss.detach()), mean.detach(), weights, n_samples)
 
 
 def model_energy_fn(model: nn.Module, atomic_numbers: Tensor, box: Optional[Tensor] = None) -> EnergyFn:
@@ -107,6 +168,29 @@ def model_energy_fn(model: nn.Module, atomic_numbers: Tensor, box: Optional[Tens
         return model(z.to(device).repeat(k), frames.reshape(-1, 3).to(device=device, dtype=dtype), batch, box)
 
     return energy
+
+
+def model_atom_energy_fn(model: nn.Module, atomic_numbers: Tensor, box: Optional[Tensor] = None) -> EnergyFn:
+    """Per-atom energies (k, N) of k frames (k, N, 3) under an `NNIP` whose network has
+    them (`supports_atom_energies`); ValueError otherwise."""
+    from openmm_stable.models.base import supports_atom_energies
+
+    if not supports_atom_energies(model):
+        arch = (getattr(model, "spec", None) or {}).get("architecture", type(model).__name__)
+        raise ValueError(f"local-neighbourhood samples need per-atom energies, which architecture {arch!r} does not "
+                         "expose; use the 'schnet' architecture or local_neighbourhoods: false")
+    z = torch.as_tensor(atomic_numbers, dtype=torch.long)
+    dtype = next(iter(model.parameters())).dtype
+    device = next(iter(model.parameters())).device
+
+    def atom_energies(frames: Tensor) -> Tensor:
+        k, n = frames.shape[0], frames.shape[1]
+        batch = torch.arange(k, device=device).repeat_interleave(n)
+        e = model.atom_energies_of(z.to(device).repeat(k), frames.reshape(-1, 3).to(device=device, dtype=dtype),
+                                   batch, box)
+        return e.reshape(k, n)
+
+    return atom_energies
 
 
 def jacobian_gradient(model: nn.Module, energy_fn: EnergyFn, frames: Tensor, values: Tensor,

@@ -39,14 +39,15 @@ from openmm_stable.observables import element_pair_list, half_box_width, make_ob
 from openmm_stable.stability import (STABILITY_KINDS, TRAINING_BOND_THRESHOLD, WATER_MIN_DISTANCE_THRESHOLD,
                                      make_criterion, molecule_ids)
 from openmm_stable.training.batching import FrameTensors, energy_force_loss, evaluate, refit_energy_shift
-from openmm_stable.training.estimator import (ObservableLoss, boltzmann_coefficients, model_energy_fn,
-                                              surrogate_backward)
+from openmm_stable.training.estimator import (ObservableLoss, boltzmann_coefficients, local_boltzmann_coefficients,
+                                              model_atom_energy_fn, model_energy_fn, surrogate_backward,
+                                              surrogate_backward_atoms)
 
 SAMPLE_SOURCES = ("all", "stable", "unstable")
 OPTIMIZERS = ("adam", "sgd")
 LOG_COLUMNS = ["epoch", "cycle", "phase", "observable_loss", "val_energy_mae_meV", "val_force_mae_meV_per_A",
                "unstable_fraction", "lr", "grad_norm", "observable_grad_norm", "energy_force_grad_norm",
-               "n_samples", "sim_time_s", "grad_time_s"]
+               "n_samples", "n_local_samples", "sim_time_s", "grad_time_s"]
 
 
 @dataclasses.dataclass
@@ -65,6 +66,8 @@ class StableConfig:
     max_epochs: int = 20
     observable: dict = dataclasses.field(default_factory=lambda: {"name": "hr"})
     observable_loss: str = "mse"
+    local_neighbourhoods: bool = False  # periodic RDF: every atom's environment is a sample (needs per-atom energies)
+    neighbourhood_radius: Optional[float] = None  # A; default: the RDF's r_max
     samples_from: str = "all"
     observable_weight: float = 1.0
     energy_force_weight: float = 10.0
@@ -112,6 +115,8 @@ class StableConfig:
             fail("observable", "must be a mapping with a 'name' (hr, rdf, bond_lengths, adf, min_distance) and its settings")
         if not 0 < self.val_fraction < 1:
             fail("val_fraction", "must be in (0, 1)")
+        if self.neighbourhood_radius is not None and not self.neighbourhood_radius > 0:
+            fail("neighbourhood_radius", "must be > 0 (or unset: the RDF's r_max)")
         ObservableLoss(torch.zeros(1), self.observable_loss)  # validates the loss name
 
     @property
@@ -188,6 +193,12 @@ class StableTrainer:
         reference_target, self.reference_ess = reference_from_dataset(
             self.observable, reference if reference is not None else dataset, config.engine.temperature_K)
         self.loss_fn = ObservableLoss(reference_target, config.observable_loss)
+        if config.local_neighbourhoods:
+            if dataset.box is None or not hasattr(self.observable, "local_samples"):
+                raise ValueError("refine config: local_neighbourhoods: only for the rdf observable of a periodic box "
+                                 f"(here: {self.observable_config['name']!r}"
+                                 f"{'' if dataset.box is not None else ', no box'})")
+            model_atom_energy_fn(model, self.z, self.box)  # raises for networks without per-atom energies
         opt_cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.SGD
         self.optimizer = opt_cls(model.parameters(), lr=config.lr)
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, factor=config.lr_factor,
@@ -280,13 +291,23 @@ class StableTrainer:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=False)
         x = torch.as_tensor(samples, dtype=torch.float64)
-        values = self.observable(x, self.z, self.dataset.box)
-        result = boltzmann_coefficients(values, self.loss_fn, cfg.engine.temperature_K)
+        extra = {}
+        if cfg.local_neighbourhoods:
+            blocks = self.observable.local_samples(x, self.z, self.dataset.box, cfg.neighbourhood_radius)
+            result = local_boltzmann_coefficients(blocks, self.loss_fn, cfg.engine.temperature_K)
+            extra["n_local_samples"] = result.n_samples
+        else:
+            values = self.observable(x, self.z, self.dataset.box)
+            result = boltzmann_coefficients(values, self.loss_fn, cfg.engine.temperature_K)
         if st.observable_loss_scale is None:
             st.observable_loss_scale = max(result.loss, 1e-12)
         factor = cfg.observable_weight / st.observable_loss_scale
-        surrogate_backward(model_energy_fn(self.model, self.z, self.box), x, result.coefficients * factor,
-                           minibatch=cfg.estimator_minibatch)
+        if cfg.local_neighbourhoods:
+            surrogate_backward_atoms(model_atom_energy_fn(self.model, self.z, self.box), x, result.atom_weights * factor,
+                                     minibatch=cfg.estimator_minibatch)
+        else:
+            surrogate_backward(model_energy_fn(self.model, self.z, self.box), x, result.coefficients * factor,
+                               minibatch=cfg.estimator_minibatch)
         params = list(self.model.parameters())
         observable_grads = [p.grad.detach().clone() for p in params]
         if cfg.energy_force_weight > 0:
@@ -309,7 +330,7 @@ class StableTrainer:
             st.lr_reductions += 1
         self.engine.update_model(self.model)
         return {"observable_loss": result.loss, "grad_norm": grad_norm, "observable_grad_norm": obs_norm,
-                "energy_force_grad_norm": ef_norm, "n_samples": int(len(samples))}
+                "energy_force_grad_norm": ef_norm, "n_samples": int(len(samples)), **extra}
 
     def _warm_step(self) -> None:
         """Optimizer step at lr * (k+1)/(warmup+1) for the first `warmup_steps` steps k.
