@@ -100,8 +100,10 @@ def can_measure_memory() -> bool:
 
 
 # --- the problem ---------------------------------------------------------------------------------
-def make_problem(arch: str, preset: str, K: int, dtype_name: str, seed: int = 0):
-    """(model, energy_fn, frames, values, loss) for K perturbed aspirin frames."""
+def make_problem(arch: str, preset: str, K: int, dtype_name: str, seed: int = 0, molecule: str = "aspirin",
+                 device: str = "cpu"):
+    """(model, energy_fn, frames, values, loss) for K perturbed frames of `molecule` (a
+    built-in name or a structure file), everything on `device`."""
     import torch
 
     from openmm_stable.data.molecules import build_molecule
@@ -112,14 +114,14 @@ def make_problem(arch: str, preset: str, K: int, dtype_name: str, seed: int = 0)
     dtype = getattr(torch, dtype_name)
     torch.manual_seed(seed)
     model = create_model(arch, preset)
-    model = model.double() if dtype == torch.float64 else model
-    z, pos = build_molecule("aspirin")
+    model = (model.double() if dtype == torch.float64 else model).to(device)
+    z, pos = build_molecule(molecule)
     gen = torch.Generator().manual_seed(seed + 1)
     frames = torch.as_tensor(pos)[None] + NOISE_ANGSTROM * torch.randn(K, len(z), 3, generator=gen, dtype=torch.float64)
     observable = HrObservable()
     values = observable(frames)  # (K, bins), float64
     loss = ObservableLoss(observable(torch.as_tensor(pos)[None])[0], "mse")
-    return model, model_energy_fn(model, z), frames.to(dtype), values, loss
+    return model, model_energy_fn(model, z), frames.to(device=device, dtype=dtype), values.to(device), loss
 
 
 def run_method(method: str, model, energy_fn, frames, values, loss, minibatch: Optional[int]):
@@ -135,26 +137,48 @@ def run_method(method: str, model, energy_fn, frames, values, loss, minibatch: O
     raise ValueError(f"unknown method {method!r}")
 
 
+def peak_cuda_growth(fn) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds, peak GPU memory growth in MiB) of one call of `fn`: the
+    peak of PyTorch's CUDA allocator during the call minus what was allocated before it."""
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    c0, t0 = time.process_time(), time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return seconds, cpu, max(torch.cuda.max_memory_allocated() - before, 0) / 2**20
+
+
 def worker_cost(spec: dict) -> dict:
     """Runs in a fresh process: time and peak memory of one method at one K."""
     if spec.get("malloc_tuned"):
         tune_malloc()
     single_thread_torch()
-    model, energy_fn, frames, values, loss = make_problem(spec["arch"], spec["preset"], spec["K"], spec["dtype"])
+    device = spec.get("device", "cpu")
+    model, energy_fn, frames, values, loss = make_problem(spec["arch"], spec["preset"], spec["K"], spec["dtype"],
+                                                          molecule=spec.get("molecule", "aspirin"), device=device)
     mb = spec.get("minibatch")
+    measure = peak_cuda_growth if device == "cuda" else peak_rss_growth
     run_method(spec["method"], model, energy_fn, frames[:2], values[:2], loss, mb)  # warm-up (kernels, caches)
     model.zero_grad(set_to_none=True)
     out = {"n_params": sum(p.numel() for p in model.parameters())}
     holder = {}
-    seconds, cpu, growth = peak_rss_growth(lambda: holder.setdefault(
+    seconds, cpu, growth = measure(lambda: holder.setdefault(
         "grad", run_method(spec["method"], model, energy_fn, frames, values, loss, mb)))
-    out["peak_rss_growth_mib"] = growth
+    out["peak_memory_mib"] = growth
     out["first_call_s"] = seconds
     del holder
     times, cpu_times = [seconds], [cpu]
     while sum(times) < spec["min_time"] and len(times) < 20:
         c0, t0 = time.process_time(), time.perf_counter()
         run_method(spec["method"], model, energy_fn, frames, values, loss, mb)
+        if device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
     out["times_s"], out["cpu_times_s"] = times, cpu_times
@@ -169,7 +193,9 @@ def worker_compare(spec: dict) -> dict:
     import torch
 
     single_thread_torch()
-    model, energy_fn, frames, values, loss = make_problem(spec["arch"], spec["preset"], spec["K"], "float64")
+    model, energy_fn, frames, values, loss = make_problem(spec["arch"], spec["preset"], spec["K"], "float64",
+                                                          molecule=spec.get("molecule", "aspirin"),
+                                                          device=spec.get("device", "cpu"))
     reference = [g.detach().clone() for g in run_method("jacobian", model, energy_fn, frames, values, loss, None)]
     scale = max(float(r.abs().max()) for r in reference)
     out = {"max_abs_grad": scale, "grad_norm": float(torch.sqrt(sum((r**2).sum() for r in reference)))}
@@ -215,6 +241,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--frames", nargs="+", type=int, default=None, help="K values (default 32 128 512)")
     p.add_argument("--arch", default=None, help="architecture (default tensornet)")
     p.add_argument("--preset", default=None, help="size preset (default small)")
+    p.add_argument("--molecule", default="aspirin", help="built-in molecule or structure file (default aspirin)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="where the model runs; cuda: wall-clock times and the CUDA allocator's peak memory")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"), help="dtype of the timed runs")
     p.add_argument("--minibatch", nargs="+", type=int, default=None,
                    help="frames per backward pass of the single-backward form, one variant each; 0 = all K in "
@@ -251,11 +280,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def run(args) -> dict:
     payload = {"benchmark": "estimator_cost", "quick": bool(args.quick), "machine": machine_info(),
-               "settings": {"arch": args.arch, "preset": args.preset, "dtype": args.dtype, "molecule": "aspirin",
+               "settings": {"arch": args.arch, "preset": args.preset, "dtype": args.dtype, "molecule": args.molecule,
+                            "device": args.device,
                             "observable": "hr", "noise_angstrom": NOISE_ANGSTROM, "temperature_K": TEMPERATURE_K,
                             "minibatches": args.minibatch, "min_time_s": args.min_time,
                             "rounds": args.rounds, "malloc_tuned": args.malloc_tuned,
-                            "memory_method": "peak RSS growth (VmHWM after reset - VmRSS before), fresh process"},
+                            "memory_method": ("peak of PyTorch's CUDA allocator minus allocated before, fresh process"
+                                              if args.device == "cuda" else
+                                              "peak RSS growth (VmHWM after reset - VmRSS before), fresh process")},
                "results": [], "comparisons": []}
     if not can_measure_memory():
         print("warning: /proc/self/clear_refs is not available; peak memory is not measured", file=sys.stderr)
@@ -267,6 +299,7 @@ def run(args) -> dict:
         for K in args.frames:
             for method, mb in variants(args.minibatch):  # side by side, one fresh process each
                 spec = {"mode": "cost", "method": method.split("-")[0], "K": K, "arch": args.arch,
+                        "molecule": args.molecule, "device": args.device,
                         "preset": args.preset, "dtype": args.dtype, "minibatch": mb, "min_time": args.min_time,
                         "malloc_tuned": args.malloc_tuned}
                 res = spawn(spec, args.timeout)
@@ -276,11 +309,12 @@ def run(args) -> dict:
                     print(f"{head} {res['error']}", flush=True)
                 else:
                     print(f"{head} {res['cpu_seconds']:.3f} CPU-s ({res['seconds']:.3f} s wall), "
-                          f"peak +{res['peak_rss_growth_mib']:.1f} MiB", flush=True)
+                          f"peak +{res['peak_memory_mib']:.1f} MiB", flush=True)
                 payload["summary"] = summarise(payload)
                 write_json(out_json, payload)
     for K in args.compare_frames:
-        spec = {"mode": "compare", "K": K, "arch": args.arch, "preset": args.preset, "minibatches": args.minibatch}
+        spec = {"mode": "compare", "K": K, "arch": args.arch, "preset": args.preset, "minibatches": args.minibatch,
+                "molecule": args.molecule, "device": args.device}
         res = spawn(spec, args.timeout)
         payload["comparisons"].append({"K": K, **res})
         print(f"[{time.perf_counter() - t_start:7.1f} s] K={K} float64 gradients: "
@@ -301,8 +335,10 @@ def _get(payload, K, method):
     if not found:
         return None
     return {"seconds": statistics.median(r["seconds"] for r in found),
-            "cpu_seconds": statistics.median(r.get("cpu_seconds", math.nan) for r in found),
-            "peak_rss_growth_mib": statistics.median(r["peak_rss_growth_mib"] for r in found),
+            # (results written before CPU time was measured hold wall-clock times only)
+            "cpu_seconds": statistics.median(r.get("cpu_seconds", r["seconds"]) for r in found),
+            # (results written before the GPU option named this key "peak_rss_growth_mib")
+            "peak_memory_mib": statistics.median(r.get("peak_memory_mib", r.get("peak_rss_growth_mib")) for r in found),
             "n_params": found[0]["n_params"], "rounds": len(found)}
 
 
@@ -312,6 +348,8 @@ def single_variants(payload: dict) -> list[str]:
 
 def summarise(payload: dict) -> dict:
     """One row per (K, single-backward variant): its cost against the Jacobian form's."""
+    on_gpu = payload["settings"].get("device", "cpu") == "cuda"
+    time_key = "seconds" if on_gpu else "cpu_seconds"  # on a GPU the process's CPU time means nothing
     rows = []
     for K in sorted({r["K"] for r in payload["results"]}):
         j = _get(payload, K, "jacobian")
@@ -320,16 +358,16 @@ def summarise(payload: dict) -> dict:
             s = _get(payload, K, name)
             diff = (comp or {}).get(name, {})
             row = {"K": K, "variant": name,
-                   "single_s": s["cpu_seconds"] if s else math.nan, "jacobian_s": j["cpu_seconds"] if j else math.nan,
+                   "single_s": s[time_key] if s else math.nan, "jacobian_s": j[time_key] if j else math.nan,
                    "single_wall_s": s["seconds"] if s else math.nan,
                    "jacobian_wall_s": j["seconds"] if j else math.nan,
-                   "single_peak_mib": s["peak_rss_growth_mib"] if s else math.nan,
-                   "jacobian_peak_mib": j["peak_rss_growth_mib"] if j else math.nan,
+                   "single_peak_mib": s["peak_memory_mib"] if s else math.nan,
+                   "jacobian_peak_mib": j["peak_memory_mib"] if j else math.nan,
                    "n_params": (s or j or {}).get("n_params"),
                    "max_rel_diff": diff.get("max_rel_diff", math.nan),
                    "max_rel_diff_per_tensor": diff.get("max_rel_diff_per_tensor", math.nan)}
-            row["speedup"] = row["jacobian_s"] / row["single_s"]
             row["speedup_wall"] = row["jacobian_wall_s"] / row["single_wall_s"]
+            row["speedup"] = row["jacobian_s"] / row["single_s"]
             row["memory_ratio"] = row["jacobian_peak_mib"] / max(row["single_peak_mib"], 1e-9)
             if row["n_params"]:
                 row["jacobian_matrix_mib"] = K * row["n_params"] * 8 / 2**20  # the float64 K x P matrix alone
@@ -351,11 +389,12 @@ def print_report(payload: dict) -> None:
     m, st = payload["machine"], payload["settings"]
     print(f"\nmachine: {m.get('cpu_model')}, nproc {m.get('nproc')}, torch {m.get('torch')}, "
           f"load at start {m['load_average_at_start'][0]:.2f}")
-    print(f"{st['arch']} ({st['preset']}), aspirin frames, h(r) MSE loss, timed in {st['dtype']}, gradients "
+    print(f"{st['arch']} ({st['preset']}), {st.get('molecule', 'aspirin')} frames on {st.get('device', 'cpu')}, h(r) MSE loss, timed in {st['dtype']}, gradients "
           f"compared in float64; single = one backward over all K frames, single-mbM = minibatches of M frames; "
           f"glibc malloc {'tuned' if st.get('malloc_tuned') else 'defaults'}\n")
     rows = payload["summary"]["rows"]
-    print("times: median CPU-seconds of this single-threaded process (= seconds on an idle core); "
+    print("times: median wall-clock seconds (GPU; 'speedup' is the wall-clock ratio too)\n" if st.get("device") == "cuda" else
+          "times: median CPU-seconds of this single-threaded process (= seconds on an idle core); "
           "'speedup wall' from wall-clock medians\n")
     print(format_table(["K", "variant", "params", "single s", "jacobian s", "speedup", "speedup wall", "single MiB",
                         "jacobian MiB", "memory ratio", "K x P f64 MiB", "max rel diff", "per-tensor rel diff"],

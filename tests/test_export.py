@@ -30,7 +30,15 @@ from openmm_stable.export import (
 from openmm_stable.models import batch_index, create_model, energy_and_forces, save_model
 from openmm_stable.units import EV_IN_KJ_PER_MOL, NM_IN_ANGSTROM
 
-PLATFORMS = ["Reference", "CPU"]
+
+def _available_platforms() -> list[str]:
+    """Reference and CPU always; CUDA too where OpenMM has it (GPU machines), so that the same
+    parity tests check the GPU path there."""
+    names = {openmm.Platform.getPlatform(i).getName() for i in range(openmm.Platform.getNumPlatforms())}
+    return ["Reference", "CPU"] + (["CUDA"] if "CUDA" in names else [])
+
+
+PLATFORMS = _available_platforms()
 EV_A_IN_KJ_MOL_NM = EV_IN_KJ_PER_MOL * NM_IN_ANGSTROM
 PARITY = 1e-4  # relative, float32 export against float32 PyTorch
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "production_md.py"
@@ -39,9 +47,13 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "production_md.py"
 # --------------------------------------------------------------------------- helpers
 
 
-def _context(system, platform: str, integrator=None):
+def _context(system, platform: str, integrator=None, precision: str = "single"):
+    """A Context on `platform`; `precision` applies to GPU platforms (their default is single,
+    which rounds the positions handed to the model to float32)."""
     integrator = integrator or openmm.VerletIntegrator(0.1 * unit.femtoseconds)
     properties = {"Threads": "1"} if platform == "CPU" else {}
+    if platform in ("CUDA", "OpenCL"):
+        properties["Precision"] = precision
     return openmm.Context(system, integrator, openmm.Platform.getPlatformByName(platform), properties)
 
 
@@ -55,9 +67,9 @@ def _system(z, n_copies: int = 1, box_angstrom=None):
     return system
 
 
-def openmm_energy_forces(system, positions_angstrom, platform: str):
+def openmm_energy_forces(system, positions_angstrom, platform: str, precision: str = "single"):
     """Energy (kJ/mol) and forces (kJ/mol/nm) of `system` at positions (N, 3) Angstrom."""
-    context = _context(system, platform)
+    context = _context(system, platform, precision=precision)
     assert context.getPlatform().getName() == platform
     context.setPositions(np.asarray(positions_angstrom).reshape(-1, 3) / NM_IN_ANGSTROM)
     state = context.getState(getEnergy=True, getForces=True)
@@ -147,8 +159,16 @@ def graph_network():
 
 
 @pytest.fixture
-def models(fitted_schnet, graph_network):
-    return {"schnet": fitted_schnet, "graph-network": graph_network}
+def models(request):
+    """arch -> model, built on first use (a machine without torchmd-net can run the schnet cases)."""
+    fixture_of = {"schnet": "fitted_schnet", "graph-network": "graph_network"}
+
+    class _Lazy(dict):
+        def __missing__(self, arch):
+            self[arch] = request.getfixturevalue(fixture_of[arch])
+            return self[arch]
+
+    return _Lazy()
 
 
 # --------------------------------------------------------------------------- parity
@@ -175,7 +195,7 @@ def test_float64_export_is_exact(platform, fitted_schnet, ethanol, rng):
     pos = pos + 0.05 * rng.standard_normal(pos.shape)
     system = _system(z)
     system.addForce(make_torch_force(script_force_module(fitted_schnet, z, dtype=torch.float64)))
-    e_rel, f_rel = relative_errors(*openmm_energy_forces(system, pos, platform),
+    e_rel, f_rel = relative_errors(*openmm_energy_forces(system, pos, platform, precision="double"),
                                    *torch_energy_forces(fitted_schnet, z, pos, torch.float64))
     assert e_rel < 1e-10 and f_rel < 1e-10, (e_rel, f_rel)
 
