@@ -112,13 +112,34 @@ def _save(fig, path) -> Path:
     return path
 
 
+# (metrics.json key, column title); a column shows when at least one run has the value.
 COMPARE_COLUMNS = [("median_stable_time_ps", "median stable (ps)"), ("stable_fraction", "stable fraction"),
-                   ("hr_mae", "h(r) MAE"), ("force_mae_meV_per_A", "force MAE (meV/A)"),
-                   ("replica_steps_per_s", "replica-steps/s")]
+                   ("hr_mae", "h(r) MAE"), ("rdf_mae_mean", "RDF MAE mean"),
+                   ("diffusivity_cm2_per_s", "D (cm^2/s)"), ("reference_diffusivity_cm2_per_s", "D ref (cm^2/s)"),
+                   ("diffusivity_relative_error", "D rel. error"), ("vacf_mae", "VACF MAE"),
+                   ("vacf_first_minimum_ps", "VACF min (ps)"), ("vacf_diffusivity_cm2_per_s", "D Green-Kubo"),
+                   ("force_mae_meV_per_A", "force MAE (meV/A)"), ("replica_steps_per_s", "replica-steps/s")]
+ALWAYS_SHOWN = ("median_stable_time_ps", "stable_fraction")
+
+
+def compare_columns(metrics: Mapping[str, dict]) -> list[tuple[str, str, object]]:
+    """(key, title, getter) of the table columns for these runs: the fixed columns any run
+    has, plus one "RDF MAE <pair>" column per element pair of periodic runs (after h(r))."""
+    pairs: list[str] = []
+    for m in metrics.values():
+        pairs += [p for p in (m.get("rdf_mae") or {}) if p not in pairs]
+    columns = []
+    for key, title in COMPARE_COLUMNS:
+        if key == "rdf_mae_mean":
+            columns += [(f"rdf_mae.{p}", f"RDF MAE {p}", lambda m, p=p: (m.get("rdf_mae") or {}).get(p)) for p in pairs]
+        columns.append((key, title, lambda m, key=key: m.get(key)))
+    return [c for c in columns if c[0] in ALWAYS_SHOWN or any(c[2](m) is not None for m in metrics.values())]
 
 
 def compare_runs(runs: Mapping[str, Path], out_dir) -> str:
-    """Side-by-side table and plots (survival, h(r)) of several `simulate` output folders."""
+    """Side-by-side table and plots (survival; h(r), or RDFs per pair; VACF) of several
+    `simulate` output folders. Periodic runs add their per-pair RDF errors, diffusivities
+    and VACF summary as columns."""
     import json
 
     out = Path(out_dir)
@@ -127,6 +148,8 @@ def compare_runs(runs: Mapping[str, Path], out_dir) -> str:
     horizon = max(m["time_ps"] for m in metrics.values())
     plot_survival({label: m["stable_time_ps"] for label, m in metrics.items()}, horizon, out / "survival.png")
     curves, r = {}, None
+    rdf_curves: dict = {}
+    vacf_series: dict = {}
     for label, d in runs.items():
         hr_file = Path(d) / "hr.npz"
         if hr_file.exists():
@@ -136,13 +159,37 @@ def compare_runs(runs: Mapping[str, Path], out_dir) -> str:
                 curves["reference"] = data["reference"]
             if "model" in data:
                 curves[label] = data["model"]
+        rdf_file = Path(d) / "rdf.npz"
+        if rdf_file.exists():
+            data = np.load(rdf_file)
+            rdf_curves.setdefault("r", data["r"])
+            for key in data.files:
+                kind, _, pair = key.partition("_")
+                if kind in ("model", "reference") and pair:
+                    name = "reference" if kind == "reference" else label
+                    rdf_curves.setdefault(pair, {}).setdefault(name, data[key])
+        vacf_file = Path(d) / "vacf.npz"
+        if vacf_file.exists():
+            data = np.load(vacf_file)
+            if "reference" in data.files and "reference" not in vacf_series:
+                vacf_series["reference"] = (data["reference_lag_ps"], data["reference"])
+            if "model" in data.files:
+                vacf_series[label] = (data["lag_ps"], data["model"])
     if r is not None and curves:
         plot_curves(r, curves, out / "hr.png", "r (A)", "h(r) (1/A)")
-    header = f"{'':>12}" + "".join(f"{title:>20}" for _, title in COMPARE_COLUMNS)
-    lines = [header]
+    if len(rdf_curves) > 1:
+        r_rdf = rdf_curves.pop("r")
+        plot_rdfs(r_rdf, rdf_curves, out / "rdf.png")
+    if vacf_series:
+        plot_series(vacf_series, out / "vacf.png", "t (ps)", "VACF C(t)/C(0), all atoms")
+    columns = compare_columns(metrics)
+    widths = [max(len(title), 9) + 2 for _, title, _ in columns]
+    label_width = max(12, *(len(label) + 2 for label in metrics))
+    lines = [f"{'':>{label_width}}" + "".join(f"{title:>{w}}" for (_, title, _), w in zip(columns, widths))]
     for label, m in metrics.items():
-        cells = "".join(f"{m[key]:>20.4g}" if m.get(key) is not None else f"{'-':>20}" for key, _ in COMPARE_COLUMNS)
-        lines.append(f"{label:>12}" + cells)
+        cells = "".join(f"{get(m):>{w}.4g}" if get(m) is not None else f"{'-':>{w}}"
+                        for (_, _, get), w in zip(columns, widths))
+        lines.append(f"{label:>{label_width}}" + cells)
     table = "\n".join(lines)
     (out / "comparison.txt").write_text(table + "\n")
     (out / "comparison.json").write_text(json.dumps(metrics, indent=2))

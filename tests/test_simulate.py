@@ -250,3 +250,20 @@ def test_cli_simulate_bad_inputs(pretrained_ethanol_model, pretrained_ethanol_mo
         assert "Traceback" not in err
     for folder in "abcd":
         assert not (tmp_path / folder / "metrics.json").exists()
+
+
+def test_cli_compare_molecules(pretrained_ethanol_model_file, xtb_ethanol, tmp_path, capsys):
+    """Molecular runs: h(r), force and VACF columns; no RDF or diffusivity columns."""
+    for label in ("pre", "post"):
+        assert main(cli_args(pretrained_ethanol_model_file, xtb_ethanol.source, tmp_path / label,
+                             "--test-data", xtb_ethanol.source)) == 0
+    capsys.readouterr()
+    assert main(["compare", f"pre={tmp_path / 'pre'}", str(tmp_path / "post"), "--out", str(tmp_path / "cmp")]) == 0
+    header, *rows = capsys.readouterr().out.splitlines()[:3]
+    assert all(t in header for t in ("median stable (ps)", "h(r) MAE", "force MAE (meV/A)", "VACF min (ps)"))
+    assert "RDF" not in header and "D (cm^2/s)" not in header
+    assert rows[0].split()[0] == "pre" and rows[1].split()[0] == "post"  # a bare folder is labelled by its name
+    assert (tmp_path / "cmp" / "hr.png").exists() and (tmp_path / "cmp" / "vacf.png").exists()
+    assert not (tmp_path / "cmp" / "rdf.png").exists()
+    assert main(["compare", f"x={tmp_path}", "--out", str(tmp_path / "cmp2")]) == 2
+    assert "no metrics.json" in capsys.readouterr().err

@@ -308,6 +308,30 @@ def test_simulate_water_writes_rdf_and_diffusivity(water, water_traj, tmp_path):
     assert (tmp_path / "vacf.csv").exists() and "model_molecular" in np.load(tmp_path / "vacf.npz").files
 
 
+def test_compare_shows_water_columns(water, water_traj, tmp_path, capsys):
+    """`compare` on periodic runs: one RDF-MAE column per pair, diffusivities and the VACF
+    summary; no h(r) column (no run has one); RDF and VACF plots of every run."""
+    for label, threshold in (("a", 1.2), ("b", 1.3)):
+        config = SimulationConfig(n_replicas=2, time_ps=0.2, check_interval_ps=0.02, min_distance_threshold=threshold,
+                                  engine=EngineConfig(temperature_K=300.0, platform="CPU"))
+        simulate(ToyWater(), water, config, tmp_path / label, reference=water_traj, progress=False)
+    assert main(["compare", f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}", "--out", str(tmp_path / "cmp")]) == 0
+    printed = capsys.readouterr().out
+    header, row_a, row_b = printed.splitlines()[:3]
+    for title in ("RDF MAE O-O", "RDF MAE O-H", "RDF MAE H-H", "RDF MAE mean", "D (cm^2/s)", "D ref (cm^2/s)",
+                  "VACF MAE", "D Green-Kubo"):
+        assert title in header, title
+    assert "h(r) MAE" not in header and "force MAE" not in header
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    cells = row_a.split()
+    assert cells[0] == "a" and f"{metrics['rdf_mae']['O-H']:.4g}" in cells
+    assert f"{metrics['diffusivity_cm2_per_s']:.4g}" in cells and f"{metrics['vacf_mae']:.4g}" in cells
+    assert (tmp_path / "cmp" / "comparison.txt").read_text().splitlines()[1] == row_a
+    for name in ("survival.png", "rdf.png", "vacf.png"):
+        assert (tmp_path / "cmp" / name).stat().st_size > 1000 and f"cmp/{name}" in printed
+    assert not (tmp_path / "cmp" / "hr.png").exists()
+
+
 def test_simulate_and_refine_cli_on_water(water_files, water_model_file, tmp_path):
     data, traj = map(str, water_files)
     # no --temperature: the 300 K that water.npz records, not the molecular default of 500 K
@@ -400,7 +424,7 @@ def test_water_benchmark_quick(tmp_path, monkeypatch):
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "water.py"
     results = tmp_path / "results" / "water_quick"
     monkeypatch.setattr(sys, "argv", [str(script), "--quick", "--workdir", str(tmp_path / "work"),
-                                      "--results", str(results)])
+                                      "--results", str(results), "--local-neighbourhoods"])
     with pytest.raises(SystemExit) as done:
         runpy.run_path(str(script), run_name="__main__")
     assert done.value.code == 0
@@ -410,8 +434,10 @@ def test_water_benchmark_quick(tmp_path, monkeypatch):
     runpy.run_path(str(script))["main"](["--plot-only", str(results.with_suffix(".json"))])
     assert results.with_suffix(".md").exists()
     for metrics in summary["metrics"].values():
-        assert metrics["stability"] == "min_distance" and metrics["reference_diffusivity_cm2_per_s"] > 0
+        assert metrics["stability"] == "min_nonbonded_distance" and metrics["reference_diffusivity_cm2_per_s"] > 0
+        assert "vacf_interval_ps" in metrics  # (no VACF MAE when no replica stays stable for 4 velocity frames)
         assert metrics["force_mae_meV_per_A"] > 0
-    assert summary["compute"]["refined"]["sim_steps"] > 0
+    assert summary["compute"]["refined"]["sim_steps"] > 0 and summary["settings"]["local_neighbourhoods"]
+    assert "n_local_samples" in (tmp_path / "work" / "refine" / "log.csv").read_text().splitlines()[0]
     assert "| refined |" in results.with_suffix(".md").read_text()
     assert (results.parent / "water_quick_rdf.png").exists()

@@ -5,9 +5,10 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("compare", help="compare `simulate` output folders (table, survival and h(r) plots)")
+    p = subparsers.add_parser("compare", help="compare `simulate` output folders (table; survival, h(r) or RDF, and "
+                                               "VACF plots)")
     p.add_argument("runs", nargs="+", help="LABEL=FOLDER for each simulate output folder")
-    p.add_argument("--out", required=True, help="folder for comparison.txt, survival.png, hr.png")
+    p.add_argument("--out", required=True, help="folder for comparison.txt/.json and the plots")
     p.set_defaults(func=run)
 
 
@@ -23,5 +24,6 @@ def run(args) -> int:
             raise FileNotFoundError(f"{folder}: no metrics.json (is it a `simulate` output folder?)")
         runs[label] = Path(folder)
     print(compare_runs(runs, args.out))
-    print(f"plots: {args.out}/survival.png, {args.out}/hr.png")
+    names = [n for n in ("survival.png", "hr.png", "rdf.png", "vacf.png") if (Path(args.out) / n).exists()]
+    print("plots: " + ", ".join(f"{args.out}/{name}" for name in names))
     return 0
