@@ -465,6 +465,8 @@ def plot(payload: dict, out_dir: Path, name: str) -> list[Path]:
     results = payload["results"]
     if not results:
         return []
+    clock = TARGETS_BY_PLATFORM[payload["settings"].get("platform", "CPU")]["clock"]
+    rate_label = "replica-steps per CPU-second" if clock == "cpu" else "replica-steps per second (wall clock)"
     archs = list(dict.fromkeys(r["arch"] for r in results))
     systems = list(dict.fromkeys(r["system"] for r in results))
     methods = [x for x in METHODS if any(r["method"] == x for r in results)]
@@ -474,7 +476,7 @@ def plot(payload: dict, out_dir: Path, name: str) -> list[Path]:
     fig, axes = plt.subplots(1, len(archs), figsize=(4.2 * len(archs), 3.8), squeeze=False, sharey=True)
     for ax, arch in zip(axes[0], archs):
         for method in methods:
-            pts = sorted((r["replicas"], r[RATE_KEYS["cpu"]]) for r in results
+            pts = sorted((r["replicas"], r[RATE_KEYS[clock]]) for r in results
                          if r["system"] == first and r["arch"] == arch and r["method"] == method)
             if pts:
                 c, mk, ls = STYLE[method]
@@ -484,7 +486,7 @@ def plot(payload: dict, out_dir: Path, name: str) -> list[Path]:
         ax.set_title(f"{arch} ({first})")
         ax.set_xlabel("replicas R")
         ax.grid(alpha=0.3, which="both")
-    axes[0][0].set_ylabel("replica-steps per CPU-second")
+    axes[0][0].set_ylabel(rate_label)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     path = out_dir / f"{name}_vs_replicas.png"
@@ -502,7 +504,7 @@ def plot(payload: dict, out_dir: Path, name: str) -> list[Path]:
             if len(r_common) > 1 and "batched" in methods:
                 lines.append(("batched", r_common[0], 0.4))
             for method, R, alpha in lines:
-                pts = sorted((r["n_atoms"], r[RATE_KEYS["cpu"]]) for r in results
+                pts = sorted((r["n_atoms"], r[RATE_KEYS[clock]]) for r in results
                              if r["arch"] == arch and r["method"] == method and r["replicas"] == R)
                 if pts:
                     c, mk, ls = STYLE[method]
@@ -512,7 +514,7 @@ def plot(payload: dict, out_dir: Path, name: str) -> list[Path]:
             ax.set_title(arch)
             ax.set_xlabel("atoms per replica (" + ", ".join(systems) + ")")
             ax.grid(alpha=0.3, which="both")
-        axes[0][0].set_ylabel("replica-steps per CPU-second")
+        axes[0][0].set_ylabel(rate_label)
         axes[0][0].legend(fontsize=7)
         fig.tight_layout()
         path = out_dir / f"{name}_vs_atoms.png"
