@@ -126,6 +126,8 @@ def test_config_errors_are_clear(tmp_path, xtb_ethanol, pretrained_ethanol_model
         config_from_dict(StableConfig, {"n_replica": 4})
     with pytest.raises(ValueError, match="samples_from"):
         StableConfig(samples_from="some")
+    with pytest.raises(ValueError, match="learning_restart.*last_window"):
+        StableConfig(learning_restart="window")
     bad = tmp_path / "bad.yaml"
     bad.write_text("observable: {name: hr, bins: 3}\n")
     code = main(["refine", str(pretrained_ethanol_model_file), "--data", str(xtb_ethanol.source),
@@ -140,3 +142,50 @@ def test_refine_leaves_the_callers_model_alone(xtb_ethanol, pretrained_ethanol_m
                         progress=False)
     assert all(torch.equal(a, b) for a, b in zip(before, pretrained_ethanol_model.parameters()))
     assert not all(torch.equal(a, b) for a, b in zip(before, refined.parameters()))
+
+
+def test_last_window_restart_reruns_the_failing_window(xtb_ethanol, pretrained_ethanol_model, tmp_path):
+    """learning_restart="last_window": every learning epoch starts from the exact states
+    (positions and velocities) the replicas had at the start of the simulation epoch that
+    triggered learning; "initial" restarts from the dataset frames with fresh velocities."""
+    starts = {}
+    for mode in ("last_window", "initial"):
+        trainer = StableTrainer(copy.deepcopy(pretrained_ethanol_model), xtb_ethanol,
+                                _learning_config(learning_restart=mode, max_epochs=3, epoch_ps=0.1),
+                                tmp_path / mode, progress=False)
+        trainer._restart_replicas()
+        window = trainer.engine.get_states()
+        recorded = []
+        original = trainer.engine.set_states
+
+        def spy(positions, velocities=None, seed=None, original=original, recorded=recorded):
+            original(positions, velocities, seed)
+            recorded.append(trainer.engine.get_states())
+
+        trainer.engine.set_states = spy
+        phases = [trainer.run_epoch()["phase"] for _ in range(3)]
+        assert phases == ["simulation", "learning", "learning"]
+        starts[mode] = (window, recorded)
+    window, recorded = starts["last_window"]
+    assert len(recorded) == 2  # one restart per learning epoch
+    for positions, velocities in recorded:
+        np.testing.assert_allclose(positions, window[0], atol=1e-5)
+        np.testing.assert_allclose(velocities, window[1], atol=1e-5)
+    _, recorded = starts["initial"]
+    assert not np.allclose(recorded[0][1], recorded[1][1])  # fresh velocities each learning epoch
+
+
+def test_until_stable_ends_learning_when_no_replica_fails(xtb_ethanol, pretrained_ethanol_model, tmp_path):
+    """With until_stable a learning epoch in which no replica fails ends the learning phase
+    (before learning_epochs); while replicas keep failing, learning goes on."""
+    trainer = StableTrainer(copy.deepcopy(pretrained_ethanol_model), xtb_ethanol,
+                            _learning_config(until_stable=True, learning_epochs=10, epoch_ps=0.1), tmp_path,
+                            progress=False)
+    trainer._restart_replicas()
+    rows = [trainer.run_epoch() for _ in range(3)]  # the 0.02 A threshold flags every replica
+    assert [r["phase"] for r in rows] == ["simulation", "learning", "learning"]
+    assert trainer.state.phase == "learning"
+    trainer.criterion.threshold = 5.0  # from now on no replica fails
+    row = trainer.run_epoch()
+    assert row["phase"] == "learning" and row["unstable_fraction"] == 0.0
+    assert trainer.state.phase == "simulation" and trainer.state.cycle == 1

@@ -44,6 +44,7 @@ from openmm_stable.training.estimator import (ObservableLoss, boltzmann_coeffici
                                               surrogate_backward_atoms)
 
 SAMPLE_SOURCES = ("all", "stable", "unstable")
+LEARNING_RESTARTS = ("initial", "last_window")
 OPTIMIZERS = ("adam", "sgd")
 LOG_COLUMNS = ["epoch", "cycle", "phase", "observable_loss", "val_energy_mae_meV", "val_force_mae_meV_per_A",
                "unstable_fraction", "lr", "grad_norm", "observable_grad_norm", "energy_force_grad_norm",
@@ -62,7 +63,13 @@ class StableConfig:
     bond_threshold: float = TRAINING_BOND_THRESHOLD
     min_distance_threshold: float = WATER_MIN_DISTANCE_THRESHOLD
     unstable_fraction: float = 0.75  # fraction of failed replicas that starts learning
-    learning_epochs: int = 5  # epochs per learning phase
+    learning_epochs: int = 5  # epochs per learning phase (the most, with until_stable)
+    # Where every learning epoch starts: "initial" = the replicas' dataset frames with fresh
+    # velocities; "last_window" = the states at the start of the simulation epoch in which
+    # the unstable fraction was reached, so each learning epoch re-runs the window where the
+    # instabilities happened (the paper's code does this).
+    learning_restart: str = "initial"
+    until_stable: bool = False  # end a learning phase early once an epoch has no failing replica
     max_epochs: int = 20
     observable: dict = dataclasses.field(default_factory=lambda: {"name": "hr"})
     observable_loss: str = "mse"
@@ -107,6 +114,8 @@ class StableConfig:
             fail("unstable_fraction", "must be in (0, 1]")
         if self.stability not in STABILITY_KINDS:
             fail("stability", f"must be one of {', '.join(STABILITY_KINDS)}")
+        if self.learning_restart not in LEARNING_RESTARTS:
+            fail("learning_restart", f"must be one of {', '.join(LEARNING_RESTARTS)}")
         if self.samples_from not in SAMPLE_SOURCES:
             fail("samples_from", f"must be one of {', '.join(SAMPLE_SOURCES)}")
         if self.optimizer not in OPTIMIZERS:
@@ -163,6 +172,10 @@ class LoopState:
     velocities: Optional[np.ndarray] = None
     stable_positions: Optional[np.ndarray] = None  # last stable state per replica
     stable_velocities: Optional[np.ndarray] = None
+    window_positions: Optional[np.ndarray] = None  # states at the start of the current simulation epoch
+    window_velocities: Optional[np.ndarray] = None
+    learning_positions: Optional[np.ndarray] = None  # learning_restart="last_window": where learning epochs start
+    learning_velocities: Optional[np.ndarray] = None
     history: list = dataclasses.field(default_factory=list)
     finished: bool = False
 
@@ -259,10 +272,15 @@ class StableTrainer:
                     self.engine.reset_replicas(idx, st.stable_positions[idx], st.stable_velocities[idx])
         return frames, flags
 
-    def _restart_replicas(self) -> None:
-        """All replicas back to their initial frames with fresh Maxwell-Boltzmann velocities."""
+    def _restart_replicas(self, for_learning: bool = False) -> None:
+        """All replicas back to their initial frames with fresh Maxwell-Boltzmann velocities,
+        or, for a learning epoch with ``learning_restart="last_window"``, to the saved states
+        of the window in which the instabilities happened."""
         st = self.state
-        self.engine.set_states(self.initial_positions, seed=self.config.seed + 1000 * (st.epoch + 1))
+        if for_learning and self.config.learning_restart == "last_window" and st.learning_positions is not None:
+            self.engine.set_states(st.learning_positions, st.learning_velocities)
+        else:
+            self.engine.set_states(self.initial_positions, seed=self.config.seed + 1000 * (st.epoch + 1))
         st.stable_positions, st.stable_velocities = self.engine.get_states()
         st.failed_this_cycle = np.zeros(self.config.n_replicas, dtype=bool)
 
@@ -366,7 +384,9 @@ class StableTrainer:
         row = {"epoch": st.epoch + 1, "cycle": st.cycle, "phase": st.phase, "lr": self.optimizer.param_groups[0]["lr"]}
         t0 = time.perf_counter()
         if st.phase == "learning":
-            self._restart_replicas()
+            self._restart_replicas(for_learning=True)
+        else:
+            st.window_positions, st.window_velocities = self.engine.get_states()
         frames, flags = self._simulate_epoch()
         row["sim_time_s"] = time.perf_counter() - t0
         st.failed_this_cycle |= flags.any(axis=0)
@@ -377,7 +397,8 @@ class StableTrainer:
             if len(samples) >= 2:
                 row.update(self._learning_step(samples))
             st.learning_epochs_done += 1
-            if st.learning_epochs_done >= cfg.learning_epochs:  # back to simulation: new cycle
+            all_stable = cfg.until_stable and not flags.any()
+            if st.learning_epochs_done >= cfg.learning_epochs or all_stable:  # back to simulation: new cycle
                 st.phase, st.cycle, st.learning_epochs_done = "simulation", st.cycle + 1, 0
                 self._restart_replicas()
         else:
@@ -385,6 +406,7 @@ class StableTrainer:
             row["observable_loss"] = self.observable_loss_of(stable_frames) if len(stable_frames) >= 2 else None
             if st.failed_this_cycle.mean() >= cfg.unstable_fraction:
                 st.phase = "learning"
+                st.learning_positions, st.learning_velocities = st.window_positions, st.window_velocities
         row["grad_time_s"] = time.perf_counter() - t1
         metrics = evaluate(self.model, self.val_tensors)
         row["val_energy_mae_meV"] = metrics["energy_mae_meV"]
