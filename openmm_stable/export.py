@@ -113,17 +113,30 @@ def export_model(model: nn.Module, path, atomic_numbers: Sequence[int], n_replic
 
 
 def load_exported(path) -> torch.jit.ScriptModule:
-    """Load an exported file, registering torchmd-net's custom ops first if present."""
-    _register_extension_ops()
-    return torch.jit.load(str(path))
+    """Load an exported file (registering torchmd-net's custom ops if the file calls them)."""
+    return _with_extension_ops(lambda: torch.jit.load(str(path)))
 
 
-def _register_extension_ops() -> None:
-    try:  # torchmd-net models call ops that this import registers
+def _with_extension_ops(load):
+    """`load()`, retried once after registering torchmd-net's custom ops if it failed for
+    want of them. Registering imports torchmd-net and warp (seconds, and a banner about
+    the CUDA driver), so files of our own models, which call no such ops, never pay it."""
+    try:
+        return load()
+    except Exception as err:  # torch raises RuntimeError; OpenMM wraps it in its own exception
+        if "Unknown builtin op: torchmdnet" not in str(err) or not _register_extension_ops():
+            raise
+    return load()
+
+
+def _register_extension_ops() -> bool:
+    """Import what registers torchmd-net's ops; False if torchmd-net is not installed."""
+    try:
         import openmm_stable.models.torchmdnet  # noqa: F401  (quiets warp)
         import torchmdnet.models.model  # noqa: F401
     except ImportError:
-        pass
+        return False
+    return True
 
 
 _TORCH_PLUGINS_RETRIED: set = set()
@@ -159,11 +172,10 @@ def make_torch_force(module_or_path, periodic: bool = False, outputs_forces: boo
     import torch  # noqa: F401  (must precede openmmtorch: it preloads libnvrtc)
     from openmmtorch import TorchForce
 
-    _register_extension_ops()
     _load_torch_kernels()
     if isinstance(module_or_path, (str, Path)):
-        force = TorchForce(str(module_or_path))
-    else:
+        force = _with_extension_ops(lambda: TorchForce(str(module_or_path)))
+    else:  # a module built in this process: any ops it calls are registered already
         force = TorchForce(module_or_path)
     force.setUsesPeriodicBoundaryConditions(bool(periodic))
     force.setOutputsForces(bool(outputs_forces))

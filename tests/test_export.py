@@ -263,6 +263,24 @@ def test_exported_file_loads_with_plain_torchforce(arch, models, ethanol, tmp_pa
     assert e_rel < PARITY and f_rel < PARITY
 
 
+@pytest.mark.parametrize("arch", ["schnet", "graph-network"])
+def test_exported_file_loads_in_a_fresh_process(arch, models, ethanol, tmp_path):
+    """A new process loads an exported file with `make_torch_force` and `load_exported`;
+    torchmd-net (and warp, with its CUDA-driver banner) is imported only for a file that
+    calls torchmd-net's ops."""
+    z, _ = ethanol
+    path = export_model(models[arch], tmp_path / "model_openmm.pt", z, n_replicas=1)
+    code = ("import sys, torch\n"
+            "from openmm_stable.export import load_exported, make_torch_force\n"
+            f"load_exported({str(path)!r}); make_torch_force({str(path)!r})\n"
+            "print('torchmdnet imported:', 'torchmdnet' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"torchmdnet imported: {arch != 'schnet'}" in proc.stdout
+    if arch == "schnet":
+        assert "Warp" not in proc.stderr
+
+
 def test_openmmml_plugin_create_system(fitted_schnet, ethanol, tmp_path):
     from openmmml import MLPotential
 
