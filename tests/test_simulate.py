@@ -225,6 +225,10 @@ def test_cli_simulate(pretrained_ethanol_model_file, xtb_ethanol, tmp_path, caps
     assert metrics["n_replicas"] == 2 and metrics["time_ps"] == pytest.approx(0.05)
     assert len(metrics["stable_time_ps"]) == 2 and "hr_mae" in metrics  # --data is the reference
     assert len(list((out / "trajectories").glob("replica_*.dcd"))) == 2
+    assert main(cli_args(pretrained_ethanol_model_file, xtb_ethanol.source, tmp_path / "novacf",
+                         "--vacf-interval", "0")) == 0
+    assert "vacf_interval_ps" not in json.loads((tmp_path / "novacf" / "metrics.json").read_text())
+    assert not (tmp_path / "novacf" / "vacf.npz").exists()
 
 
 def test_cli_simulate_bad_inputs(pretrained_ethanol_model, pretrained_ethanol_model_file, xtb_ethanol, tmp_path,

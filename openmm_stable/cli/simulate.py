@@ -50,6 +50,8 @@ def register(subparsers) -> None:
     p.add_argument("--bond-threshold", type=float, default=0.5, help="A (default 0.5)")
     p.add_argument("--min-distance-threshold", type=float, default=WATER_MIN_DISTANCE_THRESHOLD,
                    help=f"A (default {WATER_MIN_DISTANCE_THRESHOLD})")
+    p.add_argument("--vacf-interval", type=float, default=0.0025,
+                   help="ps between saved velocities for the VACF (default 0.0025; 0: no VACF)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trajectories", action="store_true", help="write one DCD per replica")
     p.add_argument("--out", required=True, help="output folder")
@@ -73,6 +75,7 @@ def run(args) -> int:
     config = SimulationConfig(n_replicas=args.replicas, time_ps=args.time, check_interval_ps=args.check_interval,
                               stability=args.stability, bond_threshold=args.bond_threshold,
                               min_distance_threshold=args.min_distance_threshold, seed=args.seed,
+                              vacf_interval_ps=args.vacf_interval or None,
                               write_trajectories=args.trajectories,
                               engine=engine_config(args, args.temperature if args.temperature is not None
                                                    else dataset_temperature(dataset)))
