@@ -175,7 +175,8 @@ def main(argv=None) -> dict:
     compute = {"pretrained": {"sim_steps": 0, "wall_s": timings.get("pretrain_s")},
                "refined": {"sim_steps": refine_metrics["replica_steps"],
                            "wall_s": (timings.get("pretrain_s") or 0) + (timings.get("refine_s") or 0)}}
-    summary = {"settings": vars(args), "metrics": metrics, "refine": refine_metrics, "compute": compute,
+    settings = dict(vars(args), workdir=Path(args.workdir).name)  # no machine paths in committed results
+    summary = {"settings": settings, "metrics": metrics, "refine": refine_metrics, "compute": compute,
                "timings_s": timings, "reference": data.metadata.get("method"),
                "generation_frames_per_s": data.metadata.get("timing", {}).get("frames_per_second"),
                "rdf_curves": rdf_curves, "machine": _common.machine_info()}
