@@ -260,12 +260,7 @@ def rdf(
     r_max should stay below half the shortest box width for minimum-image counts to be
     complete.
     """
-    frames = _frames(positions)
-    b = _box_tensor(box, frames)
-    if b is None:
-        raise ValueError("rdf needs a periodic box")
-    if b.ndim > 2:
-        b = b.reshape(-1, 3, 3)
+    frames, b = _periodic_frames(positions, box, "rdf")
     i, j = element_pairs(atomic_numbers, pair)
     if i.size == 0:
         raise ValueError(f"no atom pairs of elements {pair} in this system")
@@ -273,10 +268,23 @@ def rdf(
     d = _distances(frames, _as_index(i, dev), _as_index(j, dev), b)
     bins = Bins(r_min, r_max, n_bins)
     counts = smeared_histogram(d, bins, sigma)
-    edges = bins.edges(frames.dtype, dev)
-    shell = (4.0 / 3.0) * math.pi * (edges[1:] ** 3 - edges[:-1] ** 3)
     volume = torch.linalg.det(b).abs().reshape(-1, 1)  # (1, 1) or (K, 1)
-    return counts * volume / (i.size * shell), bins.centres(frames.dtype, dev)
+    return counts * volume / (i.size * _shell_volumes(bins, frames)), bins.centres(frames.dtype, dev)
+
+
+def _periodic_frames(positions: ArrayLike, box: ArrayLike, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(frames (K, N, 3), box (3, 3) or (K, 3, 3)) of periodic data; ValueError without a box."""
+    frames = _frames(positions)
+    b = _box_tensor(box, frames)
+    if b is None:
+        raise ValueError(f"{what} needs a periodic box")
+    return frames, (b.reshape(-1, 3, 3) if b.ndim > 2 else b)
+
+
+def _shell_volumes(bins: "Bins", frames: torch.Tensor) -> torch.Tensor:
+    """Volume of each bin's spherical shell: the ideal-gas normalisation of an RDF."""
+    edges = bins.edges(frames.dtype, frames.device)
+    return (4.0 / 3.0) * math.pi * (edges[1:] ** 3 - edges[:-1] ** 3)
 
 
 def local_rdf(
@@ -295,12 +303,7 @@ def local_rdf(
     n_bins), centre atom indices (C,)); the mean over centres is the frame's `rdf` exactly,
     so each centre's local environment can serve as one sample of the same ensemble
     average (StABlE's local-neighbourhood samples for liquids)."""
-    frames = _frames(positions)
-    b = _box_tensor(box, frames)
-    if b is None:
-        raise ValueError("local_rdf needs a periodic box")
-    if b.ndim > 2:
-        b = b.reshape(-1, 3, 3)
+    frames, b = _periodic_frames(positions, box, "local_rdf")
     z = np.asarray(atomic_numbers).reshape(-1)
     centres, others = np.flatnonzero(z == pair[0]), np.flatnonzero(z == pair[1])
     partners = (np.stack([others[others != c] for c in centres]) if pair[0] == pair[1]
@@ -312,10 +315,8 @@ def local_rdf(
     d = _distances(frames, _as_index(np.repeat(centres, M), dev), _as_index(partners.reshape(-1), dev), b)
     bins = Bins(r_min, r_max, n_bins)
     counts = smeared_histogram(d.reshape(K * C, M), bins, sigma).reshape(K, C, n_bins)
-    edges = bins.edges(frames.dtype, dev)
-    shell = (4.0 / 3.0) * math.pi * (edges[1:] ** 3 - edges[:-1] ** 3)
     volume = torch.linalg.det(b).abs().reshape(-1, 1, 1)
-    return counts * volume / (M * shell), centres
+    return counts * volume / (M * _shell_volumes(bins, frames)), centres
 
 
 def neighbourhood_members(positions: ArrayLike, box: Optional[ArrayLike], centres: ArrayLike,

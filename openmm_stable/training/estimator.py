@@ -156,18 +156,25 @@ def local_boltzmann_coefficients(blocks: list[LocalSamples], loss_fn: Callable[[
     return LocalEstimatorResult(float(loss.detach()), mean.detach(), weights, n_samples)
 
 
+def _protocol_inputs(model: nn.Module, atomic_numbers: Tensor):
+    """frames (k, N, 3) -> (atomic numbers, positions, batch) of the model protocol for k
+    frames of one system, on the model's device and in its dtype."""
+    z = torch.as_tensor(atomic_numbers, dtype=torch.long)
+    parameter = next(iter(model.parameters()))
+
+    def inputs(frames: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        k, n = frames.shape[0], frames.shape[1]
+        batch = torch.arange(k, device=parameter.device).repeat_interleave(n)
+        positions = frames.reshape(-1, 3).to(device=parameter.device, dtype=parameter.dtype)
+        return z.to(parameter.device).repeat(k), positions, batch
+
+    return inputs
+
+
 def model_energy_fn(model: nn.Module, atomic_numbers: Tensor, box: Optional[Tensor] = None) -> EnergyFn:
     """Energies (k,) of k frames (k, N, 3) of one molecule under a model of the protocol."""
-    z = torch.as_tensor(atomic_numbers, dtype=torch.long)
-    dtype = next(iter(model.parameters())).dtype
-    device = next(iter(model.parameters())).device
-
-    def energy(frames: Tensor) -> Tensor:
-        k, n = frames.shape[0], frames.shape[1]
-        batch = torch.arange(k, device=device).repeat_interleave(n)
-        return model(z.to(device).repeat(k), frames.reshape(-1, 3).to(device=device, dtype=dtype), batch, box)
-
-    return energy
+    inputs = _protocol_inputs(model, atomic_numbers)
+    return lambda frames: model(*inputs(frames), box)
 
 
 def model_atom_energy_fn(model: nn.Module, atomic_numbers: Tensor, box: Optional[Tensor] = None) -> EnergyFn:
@@ -179,18 +186,8 @@ def model_atom_energy_fn(model: nn.Module, atomic_numbers: Tensor, box: Optional
         arch = (getattr(model, "spec", None) or {}).get("architecture", type(model).__name__)
         raise ValueError(f"local-neighbourhood samples need per-atom energies, which architecture {arch!r} does not "
                          "expose; use the 'schnet' architecture or local_neighbourhoods: false")
-    z = torch.as_tensor(atomic_numbers, dtype=torch.long)
-    dtype = next(iter(model.parameters())).dtype
-    device = next(iter(model.parameters())).device
-
-    def atom_energies(frames: Tensor) -> Tensor:
-        k, n = frames.shape[0], frames.shape[1]
-        batch = torch.arange(k, device=device).repeat_interleave(n)
-        e = model.atom_energies_of(z.to(device).repeat(k), frames.reshape(-1, 3).to(device=device, dtype=dtype),
-                                   batch, box)
-        return e.reshape(k, n)
-
-    return atom_energies
+    inputs = _protocol_inputs(model, atomic_numbers)
+    return lambda frames: model.atom_energies_of(*inputs(frames), box).reshape(frames.shape[0], frames.shape[1])
 
 
 def jacobian_gradient(model: nn.Module, energy_fn: EnergyFn, frames: Tensor, values: Tensor,
