@@ -131,8 +131,7 @@ def test_local_samples_are_exact_gradients_of_the_reweighted_local_average():
     """Each (frame, centre) is a sample with energy = sum of its neighbourhood's per-atom
     energies; reweighting those samples to theta + eps v must give, by finite differences,
     the directional derivative the one-backward-pass estimator puts into .grad."""
-    from openmm_stable.training.estimator import (local_boltzmann_coefficients, model_atom_energy_fn,
-                                                  surrogate_backward_atoms)
+    from openmm_stable.training.estimator import local_boltzmann_coefficients, model_atom_energy_fn, surrogate_backward
 
     z, frames, box, model, obs, blocks, loss = local_case(radius=2.5)
     sizes = [int(b.members.sum(-1).min()) for b in blocks] + [int(b.members.sum(-1).max()) for b in blocks]
@@ -143,7 +142,7 @@ def test_local_samples_are_exact_gradients_of_the_reweighted_local_average():
     model.zero_grad()
     result = local_boltzmann_coefficients(blocks, loss, T)
     assert result.n_samples == 12 * (4 + 4 + 8)
-    surrogate_backward_atoms(atoms, frames, result.atom_weights, minibatch=5)
+    surrogate_backward(atoms, frames, result.atom_weights, minibatch=5)
     direction = [torch.randn_like(p) for p in model.parameters()]
     analytic = sum(float((p.grad * d).sum()) for p, d in zip(model.parameters(), direction))
     assert analytic != 0.0
@@ -176,14 +175,13 @@ def test_local_samples_are_exact_gradients_of_the_reweighted_local_average():
 def test_whole_box_neighbourhoods_give_the_whole_box_estimator():
     """A radius that holds every atom makes each local energy the frame's energy; since
     the local values average to the frame's RDF, the gradient is the whole-box one."""
-    from openmm_stable.training.estimator import (local_boltzmann_coefficients, model_atom_energy_fn,
-                                                  surrogate_backward_atoms)
+    from openmm_stable.training.estimator import local_boltzmann_coefficients, model_atom_energy_fn, surrogate_backward
 
     z, frames, box, model, obs, blocks, loss = local_case(radius=100.0)
     assert all(b.members.all() for b in blocks)
     local = local_boltzmann_coefficients(blocks, loss, 300.0)
     model.zero_grad()
-    surrogate_backward_atoms(model_atom_energy_fn(model, z, torch.as_tensor(box)), frames, local.atom_weights)
+    surrogate_backward(model_atom_energy_fn(model, z, torch.as_tensor(box)), frames, local.atom_weights)
     grads_local = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     whole = boltzmann_gradient(model_energy_fn(model, z, torch.as_tensor(box)), frames, obs(frames, z, box), loss,

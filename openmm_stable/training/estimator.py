@@ -88,26 +88,16 @@ def boltzmann_coefficients(values: Tensor, loss_fn: Callable[[Tensor], Tensor], 
 
 
 def surrogate_backward(energy_fn: EnergyFn, frames: Tensor, coefficients: Tensor, minibatch: Optional[int] = None) -> None:
-    """Accumulate d/dtheta sum_k c_k U_theta(x_k) into the parameters' .grad, in minibatches
-    of frames so memory stays bounded (gradients add up across minibatches)."""
+    """Accumulate d/dtheta sum c * U_theta into the parameters' .grad, in minibatches of
+    frames so memory stays bounded (gradients add up across minibatches). Either one
+    coefficient per frame with energies (k,), or (the local-neighbourhood surrogate) weights
+    (K, N) with per-atom energies (k, N)."""
     K = frames.shape[0]
     step = K if not minibatch else int(minibatch)
     for start in range(0, K, step):
         chunk = slice(start, start + step)
         energies = energy_fn(frames[chunk])
         (coefficients[chunk].to(energies) * energies).sum().backward()
-
-
-def surrogate_backward_atoms(atom_energy_fn: EnergyFn, frames: Tensor, weights: Tensor,
-                             minibatch: Optional[int] = None) -> None:
-    """Accumulate d/dtheta sum_ki W_ki e_i(x_k) (per-atom energies, weights (K, N)) into
-    .grad, in minibatches of frames: the local-neighbourhood surrogate."""
-    K = frames.shape[0]
-    step = K if not minibatch else int(minibatch)
-    for start in range(0, K, step):
-        chunk = slice(start, start + step)
-        energies = atom_energy_fn(frames[chunk])
-        (weights[chunk].to(energies) * energies).sum().backward()
 
 
 def boltzmann_gradient(energy_fn: EnergyFn, frames: Tensor, values: Tensor, loss_fn: Callable[[Tensor], Tensor],

@@ -40,8 +40,7 @@ from openmm_stable.stability import (STABILITY_KINDS, TRAINING_BOND_THRESHOLD, W
                                      make_criterion, molecule_ids)
 from openmm_stable.training.batching import FrameTensors, energy_force_loss, evaluate, refit_energy_shift
 from openmm_stable.training.estimator import (ObservableLoss, boltzmann_coefficients, local_boltzmann_coefficients,
-                                              model_atom_energy_fn, model_energy_fn, surrogate_backward,
-                                              surrogate_backward_atoms)
+                                              model_atom_energy_fn, model_energy_fn, surrogate_backward)
 
 SAMPLE_SOURCES = ("all", "stable", "unstable")
 LEARNING_RESTARTS = ("initial", "last_window")
@@ -321,7 +320,7 @@ class StableTrainer:
             st.observable_loss_scale = max(result.loss, 1e-12)
         factor = cfg.observable_weight / st.observable_loss_scale
         if cfg.local_neighbourhoods:
-            surrogate_backward_atoms(model_atom_energy_fn(self.model, self.z, self.box), x, result.atom_weights * factor,
+            surrogate_backward(model_atom_energy_fn(self.model, self.z, self.box), x, result.atom_weights * factor,
                                      minibatch=cfg.estimator_minibatch)
         else:
             surrogate_backward(model_energy_fn(self.model, self.z, self.box), x, result.coefficients * factor,
