@@ -38,32 +38,6 @@ def single_thread_torch() -> None:
         pass
 
 
-MMAP_THRESHOLD_BYTES = 32 * 2**20  # glibc's largest allowed mmap threshold on 64-bit
-TRIM_THRESHOLD_BYTES = 2**30
-
-
-def tune_malloc() -> bool:
-    """Keep freed memory in the process (glibc): ``mallopt(M_MMAP_THRESHOLD, 32 MiB)`` and
-    ``mallopt(M_TRIM_THRESHOLD, 1 GiB)``.
-
-    With glibc's defaults, the large tensors of every force evaluation are handed back to the
-    operating system when freed (munmap, heap trimming) and page-faulted in again (zeroed) at
-    the next step: measured here at R = 32-128 aspirin replicas, that system time was 20-40 %
-    of a step and varied with the allocation history of the process. Same effect as
-    ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824``.
-    Returns False where there is no glibc.
-    """
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD_BYTES)
-                    and libc.mallopt(m_trim_threshold, TRIM_THRESHOLD_BYTES))
-    except (OSError, AttributeError):
-        return False
-
-
 def machine_info() -> dict:
     """What the numbers were measured on: CPU model, core count, load, library versions."""
     info = {

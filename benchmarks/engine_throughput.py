@@ -39,7 +39,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from _common import (Runner, build_system, format_table, interleaved_rates, machine_info, single_thread_torch,
-                     tune_malloc, write_json)
+                     write_json)
 
 METHODS = ("batched", "bare", "bare-guarded", "per-replica", "ase")
 DEFAULT_ARCHS = ("schnet", "graph-network", "equivariant-transformer", "tensornet")
@@ -63,14 +63,14 @@ NOISE = 0.03
 
 # --- runners ---------------------------------------------------------------------------------
 class EngineRunner(Runner):
-    def __init__(self, model, z, starts: np.ndarray, layout: str, platform: str):
+    def __init__(self, model, z, starts: np.ndarray, layout: str, platform: str, keep_freed_memory: bool = True):
         from openmm_stable.engine import EngineConfig, ReplicaEngine
 
         self.name = "batched" if layout == "batched" else "per-replica"
         self.n_replicas = starts.shape[0]
         self.starts = starts
         config = EngineConfig(temperature_K=TEMPERATURE_K, timestep_fs=TIMESTEP_FS, friction_per_ps=FRICTION_PER_PS,
-                              layout=layout, platform=platform, dtype="float32")
+                              layout=layout, platform=platform, dtype="float32", keep_freed_memory=keep_freed_memory)
         self.engine = ReplicaEngine(model, z, self.n_replicas, config)
 
     def reset(self, seed: int) -> None:
@@ -198,11 +198,9 @@ class AseRunner(Runner):
             dyn.run(n_steps)
 
 
-def make_runner(method: str, model, z, starts, platform: str) -> Runner:
-    if method == "batched":
-        return EngineRunner(model, z, starts, "batched", platform)
-    if method == "per-replica":
-        return EngineRunner(model, z, starts, "per-replica", platform)
+def make_runner(method: str, model, z, starts, platform: str, keep_freed_memory: bool = True) -> Runner:
+    if method in ("batched", "per-replica"):
+        return EngineRunner(model, z, starts, method, platform, keep_freed_memory)
     if method in ("bare", "bare-guarded"):
         return BareRunner(model, z, starts, guarded=method == "bare-guarded", device=torch_device_for(platform))
     if method == "ase":
@@ -232,9 +230,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--chunk-time", type=float, default=0.1,
                    help="seconds per timed chunk (runners take turns chunk by chunk)")
     p.add_argument("--chunk", type=int, default=20, help="most steps between resets to the start structures")
-    p.add_argument("--malloc-tuned", action="store_true",
-                   help="keep freed memory in the process (glibc mallopt; see _common.tune_malloc) instead of "
-                        "glibc's defaults, which return it to the OS and page-fault it back every step")
+    p.add_argument("--malloc-defaults", action="store_true",
+                   help="keep glibc's malloc defaults, which return freed memory to the OS and page-fault it back "
+                        "every step; by default the engine keeps it in the process (openmm_stable.allocator), "
+                        "and so do the baselines, which share the process")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--name", default=None, help="stem of the output files (default engine_throughput[_quick])")
     p.add_argument("--plot-only", type=Path, default=None, help="re-plot and re-print a results JSON")
@@ -255,7 +254,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args.atoms_replicas = args.atoms_replicas or [1, 32]
     args.min_time = args.min_time or 1.5
     args.name = args.name or (("engine_throughput_quick" if args.quick else "engine_throughput")
-                              + ("_malloc_tuned" if args.malloc_tuned else ""))
+                              + ("_malloc_defaults" if args.malloc_defaults else ""))
     limits = dict(DEFAULT_MAX_REPLICAS)
     for item in args.max_replicas or []:
         arch, _, value = item.partition("=")
@@ -278,7 +277,8 @@ def measure_point(models: dict, z, positions, R: int, args) -> list[dict]:
         for arch, model in models.items():
             for method in [m for m in args.methods if R <= args.limits.get(m, math.inf)]:
                 t0 = time.perf_counter()
-                runners[(arch, method)] = make_runner(method, model, z, starts, args.platform)
+                runners[(arch, method)] = make_runner(method, model, z, starts, args.platform,
+                                                      keep_freed_memory=not args.malloc_defaults)
                 setup[(arch, method)] = time.perf_counter() - t0
         stats = interleaved_rates(runners, args.min_time, chunk_s=args.chunk_time, max_chunk=args.chunk,
                                   warmup_steps=args.warmup_steps)
@@ -290,7 +290,9 @@ def measure_point(models: dict, z, positions, R: int, args) -> list[dict]:
 
 
 def run(args) -> dict:
-    malloc_tuned = tune_malloc() if args.malloc_tuned else False
+    from openmm_stable.allocator import keep_freed_memory
+
+    malloc_tuned = False if args.malloc_defaults else keep_freed_memory()
     single_thread_torch()
     import torch  # noqa: F401  (before openmmtorch)
 
@@ -417,7 +419,8 @@ def print_report(payload: dict) -> None:
     m = payload["machine"]
     print(f"\nmachine: {m.get('cpu_model')}, nproc {m.get('nproc')}, torch {m.get('torch')}, openmm {m.get('openmm')}, "
           f"load at start {m['load_average_at_start'][0]:.2f}; glibc malloc "
-          + ("tuned (--malloc-tuned)" if payload["settings"].get("malloc_tuned") else "defaults"))
+          + ("tuned (freed memory kept in the process)" if payload["settings"].get("malloc_tuned")
+             else "defaults (--malloc-defaults)"))
     methods = [x for x in METHODS if any(r["method"] == x for r in results)]
     for clock, suffix, title in (("cpu", "", "replica-steps per CPU-second (primary; = per second on an idle core)"),
                                  ("wall", "_wall", "replica-steps per wall-clock second (median chunk)")):

@@ -1,10 +1,16 @@
-"""Cost of the single-backward Boltzmann estimator against the per-sample-Jacobian form.
+"""Cost of the single-backward Boltzmann estimator against two per-sample-Jacobian forms.
 
 `boltzmann_gradient` turns the estimator into ONE backward pass of the surrogate
-sum_k c_k U(x_k); `jacobian_gradient` (the form of the paper's reference code) materialises
-dU(x_k)/dtheta for every frame (a K x n_params matrix) and contracts it. For K aspirin
-frames (random 0.1 A perturbations of the molecule; observable h(r), MSE loss against the
-h(r) of the unperturbed molecule; 500 K) this script measures for both:
+sum_k c_k U(x_k). The baselines materialise dU(x_k)/dtheta for every frame (K x n_params):
+
+* ``jacobian`` (`jacobian_gradient`): one backward pass per frame, and the rows contracted
+  with the projected observable a.O(x_k) first, so it holds K x P numbers: a lean version;
+* ``paper`` (`paper_jacobian_gradient`): the way the paper's reference code computes it:
+  per minibatch of m frames, m rows from one VJP batched over the identity (vmap), all K
+  rows kept, then the (m, d, P) product of observables and rows (d = observable bins).
+
+For K aspirin frames (random 0.1 A perturbations of the molecule; observable h(r), MSE
+loss against the h(r) of the unperturbed molecule; 500 K) this script measures for each:
 
 * time (float32 by default, the dtype training uses), after a warm-up call on 2 frames: the
   median CPU time of the single-threaded worker (equal to the wall time on an idle core; it
@@ -12,15 +18,10 @@ h(r) of the unperturbed molecule; 500 K) this script measures for both:
   wall-clock median too;
 * peak memory: the growth of the peak resident set size (VmHWM) over the resident size just
   before the call, in a FRESH subprocess per measurement (see `peak_rss_growth`);
-* the largest difference of the two gradients, both computed in float64 (``.double()``
-  model), relative to the largest gradient component: max_p |g_single - g_jac| / max_p |g_jac|
-  (and the same per parameter tensor, the stricter number, over tensors whose gradient is not
-  zero up to round-off).
-
-`jacobian_gradient` builds the rows with a loop of per-frame backward passes and contracts
-them with the projected observable a.O(x_k) first, so it holds K x P numbers; the paper's code
-builds the rows with a vmapped VJP and forms an (m, d, P) product per minibatch of m frames
-(d = observable bins), so this baseline is, if anything, cheaper than the original.
+* the largest difference of the gradients, all computed in float64 (``.double()`` model),
+  relative to the largest gradient component of the ``jacobian`` form:
+  max_p |g - g_jac| / max_p |g_jac| (and, for ours, the same per parameter tensor, the
+  stricter number, over tensors whose gradient is not zero up to round-off).
 
     python benchmarks/estimator_cost.py                  # K in 32 128 512, TensorNet small
     python benchmarks/estimator_cost.py --arch schnet    # another architecture
@@ -45,11 +46,14 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from _common import format_table, machine_info, single_thread_torch, tune_malloc, write_json
+from _common import format_table, machine_info, single_thread_torch, write_json
 
 TEMPERATURE_K = 500.0
 NOISE_ANGSTROM = 0.1
 TARGET_K = 128
+# Frames per minibatch of the paper-form baseline: the reference code uses 40, whose
+# (40, d, P) product for TensorNet-small and 200 h(r) bins would need about 8 GB (float32).
+PAPER_MINIBATCH = 8
 TARGETS = {"speedup": 5.0, "memory_ratio": 10.0, "max_rel_diff": 1e-5}
 WORKER_FLAG = "--worker"
 
@@ -124,8 +128,77 @@ def make_problem(arch: str, preset: str, K: int, dtype_name: str, seed: int = 0,
     return model, model_energy_fn(model, z), frames.to(device=device, dtype=dtype), values.to(device), loss
 
 
+def paper_jacobian_gradient(model, energy_fn, frames, values, loss_fn, temperature_K: float,
+                            minibatch: int = PAPER_MINIBATCH) -> list:
+    """The estimator computed the way the paper's reference code computes it.
+
+    Per minibatch of m frames: the m rows dU(x_k)/dtheta from one VJP batched over the rows
+    of the identity (the code's ``vmap`` of ``autograd.grad``; here ``is_grads_batched``,
+    the same mechanism), every row kept (K x P); then per minibatch the (m, d, P) product of
+    observables and rows, reduced to a (d, P) Jacobian and contracted with dL/d<O>.
+    The reference code centres each minibatch on its own means; this centres on the means
+    over all K frames, so that the result is the same estimator as ours and the gradients
+    can be compared. That changes no cost. The code's minibatch is 40; the default here is
+    `PAPER_MINIBATCH` so that the (m, d, P) product fits this machine's memory.
+    """
+    import torch
+
+    from openmm_stable.units import kT_eV
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = []
+    for start in range(0, frames.shape[0], minibatch):
+        energies = energy_fn(frames[start:start + minibatch])
+        m = energies.shape[0]
+        identity = torch.eye(m, dtype=energies.dtype, device=energies.device)
+        rows.append(batched_vjp_rows(energies, params, identity))
+    rows = torch.cat(rows)  # (K, P)
+    values = values.detach().to(rows.dtype)
+    mean = values.mean(0).double().requires_grad_(True)
+    (loss_gradient,) = torch.autograd.grad(loss_fn(mean), mean)
+    loss_gradient = loss_gradient.to(rows.dtype)[None]  # (1, d)
+    mean_values, mean_rows = values.mean(0), rows.mean(0)
+    flat = torch.zeros(rows.shape[1], dtype=rows.dtype, device=rows.device)
+    for start in range(0, rows.shape[0], minibatch):
+        g, r = values[start:start + minibatch], rows[start:start + minibatch]
+        jacobian = (mean_rows[None, None, :] * mean_values[None, :, None] - r[:, None, :] * g[:, :, None]).sum(0)
+        flat += torch.mm(loss_gradient, jacobian)[0]
+    flat = flat / (rows.shape[0] * kT_eV(temperature_K))
+    out, offset = [], 0
+    for p in params:
+        out.append(flat[offset:offset + p.numel()].reshape(p.shape).to(p.dtype))
+        offset += p.numel()
+    return out
+
+
+def batched_vjp_rows(energies, params, identity):
+    """(m, P): the rows of the identity pulled back through the minibatch's graph, batched
+    (vmap). Ops without a batching rule (torchmd-net's TensorNet kernels) get what vmap's
+    own fallback does: one backward pass per row through the whole minibatch graph."""
+    import torch
+
+    m = energies.shape[0]
+
+    def flatten(grads):
+        return torch.cat([(g if g is not None else p.new_zeros((m, *p.shape))).reshape(m, -1).detach()
+                          for g, p in zip(grads, params)], dim=1)
+
+    try:
+        return flatten(torch.autograd.grad(energies, params, grad_outputs=identity, is_grads_batched=True,
+                                           allow_unused=True, retain_graph=True))
+    except RuntimeError as error:
+        if "Batching rule not implemented" not in str(error):
+            raise
+    per_row = [torch.autograd.grad(energies, params, grad_outputs=row, allow_unused=True, retain_graph=True)
+               for row in identity]
+    return flatten([torch.stack([r[i] if r[i] is not None else torch.zeros_like(p) for r in per_row])
+                    for i, p in enumerate(params)])
+
+
 def run_method(method: str, model, energy_fn, frames, values, loss, minibatch: Optional[int]):
-    """The gradient (list of tensors, one per parameter) by one of the two forms."""
+    """The gradient (list of tensors, one per parameter) by one of the forms: ``single``
+    (ours), ``jacobian`` (per-sample rows one backward each, contracted first) or
+    ``paper`` (the reference code's batched-VJP rows and (m, d, P) product)."""
     from openmm_stable.training.estimator import boltzmann_gradient, jacobian_gradient
 
     model.zero_grad(set_to_none=True)
@@ -134,6 +207,9 @@ def run_method(method: str, model, energy_fn, frames, values, loss, minibatch: O
         return [p.grad for p in model.parameters() if p.requires_grad]
     if method == "jacobian":
         return jacobian_gradient(model, energy_fn, frames, values, loss, TEMPERATURE_K)
+    if method == "paper":
+        return paper_jacobian_gradient(model, energy_fn, frames, values, loss, TEMPERATURE_K,
+                                       minibatch=minibatch or PAPER_MINIBATCH)
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -155,7 +231,9 @@ def peak_cuda_growth(fn) -> tuple[float, float, float]:
 def worker_cost(spec: dict) -> dict:
     """Runs in a fresh process: time and peak memory of one method at one K."""
     if spec.get("malloc_tuned"):
-        tune_malloc()
+        from openmm_stable.allocator import keep_freed_memory
+
+        keep_freed_memory()
     single_thread_torch()
     device = spec.get("device", "cpu")
     model, energy_fn, frames, values, loss = make_problem(spec["arch"], spec["preset"], spec["K"], spec["dtype"],
@@ -208,6 +286,10 @@ def worker_compare(spec: dict) -> dict:
                          for a, b in zip(single, reference) if float(b.abs().max()) > 1e-10 * scale)
         out[variant_name(mb)] = {"max_abs_diff": diff, "max_rel_diff": diff / scale,
                                  "max_rel_diff_per_tensor": per_tensor}
+    if "paper" in spec.get("baselines", ()):
+        paper = run_method("paper", model, energy_fn, frames, values, loss, spec.get("paper_minibatch"))
+        diff = max(float((a - b).abs().max()) for a, b in zip(paper, reference))
+        out["paper"] = {"max_abs_diff": diff, "max_rel_diff": diff / scale}
     return out
 
 
@@ -215,9 +297,16 @@ def variant_name(minibatch: int) -> str:
     return "single" if not minibatch else f"single-mb{minibatch}"
 
 
-def variants(minibatches: Sequence[int]) -> list[tuple[str, Optional[int]]]:
-    """(label, minibatch) of every timed variant: the single-backward ones, then the Jacobian."""
-    return [(variant_name(mb), mb or None) for mb in minibatches] + [("jacobian", None)]
+BASELINES = ("jacobian", "paper")
+BASELINE_LABELS = {"jacobian": "per-sample Jacobian, contracted first",
+                   "paper": "the paper's form (batched VJP rows, (m, d, P) product)"}
+
+
+def variants(minibatches: Sequence[int], baselines: Sequence[str] = ("jacobian",),
+             paper_minibatch: int = PAPER_MINIBATCH) -> list[tuple[str, Optional[int]]]:
+    """(label, minibatch) of every timed variant: the single-backward ones, then the baselines."""
+    return ([(variant_name(mb), mb or None) for mb in minibatches]
+            + [(b, paper_minibatch if b == "paper" else None) for b in baselines])
 
 
 def spawn(spec: dict, timeout: float) -> dict:
@@ -248,13 +337,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--minibatch", nargs="+", type=int, default=None,
                    help="frames per backward pass of the single-backward form, one variant each; 0 = all K in "
                         "one pass (default 0 4 16)")
+    p.add_argument("--baselines", nargs="+", choices=BASELINES, default=list(BASELINES),
+                   help="jacobian: per-frame backward passes, rows contracted with the projected observable first; "
+                        "paper: the reference code's form (batched VJP rows per minibatch, then the (m, d, P) "
+                        "product); default both")
+    p.add_argument("--paper-minibatch", type=int, default=PAPER_MINIBATCH,
+                   help=f"frames per minibatch of the paper form (the reference code: 40; default {PAPER_MINIBATCH})")
     p.add_argument("--compare-frames", nargs="*", type=int, default=None,
                    help="K values at which to compare the gradients in float64 (default: all)")
     p.add_argument("--min-time", type=float, default=1.0, help="repeat a timed call until this many seconds")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds of all measurements (default 2)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per worker process")
     p.add_argument("--malloc-tuned", action="store_true",
-                   help="keep freed memory in the worker processes (glibc mallopt; see _common.tune_malloc)")
+                   help="keep freed memory in the worker processes (glibc mallopt; see openmm_stable.allocator)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--name", default=None, help="stem of the output files (default estimator_cost[_quick])")
     p.add_argument("--plot-only", type=Path, default=None, help="re-plot and re-print a results JSON")
@@ -284,6 +379,7 @@ def run(args) -> dict:
                             "device": args.device,
                             "observable": "hr", "noise_angstrom": NOISE_ANGSTROM, "temperature_K": TEMPERATURE_K,
                             "minibatches": args.minibatch, "min_time_s": args.min_time,
+                            "baselines": args.baselines, "paper_minibatch": args.paper_minibatch,
                             "rounds": args.rounds, "malloc_tuned": args.malloc_tuned,
                             "memory_method": ("peak of PyTorch's CUDA allocator minus allocated before, fresh process"
                                               if args.device == "cuda" else
@@ -297,7 +393,7 @@ def run(args) -> dict:
     # during the run hits all of them; the summary takes the median over rounds.
     for round_index in range(args.rounds):
         for K in args.frames:
-            for method, mb in variants(args.minibatch):  # side by side, one fresh process each
+            for method, mb in variants(args.minibatch, args.baselines, args.paper_minibatch):  # side by side, one fresh process each
                 spec = {"mode": "cost", "method": method.split("-")[0], "K": K, "arch": args.arch,
                         "molecule": args.molecule, "device": args.device,
                         "preset": args.preset, "dtype": args.dtype, "minibatch": mb, "min_time": args.min_time,
@@ -314,12 +410,14 @@ def run(args) -> dict:
                 write_json(out_json, payload)
     for K in args.compare_frames:
         spec = {"mode": "compare", "K": K, "arch": args.arch, "preset": args.preset, "minibatches": args.minibatch,
-                "molecule": args.molecule, "device": args.device}
+                "molecule": args.molecule, "device": args.device, "baselines": args.baselines,
+                "paper_minibatch": args.paper_minibatch}
         res = spawn(spec, args.timeout)
         payload["comparisons"].append({"K": K, **res})
         print(f"[{time.perf_counter() - t_start:7.1f} s] K={K} float64 gradients: "
               + (res["error"] if "error" in res else ", ".join(f"{v}: max rel diff {res[v]['max_rel_diff']:.2e}"
-                                                       for v, _ in variants(args.minibatch)[:-1])), flush=True)
+                                                       for v in [variant_name(mb) for mb in args.minibatch]
+                                                       + [b for b in args.baselines if b in res])), flush=True)
         payload["summary"] = summarise(payload)
         write_json(out_json, payload)
     payload["machine"]["load_average_at_end"] = list(__import__("os").getloadavg())
@@ -347,31 +445,34 @@ def single_variants(payload: dict) -> list[str]:
 
 
 def summarise(payload: dict) -> dict:
-    """One row per (K, single-backward variant): its cost against the Jacobian form's."""
+    """One row per (K, single-backward variant, baseline): its cost against the baseline's."""
     on_gpu = payload["settings"].get("device", "cpu") == "cuda"
     time_key = "seconds" if on_gpu else "cpu_seconds"  # on a GPU the process's CPU time means nothing
     rows = []
     for K in sorted({r["K"] for r in payload["results"]}):
-        j = _get(payload, K, "jacobian")
         comp = next((c for c in payload["comparisons"] if c["K"] == K and "error" not in c), None)
-        for name in single_variants(payload):
-            s = _get(payload, K, name)
-            diff = (comp or {}).get(name, {})
-            row = {"K": K, "variant": name,
-                   "single_s": s[time_key] if s else math.nan, "jacobian_s": j[time_key] if j else math.nan,
-                   "single_wall_s": s["seconds"] if s else math.nan,
-                   "jacobian_wall_s": j["seconds"] if j else math.nan,
-                   "single_peak_mib": s["peak_memory_mib"] if s else math.nan,
-                   "jacobian_peak_mib": j["peak_memory_mib"] if j else math.nan,
-                   "n_params": (s or j or {}).get("n_params"),
-                   "max_rel_diff": diff.get("max_rel_diff", math.nan),
-                   "max_rel_diff_per_tensor": diff.get("max_rel_diff_per_tensor", math.nan)}
-            row["speedup_wall"] = row["jacobian_wall_s"] / row["single_wall_s"]
-            row["speedup"] = row["jacobian_s"] / row["single_s"]
-            row["memory_ratio"] = row["jacobian_peak_mib"] / max(row["single_peak_mib"], 1e-9)
-            if row["n_params"]:
-                row["jacobian_matrix_mib"] = K * row["n_params"] * 8 / 2**20  # the float64 K x P matrix alone
-            rows.append(row)
+        for baseline in [b for b in BASELINES if _get(payload, K, b)]:
+            j = _get(payload, K, baseline)
+            for name in single_variants(payload):
+                s = _get(payload, K, name)
+                diff = (comp or {}).get(name, {})
+                row = {"K": K, "variant": name, "baseline": baseline,
+                       "single_s": s[time_key] if s else math.nan, "baseline_s": j[time_key],
+                       "single_wall_s": s["seconds"] if s else math.nan, "baseline_wall_s": j["seconds"],
+                       "single_peak_mib": s["peak_memory_mib"] if s else math.nan,
+                       "baseline_peak_mib": j["peak_memory_mib"],
+                       "n_params": (s or j).get("n_params"),
+                       "max_rel_diff": diff.get("max_rel_diff", math.nan),
+                       "max_rel_diff_per_tensor": diff.get("max_rel_diff_per_tensor", math.nan),
+                       "baseline_max_rel_diff": (comp or {}).get(baseline, {}).get("max_rel_diff", 0.0
+                                                                                   if baseline == "jacobian"
+                                                                                   else math.nan)}
+                row["speedup_wall"] = row["baseline_wall_s"] / row["single_wall_s"]
+                row["speedup"] = row["baseline_s"] / row["single_s"]
+                row["memory_ratio"] = row["baseline_peak_mib"] / max(row["single_peak_mib"], 1e-9)
+                if row["n_params"]:
+                    row["jacobian_matrix_mib"] = K * row["n_params"] * 8 / 2**20  # the float64 K x P matrix alone
+                rows.append(row)
     targets = []
     for row in rows:
         if row["K"] != TARGET_K:
@@ -379,8 +480,8 @@ def summarise(payload: dict) -> dict:
         for name, threshold in TARGETS.items():
             value = row[name]
             met = value <= threshold if name == "max_rel_diff" else value >= threshold
-            targets.append({"K": TARGET_K, "variant": row["variant"], "quantity": name, "value": value,
-                            "target": ("<= " if name == "max_rel_diff" else ">= ") + f"{threshold:g}",
+            targets.append({"K": TARGET_K, "variant": row["variant"], "baseline": row["baseline"], "quantity": name,
+                            "value": value, "target": ("<= " if name == "max_rel_diff" else ">= ") + f"{threshold:g}",
                             "met": bool(np.isfinite(value) and met)})
     return {"rows": rows, "targets": targets}
 
@@ -396,19 +497,25 @@ def print_report(payload: dict) -> None:
     print("times: median wall-clock seconds (GPU; 'speedup' is the wall-clock ratio too)\n" if st.get("device") == "cuda" else
           "times: median CPU-seconds of this single-threaded process (= seconds on an idle core); "
           "'speedup wall' from wall-clock medians\n")
-    print(format_table(["K", "variant", "params", "single s", "jacobian s", "speedup", "speedup wall", "single MiB",
-                        "jacobian MiB", "memory ratio", "K x P f64 MiB", "max rel diff", "per-tensor rel diff"],
-                       [[r["K"], r["variant"], r["n_params"], r["single_s"], r["jacobian_s"], r["speedup"],
+    print("baselines: " + "; ".join(f"{b} = {BASELINE_LABELS[b]}" for b in BASELINES
+                                    if any(r["baseline"] == b for r in rows))
+          + f" (paper minibatch {st.get('paper_minibatch', PAPER_MINIBATCH)})\n")
+    print(format_table(["K", "variant", "baseline", "params", "single s", "baseline s", "speedup", "speedup wall",
+                        "single MiB", "baseline MiB", "memory ratio", "K x P f64 MiB", "max rel diff",
+                        "per-tensor rel diff", "baseline rel diff"],
+                       [[r["K"], r["variant"], r["baseline"], r["n_params"], r["single_s"], r["baseline_s"], r["speedup"],
                          r.get("speedup_wall", math.nan),
-                         r["single_peak_mib"], r["jacobian_peak_mib"], r["memory_ratio"],
-                         r.get("jacobian_matrix_mib", math.nan), r["max_rel_diff"], r["max_rel_diff_per_tensor"]]
+                         r["single_peak_mib"], r["baseline_peak_mib"], r["memory_ratio"],
+                         r.get("jacobian_matrix_mib", math.nan), r["max_rel_diff"], r["max_rel_diff_per_tensor"],
+                         r["baseline_max_rel_diff"]]
                         for r in rows]))
     for e in [r for r in payload["results"] + payload["comparisons"] if "error" in r]:
         print(f"K={e['K']} {e.get('method', 'compare')}: {e['error']}")
     if payload["summary"]["targets"]:
         print(f"\ntargets (K = {TARGET_K})\n")
-        print(format_table(["variant", "quantity", "value", "target", "met"],
-                           [[t["variant"], t["quantity"], t["value"], t["target"], "yes" if t["met"] else "NO"]
+        print(format_table(["variant", "baseline", "quantity", "value", "target", "met"],
+                           [[t["variant"], t.get("baseline", "jacobian"), t["quantity"], t["value"], t["target"],
+                             "yes" if t["met"] else "NO"]
                             for t in payload["summary"]["targets"]]))
 
 
@@ -424,13 +531,16 @@ def plot(payload: dict, out_dir: Path, name: str) -> list[Path]:
     st = payload["settings"]
     fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.9))
     for ax, key, label in ((axes[0], "_s", "time (CPU-seconds)"), (axes[1], "_peak_mib", "peak memory growth (MiB)")):
+        first = [r for r in rows if r["variant"] == rows[0]["variant"]]
         for i, variant in enumerate(single_variants(payload)):
-            pts = [(r["K"], r["single" + key]) for r in rows if r["variant"] == variant]
+            pts = [(r["K"], r["single" + key]) for r in rows if r["variant"] == variant and r["baseline"] == first[0]["baseline"]]
             ax.plot(*zip(*pts), "o-", color=f"C{i}", label=f"{variant} (ours)")
-        pts = [(r["K"], r["jacobian" + key]) for r in rows if r["variant"] == rows[0]["variant"]]
-        ax.plot(*zip(*pts), "s-", color="C3", label="per-sample Jacobian")
+        for baseline, style in (("jacobian", "s-"), ("paper", "D--")):
+            pts = [(r["K"], r["baseline" + key]) for r in first if r["baseline"] == baseline]
+            if pts:
+                ax.plot(*zip(*pts), style, color="C3", label=BASELINE_LABELS[baseline])
         if key == "_peak_mib":
-            pts = [(r["K"], r.get("jacobian_matrix_mib", math.nan)) for r in rows if r["variant"] == rows[0]["variant"]]
+            pts = [(r["K"], r.get("jacobian_matrix_mib", math.nan)) for r in first if r["baseline"] == first[0]["baseline"]]
             ax.plot(*zip(*pts), ":", color="C3", label="K x P float64 matrix alone")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")

@@ -46,15 +46,18 @@ def test_estimator_cost_quick(tmp_path):
     stdout = run_script("estimator_cost.py", tmp_path)
     payload = json.loads((tmp_path / "estimator_cost_quick.json").read_text())
     rows = payload["summary"]["rows"]
-    assert [r["variant"] for r in rows] == ["single", "single-mb4"]
+    assert [(r["variant"], r["baseline"]) for r in rows] == [
+        ("single", "jacobian"), ("single-mb4", "jacobian"), ("single", "paper"), ("single-mb4", "paper")]
     for row in rows:
-        for key in ("speedup", "single_s", "jacobian_s"):
+        for key in ("speedup", "single_s", "baseline_s"):
             assert positive_finite(row[key]), (key, row)
         # Peak-RSS growth of a tiny call can round to 0 pages; it is never negative or missing.
-        for key in ("memory_ratio", "single_peak_mib", "jacobian_peak_mib"):
+        for key in ("memory_ratio", "single_peak_mib", "baseline_peak_mib"):
             assert math.isfinite(row[key]) and row[key] >= 0, (key, row)
-        # The two forms give the same gradient (float64).
+        # All forms give the same gradient (float64): ours against the Jacobian, and the
+        # paper's form against the Jacobian.
         assert row["max_rel_diff"] < 1e-8
+        assert row["baseline_max_rel_diff"] < 1e-8
     assert "speedup" in stdout and "memory ratio" in stdout
     assert (tmp_path / "estimator_cost_quick.png").stat().st_size > 0
 

@@ -1,0 +1,67 @@
+"""`openmm_stable.allocator`: freed memory stays in the process (no page faults to get it
+back), and the replica engine applies it on CPU platforms."""
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt settings are glibc's")
+
+# Allocates, touches and frees blocks of mixed sizes (as a force evaluation does with its
+# tensors), then prints the minor page faults of ten more such rounds and their page count.
+_ROUNDS = textwrap.dedent("""
+    import ctypes, resource, sys
+    if sys.argv[1] == "kept":
+        from openmm_stable.allocator import keep_freed_memory
+        assert keep_freed_memory()
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    sizes = [3, 17, 5, 9, 12, 2, 7]
+    def one_round():
+        blocks = []
+        for mib in sizes:
+            block = libc.malloc(mib << 20)
+            ctypes.memset(block, 1, mib << 20)
+            blocks.append(block)
+        for block in blocks[::2] + blocks[1::2]:
+            libc.free(block)
+    one_round()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        one_round()
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, 10 * sum(sizes) * 256)
+""")
+
+
+def _faults_and_pages(mode: str) -> tuple[int, int]:
+    out = subprocess.run([sys.executable, "-c", _ROUNDS, mode], capture_output=True, text=True, check=True)
+    faults, pages = out.stdout.split()
+    return int(faults), int(pages)
+
+
+@glibc_only
+def test_freed_memory_is_reused_without_page_faults():
+    faults_default, pages = _faults_and_pages("default")
+    faults_kept, _ = _faults_and_pages("kept")
+    # glibc's defaults hand these blocks back and fault them in again; kept, they are reused.
+    assert faults_default > 0.5 * pages
+    assert faults_kept < 0.01 * pages
+
+
+def test_engine_applies_it_on_cpu_unless_told_not_to(monkeypatch, ethanol):
+    import openmm_stable.engine as engine_module
+    from openmm_stable.models import create_model
+
+    calls = []
+    monkeypatch.setattr(engine_module, "keep_freed_memory", lambda: calls.append(True) or True)
+    z, _ = ethanol
+    model = create_model("schnet", "tiny")
+    engine_module.ReplicaEngine(model, z, 2, engine_module.EngineConfig(platform="CPU", keep_freed_memory=False))
+    assert calls == []
+    engine_module.ReplicaEngine(model, z, 2, engine_module.EngineConfig(platform="CPU"))
+    assert calls == [True]
