@@ -46,6 +46,8 @@ class EngineConfig:
             raise ValueError(f"unknown layout {self.layout!r}; known: {', '.join(LAYOUTS)}")
         if self.temperature_K <= 0 or self.timestep_fs <= 0:
             raise ValueError("temperature_K and timestep_fs must be positive")
+        if not isinstance(self.keep_freed_memory, bool):
+            raise ValueError(f"keep_freed_memory must be true or false, got {self.keep_freed_memory!r}")
 
     @property
     def timestep_ps(self) -> float:

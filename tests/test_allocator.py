@@ -65,3 +65,28 @@ def test_engine_applies_it_on_cpu_unless_told_not_to(monkeypatch, ethanol):
     assert calls == []
     engine_module.ReplicaEngine(model, z, 2, engine_module.EngineConfig(platform="CPU"))
     assert calls == [True]
+
+
+def test_pretrain_applies_it_on_cpu_unless_told_not_to(monkeypatch, tmp_path, xtb_ethanol):
+    import importlib
+
+    # (the package exports the function `pretrain` under the module's name)
+    pretrain_module = importlib.import_module("openmm_stable.training.pretrain")
+    calls = []
+    monkeypatch.setattr(pretrain_module, "keep_freed_memory", lambda: calls.append(True) or True)
+    settings = dict(preset="tiny", max_epochs=1, train=8, val=4, test=4, device="cpu")
+    pretrain_module.pretrain(xtb_ethanol, pretrain_module.PretrainConfig(keep_freed_memory=False, **settings),
+                             tmp_path / "off", progress=False)
+    assert calls == []
+    pretrain_module.pretrain(xtb_ethanol, pretrain_module.PretrainConfig(**settings), tmp_path / "on", progress=False)
+    assert calls == [True]
+
+
+def test_config_rejects_a_non_boolean():
+    from openmm_stable.engine import EngineConfig
+    from openmm_stable.training.pretrain import PretrainConfig
+
+    with pytest.raises(ValueError, match="keep_freed_memory"):
+        EngineConfig(keep_freed_memory="yes")
+    with pytest.raises(ValueError, match="keep_freed_memory"):
+        PretrainConfig(keep_freed_memory="yes")
