@@ -32,7 +32,7 @@ STAGES = ("generate", "pretrain", "refine")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="runs/stability", help="data, models and runs (not committed)")
-    p.add_argument("--results", default=None, help="JSON + Markdown results (default benchmarks/results/stability_<mol>_<arch>)")
+    p.add_argument("--results", default=None, help="JSON + Markdown results (default benchmarks/results/stability_<mol>_<arch>, next to this script)")
     p.add_argument("--molecule", default="aspirin")
     p.add_argument("--architecture", default="schnet")
     p.add_argument("--preset", default="small")
@@ -75,8 +75,9 @@ def main(argv=None) -> dict:
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    results_base = Path(args.results or f"benchmarks/results/stability_{args.molecule}_{args.architecture}"
-                        + ("_quick" if args.quick else ""))
+    # Default next to this script, whatever the working directory.
+    results_base = Path(args.results or Path(__file__).resolve().parent / "results"
+                        / (f"stability_{args.molecule}_{args.architecture}" + ("_quick" if args.quick else "")))
     results_base.parent.mkdir(parents=True, exist_ok=True)
     timings = json.loads((work / "timings.json").read_text()) if (work / "timings.json").exists() else {}
 

@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="runs/water", help="data, models and runs (not committed)")
-    p.add_argument("--results", default=None, help="JSON + Markdown results (default benchmarks/results/water[_quick])")
+    p.add_argument("--results", default=None, help="JSON + Markdown results (default benchmarks/results/water[_quick], next to this script)")
     p.add_argument("--molecules", type=int, default=32, help="waters in the box")
     p.add_argument("--frames", type=int, default=1000, help="labelled training frames")
     p.add_argument("--stride", type=int, default=40, help="MD steps (0.5 fs) between training frames")
@@ -91,7 +91,9 @@ def main(argv=None) -> dict:
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    results_base = Path(args.results or "benchmarks/results/water" + ("_quick" if args.quick else ""))
+    # Default next to this script, whatever the working directory.
+    results_base = Path(args.results or Path(__file__).resolve().parent / "results"
+                        / ("water" + ("_quick" if args.quick else "")))
     results_base.parent.mkdir(parents=True, exist_ok=True)
     timings_path = work / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
