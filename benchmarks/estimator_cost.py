@@ -529,7 +529,7 @@ def plot(payload: dict, out_dir: Path, name: str) -> list[Path]:
     if not rows:
         return []
     st = payload["settings"]
-    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.9))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
     for ax, key, label in ((axes[0], "_s", "time (CPU-seconds)"), (axes[1], "_peak_mib", "peak memory growth (MiB)")):
         first = [r for r in rows if r["variant"] == rows[0]["variant"]]
         for i, variant in enumerate(single_variants(payload)):
@@ -538,18 +538,19 @@ def plot(payload: dict, out_dir: Path, name: str) -> list[Path]:
         for baseline, style in (("jacobian", "s-"), ("paper", "D--")):
             pts = [(r["K"], r["baseline" + key]) for r in first if r["baseline"] == baseline]
             if pts:
-                ax.plot(*zip(*pts), style, color="C3", label=BASELINE_LABELS[baseline])
+                ax.plot(*zip(*pts), style, color="k", label=BASELINE_LABELS[baseline])
         if key == "_peak_mib":
             pts = [(r["K"], r.get("jacobian_matrix_mib", math.nan)) for r in first if r["baseline"] == first[0]["baseline"]]
-            ax.plot(*zip(*pts), ":", color="C3", label="K x P float64 matrix alone")
+            ax.plot(*zip(*pts), ":", color="k", label="K x P float64 matrix alone")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("frames K")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
+    handles, labels = axes[1].get_legend_handles_labels()  # (the memory panel has every line)
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7.5, frameon=False)
     fig.suptitle(f"Boltzmann estimator cost, {st['arch']} ({st['preset']}), aspirin, {st['dtype']}", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     path = out_dir / f"{name}.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
