@@ -210,6 +210,14 @@ def interleaved_rates(runners: dict[str, Runner], min_time_s: float, chunk_s: fl
 
 
 # --- output ---------------------------------------------------------------------------------
+def report(payload: dict, out_dir: Path, name: str, print_report, plot) -> None:
+    """Print a benchmark's tables, draw its plots and name the files written."""
+    print_report(payload)
+    for path in plot(payload, out_dir, name):
+        print(f"wrote {path}")
+    print(f"wrote {out_dir / (name + '.json')}")
+
+
 def write_json(path: Path, payload: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

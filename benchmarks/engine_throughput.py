@@ -38,8 +38,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from _common import (Runner, build_system, format_table, interleaved_rates, machine_info, single_thread_torch,
-                     write_json)
+from _common import (Runner, build_system, format_table, interleaved_rates, machine_info, report,
+                     single_thread_torch, write_json)
 
 METHODS = ("batched", "bare", "bare-guarded", "per-replica", "ase")
 DEFAULT_ARCHS = ("schnet", "graph-network", "equivariant-transformer", "tensornet")
@@ -539,10 +539,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     else:
         payload = run(args)
         out_dir, name = args.out, args.name
-    print_report(payload)
-    for path in plot(payload, out_dir, name):
-        print(f"wrote {path}")
-    print(f"wrote {out_dir / (name + '.json')}")
+    report(payload, out_dir, name, print_report, plot)
     return payload
 
 

@@ -46,7 +46,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from _common import format_table, machine_info, single_thread_torch, write_json
+from _common import format_table, machine_info, report, single_thread_torch, write_json
 
 TEMPERATURE_K = 500.0
 NOISE_ANGSTROM = 0.1
@@ -573,10 +573,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     else:
         payload = run(args)
         out_dir, name = args.out, args.name
-    print_report(payload)
-    for path in plot(payload, out_dir, name):
-        print(f"wrote {path}")
-    print(f"wrote {out_dir / (name + '.json')}")
+    report(payload, out_dir, name, print_report, plot)
     return payload
 
 

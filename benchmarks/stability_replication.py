@@ -20,10 +20,12 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _stages import StageTimings, stage  # noqa: E402
 
 
 STAGES = ("generate", "pretrain", "refine")
@@ -58,10 +60,6 @@ def parse_args(argv=None):
     return args
 
 
-def stage(name: str) -> None:
-    print(f"\n=== {name}", flush=True)
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from openmm_stable.data import load_dataset, save_dataset
@@ -79,16 +77,8 @@ def main(argv=None) -> dict:
     results_base = Path(args.results or Path(__file__).resolve().parent / "results"
                         / (f"stability_{args.molecule}_{args.architecture}" + ("_quick" if args.quick else "")))
     results_base.parent.mkdir(parents=True, exist_ok=True)
-    timings = json.loads((work / "timings.json").read_text()) if (work / "timings.json").exists() else {}
-
-    def timed(key, fn):
-        if key in timings:
-            return fn()  # stage already done (fn just loads its output)
-        t0 = time.perf_counter()
-        out = fn()
-        timings[key] = time.perf_counter() - t0
-        (work / "timings.json").write_text(json.dumps(timings, indent=2))
-        return out
+    timed = StageTimings(work)
+    timings = timed.seconds
 
     stage(f"reference trajectory: {args.frames} xTB frames of {args.molecule} at 500 K")
     traj_path = work / "reference_trajectory.npz"

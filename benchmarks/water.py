@@ -26,10 +26,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402,F401  (one thread per pool, repository on sys.path)
+from _stages import StageTimings, stage  # noqa: E402
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -69,10 +69,6 @@ def parse_args(argv=None):
     return args
 
 
-def stage(name: str) -> None:
-    print(f"\n=== {name}", flush=True)
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.plot_only:
@@ -95,17 +91,8 @@ def main(argv=None) -> dict:
     results_base = Path(args.results or Path(__file__).resolve().parent / "results"
                         / ("water" + ("_quick" if args.quick else "")))
     results_base.parent.mkdir(parents=True, exist_ok=True)
-    timings_path = work / "timings.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-
-    def timed(key, fn):
-        if key in timings:
-            return fn()  # stage already done (fn just loads its output)
-        t0 = time.perf_counter()
-        out = fn()
-        timings[key] = time.perf_counter() - t0
-        timings_path.write_text(json.dumps(timings, indent=2))
-        return out
+    timed = StageTimings(work)
+    timings = timed.seconds
 
     engine = EngineConfig(temperature_K=300.0, timestep_fs=0.5, friction_per_ps=1.0, seed=args.seed)
     stage(f"SPC/Fw reference: {args.molecules} waters (box {box_length(args.molecules):.2f} A), {args.frames} "

@@ -14,25 +14,7 @@ os.environ.setdefault("OPENMM_CPU_THREADS", "1")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-# Ethanol (C2H5OH) by hand, in Angstrom: C-C 1.51, C-O 1.43, C-H 1.09, O-H 0.97.
-# Atom order: C (methyl), C (methylene), O, then the methyl H, methylene H, hydroxyl H.
-ETHANOL_Z = np.array([6, 6, 8, 1, 1, 1, 1, 1, 1], dtype=np.int64)
-ETHANOL_POSITIONS = np.array(
-    [
-        [1.1879, -0.3829, 0.0000],
-        [0.0000, 0.5526, 0.0000],
-        [-1.1867, -0.2472, 0.0000],
-        [2.1180, 0.1890, 0.0000],
-        [1.1655, -1.0186, 0.8849],
-        [1.1655, -1.0186, -0.8849],
-        [0.0403, 1.2023, 0.8809],
-        [0.0403, 1.2023, -0.8809],
-        [-1.9451, 0.3487, 0.0000],
-    ],
-    dtype=np.float64,
-)
-# Covalent bonds of the molecule above, as (i, j) index pairs.
-ETHANOL_BONDS = [(0, 1), (1, 2), (0, 3), (0, 4), (0, 5), (1, 6), (1, 7), (2, 8)]
+from _structures import ETHANOL_BONDS, ETHANOL_POSITIONS, ETHANOL_Z  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -6,29 +6,15 @@ import torch
 from openmm_stable import stability as st
 from openmm_stable.data.dataset import QMDataset
 
-# Hand-built ethanol (C, C, O, H on O, 3 H on C1, 2 H on C2), Angstrom.
-ETHANOL_Z = np.array([6, 6, 8, 1, 1, 1, 1, 1, 1])
-ETHANOL_POS = np.array(
-    [
-        [0.00, 0.00, 0.00],
-        [1.52, 0.00, 0.00],
-        [2.00, 1.35, 0.00],
-        [2.96, 1.30, 0.00],
-        [-0.36, 1.03, 0.00],
-        [-0.36, -0.51, 0.89],
-        [-0.36, -0.51, -0.89],
-        [1.88, -0.51, 0.89],
-        [1.88, -0.51, -0.89],
-    ]
-)
+from _structures import ETHANOL_BONDS, ETHANOL_POSITIONS as ETHANOL_POS, ETHANOL_Z
 
-ETHANOL_BONDS = {(0, 1), (1, 2), (2, 3), (0, 4), (0, 5), (0, 6), (1, 7), (1, 8)}
+HYDROXYL_O, HYDROXYL_H = 2, 8  # in `_structures.ETHANOL_*`
 
 
 def test_find_bonds_ethanol():
     b = st.find_bonds(ETHANOL_Z, ETHANOL_POS)
     assert b.dtype == np.int64 and b.shape == (8, 2)
-    assert {tuple(x) for x in b.tolist()} == ETHANOL_BONDS
+    assert {tuple(x) for x in b.tolist()} == set(ETHANOL_BONDS)
     # a stack of frames uses the first one
     b2 = st.find_bonds(ETHANOL_Z, np.stack([ETHANOL_POS, ETHANOL_POS * 3]))
     assert np.array_equal(b, b2)
@@ -55,9 +41,9 @@ def test_find_bonds_unknown_element():
 
 def _stretched_trajectory(n_frames=10, at=6, by=0.6):
     frames = np.repeat(ETHANOL_POS[None], n_frames, 0).copy()
-    direction = ETHANOL_POS[3] - ETHANOL_POS[2]
+    direction = ETHANOL_POS[HYDROXYL_H] - ETHANOL_POS[HYDROXYL_O]
     direction /= np.linalg.norm(direction)
-    frames[at:, 3] += by * direction * np.linspace(1, 1.5, n_frames - at)[:, None]  # O-H stretches
+    frames[at:, HYDROXYL_H] += by * direction * np.linspace(1, 1.5, n_frames - at)[:, None]  # O-H stretches
     return frames
 
 
