@@ -143,6 +143,7 @@ def paper_jacobian_gradient(model, energy_fn, frames, values, loss_fn, temperatu
     """
     import torch
 
+    from openmm_stable.training.estimator import split_like
     from openmm_stable.units import kT_eV
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -154,21 +155,16 @@ def paper_jacobian_gradient(model, energy_fn, frames, values, loss_fn, temperatu
         rows.append(batched_vjp_rows(energies, params, identity))
     rows = torch.cat(rows)  # (K, P)
     values = values.detach().to(rows.dtype)
-    mean = values.mean(0).double().requires_grad_(True)
+    mean_values, mean_rows = values.mean(0), rows.mean(0)
+    mean = mean_values.double().requires_grad_(True)
     (loss_gradient,) = torch.autograd.grad(loss_fn(mean), mean)
     loss_gradient = loss_gradient.to(rows.dtype)[None]  # (1, d)
-    mean_values, mean_rows = values.mean(0), rows.mean(0)
     flat = torch.zeros(rows.shape[1], dtype=rows.dtype, device=rows.device)
     for start in range(0, rows.shape[0], minibatch):
         g, r = values[start:start + minibatch], rows[start:start + minibatch]
         jacobian = (mean_rows[None, None, :] * mean_values[None, :, None] - r[:, None, :] * g[:, :, None]).sum(0)
         flat += torch.mm(loss_gradient, jacobian)[0]
-    flat = flat / (rows.shape[0] * kT_eV(temperature_K))
-    out, offset = [], 0
-    for p in params:
-        out.append(flat[offset:offset + p.numel()].reshape(p.shape).to(p.dtype))
-        offset += p.numel()
-    return out
+    return split_like(flat / (rows.shape[0] * kT_eV(temperature_K)), params)
 
 
 def batched_vjp_rows(energies, params, identity):

@@ -199,6 +199,11 @@ def jacobian_gradient(model: nn.Module, energy_fn: EnergyFn, frames: Tensor, val
     beta = 1.0 / kT_eV(temperature_K)
     # beta * ( <a.O><dU> - <a.O dU> )
     flat = beta * (projected.mean() * jacobian.mean(0) - (projected[:, None] * jacobian).mean(0))
+    return split_like(flat, params)
+
+
+def split_like(flat: Tensor, params: list[Tensor]) -> list[Tensor]:
+    """A flat (P,) vector of parameter derivatives as one tensor per parameter."""
     out, offset = [], 0
     for p in params:
         out.append(flat[offset:offset + p.numel()].reshape(p.shape).to(p.dtype))
