@@ -43,31 +43,41 @@ def parse_args(argv=None):
     p.add_argument("--small", type=int, default=200, help="frames in the small training set")
     p.add_argument("--large", type=int, default=10000, help="frames in the large training set (50x small)")
     p.add_argument("--test", type=int, default=500, help="frames in the common test set (end of trajectory)")
-    p.add_argument("--pretrain-min", type=float, default=12.0, help="time budget per pre-training (minutes)")
+    p.add_argument("--pretrain-min", type=float, nargs="+", default=[12.0], metavar="MIN",
+                   help="training-time budget in minutes, counted over resumes: one for both pre-trainings, "
+                        "or two (small set, large set); raise it and re-run to extend finished pre-trainings")
     p.add_argument("--refine-config", default=None, help="YAML of StableConfig fields (default: built in below)")
     p.add_argument("--refine-epochs", type=int, default=30)
     p.add_argument("--replicas", type=int, default=16)
     p.add_argument("--horizon-ps", type=float, default=10.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's choice); set it when two runs share a machine")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every stage")
     p.add_argument("--stop-after", choices=STAGES, default=None,
                    help="stop once this stage is done (run the rest later with the same --workdir)")
     args = p.parse_args(argv)
     if args.quick:
         args.frames, args.stride, args.small, args.large, args.test = 160, 5, 40, 100, 30
-        args.pretrain_min, args.refine_epochs, args.replicas, args.horizon_ps = 0.2, 3, 4, 0.2
+        args.pretrain_min, args.refine_epochs, args.replicas, args.horizon_ps = [0.2], 3, 4, 0.2
         args.preset = "tiny"
+    if len(args.pretrain_min) > 2:
+        p.error(f"--pretrain-min takes one or two budgets (small, large), got {len(args.pretrain_min)}")
+    args.pretrain_min = dict(zip(("small", "large"), args.pretrain_min * (3 - len(args.pretrain_min))))
     return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from openmm_stable.data import load_dataset, save_dataset
     from openmm_stable.data.generate import generate_xtb_dataset
     from openmm_stable.models import load_model
     from openmm_stable.report import compare_runs
     from openmm_stable.simulate import SimulationConfig, simulate
-    from openmm_stable.training.pretrain import PretrainConfig, pretrain
+    from openmm_stable.training.pretrain import PretrainConfig
     from openmm_stable.training.stable import StableConfig, refine
     from openmm_stable.config import config_from_yaml
 
@@ -107,17 +117,13 @@ def main(argv=None) -> dict:
 
     models = {}
     for name in ("small", "large"):
-        stage(f"pre-train {args.architecture}-{args.preset} on {len(sets[name])} frames ({args.pretrain_min} min budget)")
+        budget = args.pretrain_min[name]
+        stage(f"pre-train {args.architecture}-{args.preset} on {len(sets[name])} frames ({budget} min budget)")
         out = work / f"pretrain_{name}"
         config = PretrainConfig(architecture=args.architecture, preset=args.preset, train=0.9, val=0.1, test=0,
-                                time_budget_min=args.pretrain_min, seed=args.seed, patience=50)
-
-        def run_pretrain(out=out, config=config, name=name):
-            if (out / "model.pt").exists() and (out / "metrics.json").exists():
-                return load_model(out / "model.pt")
-            resume = (out / "checkpoint_last.pt").exists()
-            return pretrain(sets[name], config, out, progress=False, resume=resume)[0]
-        models[f"pretrained-{name}"] = timed(f"pretrain_{name}_s", run_pretrain)
+                                time_budget_min=budget, seed=args.seed, patience=50)
+        models[f"pretrained-{name}"] = timed(f"pretrain_{name}_s",
+                                             lambda ds=sets[name], c=config, o=out: run_pretrain(ds, c, o))
     if args.stop_after == "pretrain":
         return {"stopped_after": "pretrain", "timings_s": timings}
 
@@ -144,6 +150,11 @@ def main(argv=None) -> dict:
     runs = {}
     for label, model in models.items():
         stage(f"simulate {label}: {args.replicas} replicas x {args.horizon_ps} ps")
+        if label == "stable-small" and same_parameters(model, models["pretrained-small"]):
+            # Refinement took no learning step: the same model, seed and start frames give the same run.
+            print("refinement left the small model unchanged; its simulation is the small model's")
+            runs[label] = runs["pretrained-small"]
+            continue
         out = work / f"simulate_{label}"
 
         def run_sim(out=out, model=model):
@@ -158,11 +169,13 @@ def main(argv=None) -> dict:
     print(table)
     metrics = {label: json.loads((d / "metrics.json").read_text()) for label, d in runs.items()}
     refine_metrics = json.loads((refine_out / "metrics.json").read_text())
+    train_s = {name: json.loads((work / f"pretrain_{name}" / "metrics.json").read_text())["train_time_s"]
+               for name in ("small", "large")}  # summed over resumes, unlike a stage's wall time
     compute = {
-        "pretrained-small": {"qm_frames": args.small, "sim_steps": 0, "wall_s": timings.get("pretrain_small_s")},
-        "pretrained-large": {"qm_frames": args.large, "sim_steps": 0, "wall_s": timings.get("pretrain_large_s")},
+        "pretrained-small": {"qm_frames": args.small, "sim_steps": 0, "wall_s": train_s["small"]},
+        "pretrained-large": {"qm_frames": args.large, "sim_steps": 0, "wall_s": train_s["large"]},
         "stable-small": {"qm_frames": args.small, "sim_steps": refine_metrics["replica_steps"],
-                         "wall_s": (timings.get("pretrain_small_s") or 0) + (timings.get("refine_s") or 0)},
+                         "wall_s": train_s["small"] + (timings.get("refine_s") or 0)},
     }
     s, l, r = (metrics[k] for k in ("pretrained-small", "pretrained-large", "stable-small"))
     targets = {
@@ -191,6 +204,28 @@ def main(argv=None) -> dict:
     results_base.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return summary
+
+
+def run_pretrain(dataset, config, out: Path):
+    """Pre-train into `out`, continuing its checkpoint, unless a run that used this budget is done."""
+    from openmm_stable.models import load_model
+    from openmm_stable.training.pretrain import pretrain
+    metrics_path = out / "metrics.json"
+    if (out / "model.pt").exists() and metrics_path.exists():
+        metrics = json.loads(metrics_path.read_text())
+        extend = (metrics.get("stopped_reason") == "time_budget"
+                  and metrics["train_time_s"] < 60.0 * config.time_budget_min)
+        if not extend:
+            return load_model(out / "model.pt")
+        print(f"extending: {metrics['train_time_s'] / 60:.1f} of {config.time_budget_min} min trained")
+    resume = (out / "checkpoint_last.pt").exists()
+    return pretrain(dataset, config, out, progress=False, resume=resume)[0]
+
+
+def same_parameters(a, b) -> bool:
+    import torch
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k].cpu(), sb[k].cpu()) for k in sa)
 
 
 if __name__ == "__main__":
