@@ -129,8 +129,95 @@ class Runner:
     def run(self, n_steps: int) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def timed_run(self, n_steps: int) -> tuple[float, float, float, int]:
+        """`run(n_steps)` measured by `timed_both` in the process that runs it."""
+        return timed_both(lambda: self.run(n_steps))
+
     def close(self) -> None:
         pass
+
+
+class ProcessRunner(Runner):
+    """A runner built by ``factory(*args)`` in a worker process of its own and driven over a
+    pipe, so that runners measured side by side share no heap. In one process, next to a
+    128-Context per-replica engine, the batched engine page-faulted ~15,000 times per step
+    and ran at half its rate alone (benchmarks/README.md, section 1). The worker times its
+    own chunks (`timed_run`), so CPU seconds and page faults are the runner's alone; the
+    worker inherits this module's one-thread settings through the environment."""
+
+    def __init__(self, name: str, n_replicas: int, factory: Callable[..., Runner], *args):
+        import multiprocessing as mp
+
+        self.name, self.n_replicas = name, n_replicas
+        ctx = mp.get_context("spawn")  # no fork of a process that holds OpenMM/torch threads
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve_runner, args=(child, factory, args), daemon=True)
+        self._proc.start()  # builds while the other workers build; setup_s waits for it
+        child.close()
+        self._setup_s: float | None = None
+
+    @property
+    def setup_s(self) -> float:
+        """Seconds the worker took to build its runner (imports not counted)."""
+        if self._setup_s is None:
+            self._setup_s = self._receive()
+        return self._setup_s
+
+    def _receive(self):
+        try:
+            ok, value = self._conn.recv()
+        except EOFError:
+            self._proc.join(timeout=10)
+            raise RuntimeError(f"runner worker {self.name!r} died (exit code {self._proc.exitcode}); "
+                               "out of memory?") from None
+        if not ok:
+            raise RuntimeError(f"runner worker {self.name!r} failed:\n{value}")
+        return value
+
+    def _call(self, command: str, *args):
+        self.setup_s  # noqa: B018  (the build's answer comes first)
+        self._conn.send((command, args))
+        return self._receive()
+
+    def reset(self, seed: int) -> None:
+        self._call("reset", seed)
+
+    def run(self, n_steps: int) -> None:
+        self._call("run", n_steps)
+
+    def timed_run(self, n_steps: int) -> tuple[float, float, float, int]:
+        return self._call("timed_run", n_steps)
+
+    def close(self) -> None:
+        if self._proc.is_alive():
+            try:
+                self._call("close")
+            except (RuntimeError, OSError):
+                pass
+            self._proc.join(timeout=60)
+        if self._proc.is_alive():
+            self._proc.kill()
+        self._conn.close()
+
+
+def _serve_runner(conn, factory: Callable[..., Runner], args: tuple) -> None:
+    """Worker loop of `ProcessRunner`: build, answer with the build time, then serve calls."""
+    import traceback
+
+    try:
+        t0 = time.perf_counter()
+        runner = factory(*args)
+        conn.send((True, time.perf_counter() - t0))
+        while True:
+            command, call_args = conn.recv()
+            result = getattr(runner, command)(*call_args)
+            conn.send((True, result))
+            if command == "close":
+                return
+    except EOFError:  # the parent went away
+        return
+    except BaseException:
+        conn.send((False, traceback.format_exc()))
 
 
 def timed(fn: Callable[[], None]) -> float:
@@ -193,7 +280,7 @@ def interleaved_rates(runners: dict[str, Runner], min_time_s: float, chunk_s: fl
         for name, runner in runners.items():
             seed += 1
             runner.reset(seed)
-            times[name].append(timed_both(lambda: runner.run(chunks[name])))
+            times[name].append(runner.timed_run(chunks[name]))
     stats = {}
     for name, runner in runners.items():
         wall, cpu, sys_cpu, faults = np.asarray(times[name], dtype=float).T

@@ -38,7 +38,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from _common import (Runner, build_system, format_table, interleaved_rates, machine_info, report,
+from _common import (ProcessRunner, Runner, build_system, format_table, interleaved_rates, machine_info, report,
                      single_thread_torch, write_json)
 
 METHODS = ("batched", "bare", "bare-guarded", "per-replica", "ase")
@@ -208,6 +208,27 @@ def make_runner(method: str, model, z, starts, platform: str, keep_freed_memory:
     raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
 
 
+def seeded_model(arch: str, preset: str):
+    """The benchmark's (untrained) model of an architecture: the same weights in every process."""
+    import torch
+
+    from openmm_stable.models import create_model
+
+    torch.manual_seed(0)
+    return create_model(arch, preset)
+
+
+def build_runner_in_worker(method: str, arch: str, preset: str, z, starts, platform: str,
+                           keep_freed_memory: bool) -> Runner:
+    """`make_runner` in a `ProcessRunner` worker, set up as `run` sets up this process."""
+    from openmm_stable.allocator import keep_freed_memory as keep_freed
+
+    if keep_freed_memory:
+        keep_freed()
+    single_thread_torch()
+    return make_runner(method, seeded_model(arch, preset), z, starts, platform, keep_freed_memory)
+
+
 # --- the benchmark ---------------------------------------------------------------------------------
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -234,6 +255,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="keep glibc's malloc defaults, which return freed memory to the OS and page-fault it back "
                         "every step; by default the engine keeps it in the process (openmm_stable.allocator), "
                         "and so do the baselines, which share the process")
+    p.add_argument("--shared-process", action="store_true",
+                   help="run every runner in this process, as before the default of one worker process per "
+                        "runner (at R = 128 the per-replica engine's heap then slows the batched engine down)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--name", default=None, help="stem of the output files (default engine_throughput[_quick])")
     p.add_argument("--plot-only", type=Path, default=None, help="re-plot and re-print a results JSON")
@@ -254,7 +278,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args.atoms_replicas = args.atoms_replicas or [1, 32]
     args.min_time = args.min_time or 1.5
     args.name = args.name or (("engine_throughput_quick" if args.quick else "engine_throughput")
-                              + ("_malloc_defaults" if args.malloc_defaults else ""))
+                              + ("_malloc_defaults" if args.malloc_defaults else "")
+                              + ("_shared_process" if args.shared_process else ""))
     limits = dict(DEFAULT_MAX_REPLICAS)
     for item in args.max_replicas or []:
         arch, _, value = item.partition("=")
@@ -270,16 +295,24 @@ def start_structures(positions: np.ndarray, n_replicas: int, seed: int = 0) -> n
 
 
 def measure_point(models: dict, z, positions, R: int, args) -> list[dict]:
-    """Every (architecture, method) at one system and R, measured side by side."""
+    """Every (architecture, method) at one system and R, measured side by side; each runner in
+    a worker process of its own (built concurrently) unless ``--shared-process``."""
     starts = start_structures(positions, R)
     runners, setup = {}, {}
+    keep_freed = not args.malloc_defaults
     try:
         for arch, model in models.items():
             for method in [m for m in args.methods if R <= args.limits.get(m, math.inf)]:
                 t0 = time.perf_counter()
-                runners[(arch, method)] = make_runner(method, model, z, starts, args.platform,
-                                                      keep_freed_memory=not args.malloc_defaults)
-                setup[(arch, method)] = time.perf_counter() - t0
+                if args.shared_process:
+                    runners[(arch, method)] = make_runner(method, model, z, starts, args.platform, keep_freed)
+                    setup[(arch, method)] = time.perf_counter() - t0
+                else:
+                    runners[(arch, method)] = ProcessRunner(method, R, build_runner_in_worker, method, arch,
+                                                            args.preset, z, starts, args.platform, keep_freed)
+        for key, runner in runners.items():
+            if isinstance(runner, ProcessRunner):
+                setup[key] = runner.setup_s
         stats = interleaved_rates(runners, args.min_time, chunk_s=args.chunk_time, max_chunk=args.chunk,
                                   warmup_steps=args.warmup_steps)
     finally:
@@ -296,22 +329,18 @@ def run(args) -> dict:
     single_thread_torch()
     import torch  # noqa: F401  (before openmmtorch)
 
-    from openmm_stable.models import create_model
-
     payload = {"benchmark": "engine_throughput", "quick": bool(args.quick), "machine": machine_info(),
                "settings": {"preset": args.preset, "temperature_K": TEMPERATURE_K, "timestep_fs": TIMESTEP_FS,
                             "friction_per_ps": FRICTION_PER_PS, "platform": args.platform, "dtype": "float32",
                             "min_time_s": args.min_time, "chunk_time_s": args.chunk_time, "max_chunk": args.chunk,
                             "warmup_steps": args.warmup_steps, "methods": args.methods, "limits": args.limits,
                             "rate": "replica-steps per second from the median chunk time",
-                            "malloc_tuned": malloc_tuned},
+                            "malloc_tuned": malloc_tuned,
+                            "runner_processes": "shared" if args.shared_process else "one per runner"},
                "results": []}
     out_json = args.out / f"{args.name}.json"
     t_start = time.perf_counter()
-    models = {}
-    for arch in args.archs:
-        torch.manual_seed(0)
-        models[arch] = create_model(arch, args.preset)
+    models = {arch: seeded_model(arch, args.preset) for arch in args.archs}
     for s_index, system in enumerate(args.systems):
         z, positions = build_system(system)
         r_values = args.replicas if s_index == 0 else args.atoms_replicas

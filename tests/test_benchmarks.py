@@ -67,3 +67,58 @@ def test_help(script):
     proc = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0 and "--quick" in proc.stdout
+
+
+# --- ProcessRunner: one worker process per runner (benchmarks/_common.py) ----------------------
+sys.path.insert(0, str(BENCHMARKS))
+from _common import ProcessRunner, Runner  # noqa: E402
+
+
+class _SpinRunner(Runner):
+    """Burns CPU in `run` and remembers its process id and last reset seed."""
+
+    def __init__(self, n_replicas: int):
+        self.n_replicas = n_replicas
+        self.seed = None
+
+    def reset(self, seed: int) -> None:
+        self.seed = seed
+
+    def run(self, n_steps: int) -> None:
+        sum(i * i for i in range(20_000 * n_steps))
+
+    def where(self) -> tuple:
+        return os.getpid(), self.seed
+
+
+def _spin_runner(n_replicas: int) -> Runner:
+    return _SpinRunner(n_replicas)
+
+
+def _broken_runner(n_replicas: int) -> Runner:
+    raise ValueError(f"cannot build {n_replicas} replicas")
+
+
+def test_process_runner_runs_and_times_in_its_own_process():
+    runner = ProcessRunner("spin", 3, _spin_runner, 3)
+    try:
+        assert runner.setup_s >= 0 and runner.n_replicas == 3
+        runner.reset(seed=7)
+        pid, seed = runner._call("where")
+        assert pid != os.getpid() and seed == 7
+        wall, cpu, sys_cpu, faults = runner.timed_run(20)
+        # The CPU time is the worker's: this process only waited on the pipe.
+        assert wall > 0 and 0.005 < cpu <= wall + 0.01 and sys_cpu >= 0 and faults >= 0
+    finally:
+        runner.close()
+    assert not runner._proc.is_alive()
+
+
+def test_process_runner_reports_a_failed_build():
+    runner = ProcessRunner("broken", 2, _broken_runner, 2)
+    try:
+        with pytest.raises(RuntimeError, match="cannot build 2 replicas"):
+            runner.reset(seed=0)
+    finally:
+        runner.close()
+    assert not runner._proc.is_alive()
