@@ -152,7 +152,7 @@ class ProcessRunner(Runner):
         ctx = mp.get_context("spawn")  # no fork of a process that holds OpenMM/torch threads
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(target=_serve_runner, args=(child, factory, args), daemon=True)
-        self._proc.start()  # builds while the other workers build; setup_s waits for it
+        self._proc.start()  # builds in the background; setup_s waits for it
         child.close()
         self._setup_s: float | None = None
 
