@@ -43,9 +43,10 @@ def parse_args(argv=None):
     p.add_argument("--small", type=int, default=200, help="frames in the small training set")
     p.add_argument("--large", type=int, default=10000, help="frames in the large training set (50x small)")
     p.add_argument("--test", type=int, default=500, help="frames in the common test set (end of trajectory)")
-    p.add_argument("--pretrain-min", type=float, nargs="+", default=[12.0], metavar="MIN",
+    p.add_argument("--pretrain-min", type=float, nargs="+", default=None, metavar="MIN",
                    help="training-time budget in minutes, counted over resumes: one for both pre-trainings, "
-                        "or two (small set, large set); raise it and re-run to extend finished pre-trainings")
+                        "or two (small set, large set); raise it and re-run to extend finished pre-trainings "
+                        "(default 12; 0.2 with --quick)")
     p.add_argument("--refine-config", default=None, help="YAML of StableConfig fields (default: built in below)")
     p.add_argument("--refine-epochs", type=int, default=30)
     p.add_argument("--replicas", type=int, default=16)
@@ -59,8 +60,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.frames, args.stride, args.small, args.large, args.test = 160, 5, 40, 100, 30
-        args.pretrain_min, args.refine_epochs, args.replicas, args.horizon_ps = [0.2], 3, 4, 0.2
+        args.refine_epochs, args.replicas, args.horizon_ps = 3, 4, 0.2
+        args.pretrain_min = args.pretrain_min or [0.2]
         args.preset = "tiny"
+    args.pretrain_min = args.pretrain_min or [12.0]
     if len(args.pretrain_min) > 2:
         p.error(f"--pretrain-min takes one or two budgets (small, large), got {len(args.pretrain_min)}")
     args.pretrain_min = dict(zip(("small", "large"), args.pretrain_min * (3 - len(args.pretrain_min))))

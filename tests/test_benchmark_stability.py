@@ -26,6 +26,18 @@ def test_stability_replication_quick(tmp_path, monkeypatch):
     done_before = json.loads((work / "timings.json").read_text())
     assert set(done_before) == {"generate_s", "pretrain_small_s", "pretrain_large_s"}
 
+    # a larger budget for the small set extends its finished pre-training; the large one is kept
+    first = {name: json.loads((work / f"pretrain_{name}" / "metrics.json").read_text()) for name in ("small", "large")}
+    assert first["small"]["stopped_reason"] == "time_budget"
+    monkeypatch.setattr(sys, "argv", argv + ["--stop-after", "pretrain", "--pretrain-min", "0.4", "0.2"])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(script), run_name="__main__")
+    assert done.value.code == 0
+    second = {name: json.loads((work / f"pretrain_{name}" / "metrics.json").read_text()) for name in ("small", "large")}
+    assert second["large"] == first["large"]
+    assert second["small"]["epochs"] > first["small"]["epochs"]
+    assert first["small"]["train_time_s"] + 6 < second["small"]["train_time_s"] < 0.4 * 60 + 30
+
     # the rest: finished stages are loaded, not redone
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as done:
@@ -40,5 +52,7 @@ def test_stability_replication_quick(tmp_path, monkeypatch):
         assert 0.0 <= metrics["stable_fraction"] <= 1.0
         assert metrics["force_mae_meV_per_A"] > 0
     assert summary["compute"]["stable-small"]["sim_steps"] > 0
+    # compute spent on pre-training: the training time summed over both sessions
+    assert summary["compute"]["pretrained-small"]["wall_s"] == second["small"]["train_time_s"]
     assert len(summary["targets_met"]) == 4
     assert "| stable-small |" in results.with_suffix(".md").read_text()
