@@ -3,7 +3,9 @@
 For each system and number of replicas R, every architecture and method below is measured
 side by side: the runners take turns chunk by chunk (round robin, see
 `_common.interleaved_rates`), so that load from other processes on a shared machine falls on
-all of them alike, and the rate is taken from the median chunk time. The methods:
+all of them alike, and the rate is taken from the median chunk time. Each runner lives in a
+worker process of its own (`_common.ProcessRunner`), so that no runner's heap slows another
+down (``--shared-process``: all in this process). The methods:
 
 * ``batched``      the replica engine: R replicas in ONE OpenMM Context, one batched TorchForce
                    (Langevin, 0.5 fs, 500 K, friction 1/ps);
