@@ -177,8 +177,9 @@ def main(argv=None) -> dict:
     compute = {
         "pretrained-small": {"qm_frames": args.small, "sim_steps": 0, "wall_s": train_s["small"]},
         "pretrained-large": {"qm_frames": args.large, "sim_steps": 0, "wall_s": train_s["large"]},
+        # refinement: its epochs' simulation and gradient time, likewise summed over resumes
         "stable-small": {"qm_frames": args.small, "sim_steps": refine_metrics["replica_steps"],
-                         "wall_s": train_s["small"] + (timings.get("refine_s") or 0)},
+                         "wall_s": train_s["small"] + refine_metrics["sim_time_s"] + refine_metrics["grad_time_s"]},
     }
     s, l, r = (metrics[k] for k in ("pretrained-small", "pretrained-large", "stable-small"))
     targets = {
