@@ -221,14 +221,20 @@ def seeded_model(arch: str, preset: str):
     return create_model(arch, preset)
 
 
+def prepare_process(keep_freed_memory: bool) -> bool:
+    """One torch thread, and glibc keeping freed memory unless told not to (as the engine
+    does on the CPU). Returns whether the allocator setting is in effect."""
+    from openmm_stable.allocator import keep_freed_memory as keep_freed
+
+    tuned = keep_freed() if keep_freed_memory else False
+    single_thread_torch()
+    return tuned
+
+
 def build_runner_in_worker(method: str, arch: str, preset: str, z, starts, platform: str,
                            keep_freed_memory: bool) -> Runner:
     """`make_runner` in a `ProcessRunner` worker, set up as `run` sets up this process."""
-    from openmm_stable.allocator import keep_freed_memory as keep_freed
-
-    if keep_freed_memory:
-        keep_freed()
-    single_thread_torch()
+    prepare_process(keep_freed_memory)
     return make_runner(method, seeded_model(arch, preset), z, starts, platform, keep_freed_memory)
 
 
@@ -257,7 +263,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--malloc-defaults", action="store_true",
                    help="keep glibc's malloc defaults, which return freed memory to the OS and page-fault it back "
                         "every step; by default the engine keeps it in the process (openmm_stable.allocator), "
-                        "and so do the baselines, which share the process")
+                        "and every baseline's process does too")
     p.add_argument("--shared-process", action="store_true",
                    help="run every runner in this process, as before the default of one worker process per "
                         "runner (at R = 128 the per-replica engine's heap then slows the batched engine down)")
@@ -306,8 +312,8 @@ def measure_point(models: dict, z, positions, R: int, args) -> list[dict]:
     try:
         for arch, model in models.items():
             for method in [m for m in args.methods if R <= args.limits.get(m, math.inf)]:
-                t0 = time.perf_counter()
                 if args.shared_process:
+                    t0 = time.perf_counter()
                     runners[(arch, method)] = make_runner(method, model, z, starts, args.platform, keep_freed)
                     setup[(arch, method)] = time.perf_counter() - t0
                 else:  # one build at a time: ten concurrent builds of R = 128 engines thrash 2 cores
@@ -325,10 +331,7 @@ def measure_point(models: dict, z, positions, R: int, args) -> list[dict]:
 
 
 def run(args) -> dict:
-    from openmm_stable.allocator import keep_freed_memory
-
-    malloc_tuned = False if args.malloc_defaults else keep_freed_memory()
-    single_thread_torch()
+    malloc_tuned = prepare_process(not args.malloc_defaults)
     import torch  # noqa: F401  (before openmmtorch)
 
     payload = {"benchmark": "engine_throughput", "quick": bool(args.quick), "machine": machine_info(),
@@ -342,7 +345,8 @@ def run(args) -> dict:
                "results": []}
     out_json = args.out / f"{args.name}.json"
     t_start = time.perf_counter()
-    models = {arch: seeded_model(arch, args.preset) for arch in args.archs}
+    # With worker processes each worker builds its own model; this process needs none.
+    models = {arch: seeded_model(arch, args.preset) if args.shared_process else None for arch in args.archs}
     for s_index, system in enumerate(args.systems):
         z, positions = build_system(system)
         r_values = args.replicas if s_index == 0 else args.atoms_replicas
