@@ -211,14 +211,20 @@ def main(argv=None) -> dict:
 
 
 def run_pretrain(dataset, config, out: Path):
-    """Pre-train into `out`, continuing its checkpoint, unless a run that used this budget is done."""
+    """Pre-train into `out`, continuing its checkpoint, unless a run with this budget (or a
+    larger one) is done."""
+    import yaml
+
     from openmm_stable.models import load_model
     from openmm_stable.training.pretrain import pretrain
     metrics_path = out / "metrics.json"
     if (out / "model.pt").exists() and metrics_path.exists():
         metrics = json.loads(metrics_path.read_text())
-        extend = (metrics.get("stopped_reason") == "time_budget"
-                  and metrics["train_time_s"] < 60.0 * config.time_budget_min)
+        # The budget the finished run had (its config.yaml), not its train_time_s: a run stops
+        # at its budget to within a batch, on either side of it.
+        used_min = yaml.safe_load((out / "config.yaml").read_text()).get("time_budget_min")
+        extend = (metrics.get("stopped_reason") == "time_budget" and used_min is not None
+                  and config.time_budget_min > used_min)
         if not extend:
             return load_model(out / "model.pt")
         print(f"extending: {metrics['train_time_s'] / 60:.1f} of {config.time_budget_min} min trained")
