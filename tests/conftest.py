@@ -1,18 +1,27 @@
 """Shared test fixtures: small, generic, cheap.
 
-The test machines have few cores shared with other jobs, so every test process runs
-single-threaded (set before torch or OpenMM is imported by any test module).
+Every test process runs single-threaded, whatever the caller's environment says: the
+test machines have few cores shared with other jobs, and the bit-exact comparisons
+(e.g. an engine run against the same run after a model swap, a resumed refinement
+against an uninterrupted one) assume the same summation order in every run of a
+session, which a user's OMP_NUM_THREADS or a torch default of one thread per core
+would change. The variables are set (not defaulted) before torch or OpenMM is imported
+by any test module, and torch's own intra-op count is pinned too; subprocesses the
+tests start inherit the variables.
 """
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("MKL_NUM_THREADS", "1")
-os.environ.setdefault("OPENMM_CPU_THREADS", "1")
+TEST_THREADS = "1"
+for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OPENMM_CPU_THREADS"):
+    os.environ[_name] = TEST_THREADS
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(TEST_THREADS))
 
 from _structures import ETHANOL_BONDS, ETHANOL_POSITIONS, ETHANOL_Z  # noqa: E402
 
