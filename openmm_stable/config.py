@@ -10,6 +10,8 @@ import typing
 from pathlib import Path
 from typing import Any, Optional, TypeVar
 
+from openmm_stable.errors import InputError
+
 T = TypeVar("T")
 
 
@@ -30,7 +32,7 @@ def config_from_dict(cls: type[T], values: Optional[dict], name: Optional[str] =
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ValueError(f"{name}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+        raise InputError(f"{name}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
     hints = typing.get_type_hints(cls)
     for key, value in list(values.items()):
         hint = hints.get(key)
@@ -51,7 +53,7 @@ def read_yaml_mapping(path) -> dict:
     with open(path) as handle:
         values = yaml.safe_load(handle) or {}
     if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping of settings, got {type(values).__name__}")
+        raise InputError(f"{path}: expected a mapping of settings, got {type(values).__name__}")
     return values
 
 

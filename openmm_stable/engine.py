@@ -14,19 +14,22 @@ import numpy as np
 import torch
 from torch import nn
 
+from openmm_stable.errors import InputError
 from openmm_stable.allocator import keep_freed_memory
 from openmm_stable.export import make_torch_force, script_force_module
 from openmm_stable.models.base import check_cutoff_fits_box
+from openmm_stable.temperature import FALLBACK_TEMPERATURE_K, dataset_temperature  # noqa: F401 (re-exported)
 from openmm_stable.units import BOLTZMANN_EV_PER_K, EV_IN_KJ_PER_MOL, NM_IN_ANGSTROM
 
 INTEGRATORS = ("langevin", "nose-hoover")
-FALLBACK_TEMPERATURE_K = 500.0  # MD17's temperature: the default when a dataset records none
 LAYOUTS = ("batched", "per-replica")
 
 
 @dataclasses.dataclass
 class EngineConfig:
-    temperature_K: float = 500.0
+    # None: the dataset's sampling temperature, settled by `simulate`/`refine` through
+    # `openmm_stable.temperature`; an engine built directly with None runs at 500 K.
+    temperature_K: Optional[float] = None
     timestep_fs: float = 0.5
     integrator: str = "langevin"
     friction_per_ps: float = 1.0  # Langevin friction
@@ -41,39 +44,17 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         if self.integrator not in INTEGRATORS:
-            raise ValueError(f"unknown integrator {self.integrator!r}; known: {', '.join(INTEGRATORS)}")
+            raise InputError(f"unknown integrator {self.integrator!r}; known: {', '.join(INTEGRATORS)}")
         if self.layout not in LAYOUTS:
-            raise ValueError(f"unknown layout {self.layout!r}; known: {', '.join(LAYOUTS)}")
-        if self.temperature_K <= 0 or self.timestep_fs <= 0:
-            raise ValueError("temperature_K and timestep_fs must be positive")
+            raise InputError(f"unknown layout {self.layout!r}; known: {', '.join(LAYOUTS)}")
+        if (self.temperature_K is not None and not self.temperature_K > 0) or not self.timestep_fs > 0:
+            raise InputError("temperature_K and timestep_fs must be positive")
         if not isinstance(self.keep_freed_memory, bool):
-            raise ValueError(f"keep_freed_memory must be true or false, got {self.keep_freed_memory!r}")
+            raise InputError(f"keep_freed_memory must be true or false, got {self.keep_freed_memory!r}")
 
     @property
     def timestep_ps(self) -> float:
         return self.timestep_fs * 1e-3
-
-
-def dataset_temperature(dataset, fallback: float = FALLBACK_TEMPERATURE_K, log=None) -> float:
-    """The temperature (K) a dataset's frames were sampled at: the default temperature of
-    `simulate` and `refine` (an explicit --temperature wins). Generated datasets record
-    it (``dataset.temperature``, or ``metadata["temperature_K"]`` in older files); for a
-    dataset without one, `fallback` (500 K) is used and a line saying so goes to `log`
-    (stderr by default)."""
-    import math
-    import sys
-
-    for value in (getattr(dataset, "temperature", None), (getattr(dataset, "metadata", None) or {}).get("temperature_K")):
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
-            continue
-        if math.isfinite(value) and value > 0:
-            return value
-    message = (f"{getattr(dataset, 'source', 'the dataset')}: no sampling temperature recorded; simulating at "
-               f"{fallback:g} K (pass --temperature to choose another)")
-    print(message, file=log or sys.stderr)
-    return float(fallback)
 
 
 def default_platform_name() -> str:
@@ -120,11 +101,13 @@ class ReplicaEngine:
         import openmm
 
         self.config = config or EngineConfig()
+        if self.config.temperature_K is None:
+            self.config = dataclasses.replace(self.config, temperature_K=FALLBACK_TEMPERATURE_K)
         self.atomic_numbers = np.asarray(atomic_numbers, dtype=np.int64)
         self.n_atoms = int(self.atomic_numbers.size)
         self.n_replicas = int(n_replicas)
         if self.n_replicas < 1:
-            raise ValueError("n_replicas must be at least 1")
+            raise InputError("n_replicas must be at least 1")
         self.box_angstrom = None if box_angstrom is None else np.asarray(box_angstrom, dtype=float)
         check_cutoff_fits_box(model, self.box_angstrom)
         self.masses = masses_amu(self.atomic_numbers)
@@ -216,7 +199,7 @@ class ReplicaEngine:
         array = np.asarray(array, dtype=np.float64)
         expected = (self.n_replicas, self.n_atoms, 3)
         if array.shape != expected:
-            raise ValueError(f"{name}: shape {array.shape}, expected {expected} (replicas, atoms, 3)")
+            raise InputError(f"{name}: shape {array.shape}, expected {expected} (replicas, atoms, 3)")
         return array
 
     def get_states(self) -> tuple[np.ndarray, np.ndarray]:

@@ -18,6 +18,7 @@ In a production script, through openmm-ml (plugin in `openmm_stable.openmmml_plu
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Tuple
 
@@ -25,7 +26,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from openmm_stable.models import NNIP, load_model
+from openmm_stable.data.dataset import hill_formula
+from openmm_stable.errors import InputError
+from openmm_stable.models import NNIP, model_from_record, read_model_record
 from openmm_stable.units import EV_IN_KJ_PER_MOL, NM_IN_ANGSTROM
 
 # Masses (amu) per atomic number come from OpenMM's element table when a System is built.
@@ -189,13 +192,22 @@ def atomic_numbers_of(topology, atoms: Optional[Iterable[int]] = None) -> list[i
     numbers = []
     for atom in chosen:
         if atom.element is None:
-            raise ValueError(f"atom {atom.index} ({atom.name}) has no element; the model needs atomic numbers")
+            raise InputError(f"atom {atom.index} ({atom.name}) has no element; the model needs atomic numbers")
         numbers.append(atom.element.atomic_number)
     return numbers
 
 
-def _as_model(model_or_path) -> nn.Module:
-    return load_model(model_or_path) if isinstance(model_or_path, (str, Path)) else model_or_path
+def _as_model(model_or_path, atomic_numbers: Optional[Sequence[int]] = None) -> nn.Module:
+    """The model itself, or the one a file holds; for a file, warn when its record names
+    another molecule than `atomic_numbers` (a force applied outside its training data)."""
+    if not isinstance(model_or_path, (str, Path)):
+        return model_or_path
+    record = read_model_record(model_or_path)
+    if atomic_numbers is not None and record.atomic_numbers is not None:
+        trained, here = hill_formula(record.atomic_numbers), hill_formula(atomic_numbers)
+        if trained != here:
+            warnings.warn(f"{model_or_path} was trained on {trained}; it is applied here to {here}", stacklevel=3)
+    return model_from_record(record)
 
 
 def add_model_force(system, topology, model_or_path, atoms: Optional[Iterable[int]] = None,
@@ -203,7 +215,7 @@ def add_model_force(system, topology, model_or_path, atoms: Optional[Iterable[in
     """Add the model (an `NNIP` or a saved model file) as a TorchForce to `system`."""
     atoms = None if atoms is None else list(atoms)
     z = atomic_numbers_of(topology, atoms)
-    module = script_force_module(_as_model(model_or_path), z, 1, atom_indices=atoms, dtype=dtype)
+    module = script_force_module(_as_model(model_or_path, z), z, 1, atom_indices=atoms, dtype=dtype)
     force = make_torch_force(module, periodic=topology.getPeriodicBoxVectors() is not None)
     force.setForceGroup(force_group)
     system.addForce(force)

@@ -30,6 +30,8 @@ import torch
 
 from .units import kT_eV
 
+from openmm_stable.errors import InputError
+
 ArrayLike = Union[torch.Tensor, np.ndarray, Sequence]
 
 # 1 Angstrom^2/ps = 1e-16 cm^2 / 1e-12 s = 1e-4 cm^2/s.
@@ -64,7 +66,7 @@ def _frames(positions: ArrayLike) -> torch.Tensor:
     """Positions as (K, N, 3): a single (N, 3) structure becomes K = 1, leading dims flatten."""
     pos = _as_tensor(positions)
     if pos.ndim < 2 or pos.shape[-1] != 3:
-        raise ValueError(f"positions must have shape (..., N, 3), got {tuple(pos.shape)}")
+        raise InputError(f"positions must have shape (..., N, 3), got {tuple(pos.shape)}")
     if pos.ndim == 2:
         pos = pos[None]
     return pos.reshape(-1, pos.shape[-2], 3)
@@ -75,7 +77,7 @@ def _box_tensor(box: Optional[ArrayLike], like: torch.Tensor) -> Optional[torch.
         return None
     b = _as_tensor(box, like=like)
     if b.shape[-2:] != (3, 3):
-        raise ValueError(f"box must have shape (3, 3) or (K, 3, 3) (rows = box vectors), got {tuple(b.shape)}")
+        raise InputError(f"box must have shape (3, 3) or (K, 3, 3) (rows = box vectors), got {tuple(b.shape)}")
     return b
 
 
@@ -148,7 +150,7 @@ class Bins:
 
     def __post_init__(self) -> None:
         if self.n_bins <= 0 or not self.hi > self.lo:
-            raise ValueError(f"need n_bins > 0 and hi > lo, got n_bins={self.n_bins}, lo={self.lo}, hi={self.hi}")
+            raise InputError(f"need n_bins > 0 and hi > lo, got n_bins={self.n_bins}, lo={self.lo}, hi={self.hi}")
 
     @property
     def width(self) -> float:
@@ -263,7 +265,7 @@ def rdf(
     frames, b = _periodic_frames(positions, box, "rdf")
     i, j = element_pairs(atomic_numbers, pair)
     if i.size == 0:
-        raise ValueError(f"no atom pairs of elements {pair} in this system")
+        raise InputError(f"no atom pairs of elements {pair} in this system")
     dev = frames.device
     d = _distances(frames, _as_index(i, dev), _as_index(j, dev), b)
     bins = Bins(r_min, r_max, n_bins)
@@ -277,7 +279,7 @@ def _periodic_frames(positions: ArrayLike, box: ArrayLike, what: str) -> tuple[t
     frames = _frames(positions)
     b = _box_tensor(box, frames)
     if b is None:
-        raise ValueError(f"{what} needs a periodic box")
+        raise InputError(f"{what} needs a periodic box")
     return frames, (b.reshape(-1, 3, 3) if b.ndim > 2 else b)
 
 
@@ -309,7 +311,7 @@ def local_rdf(
     partners = (np.stack([others[others != c] for c in centres]) if pair[0] == pair[1]
                 else np.tile(others, (centres.size, 1))).reshape(centres.size, -1)
     if centres.size == 0 or partners.shape[1] == 0:
-        raise ValueError(f"no atom pairs of elements {pair} in this system")
+        raise InputError(f"no atom pairs of elements {pair} in this system")
     K, (C, M) = frames.shape[0], partners.shape
     dev = frames.device
     d = _distances(frames, _as_index(np.repeat(centres, M), dev), _as_index(partners.reshape(-1), dev), b)
@@ -443,7 +445,7 @@ def bond_length_stats(positions: ArrayLike, bonds: ArrayLike, box: Optional[Arra
 def _particles(series: ArrayLike, what: str) -> torch.Tensor:
     x = _as_tensor(series)
     if x.ndim < 3 or x.shape[-1] != 3:
-        raise ValueError(f"{what} must have shape (T, N, 3) or (T, R, N, 3), got {tuple(x.shape)}")
+        raise InputError(f"{what} must have shape (T, N, 3) or (T, R, N, 3), got {tuple(x.shape)}")
     return x.reshape(x.shape[0], -1, 3)
 
 
@@ -465,7 +467,7 @@ def vacf(velocities: ArrayLike, max_lag: Optional[int] = None, normalize: bool =
     T = v.shape[0]
     max_lag = T - 1 if max_lag is None else int(max_lag)
     if not 0 <= max_lag < T:
-        raise ValueError(f"max_lag must be in [0, {T - 1}], got {max_lag}")
+        raise InputError(f"max_lag must be in [0, {T - 1}], got {max_lag}")
     s = _autocorrelation_sums(v.to(torch.float64))[: max_lag + 1].mean(1)
     c = s / torch.arange(T, T - max_lag - 1, -1, dtype=torch.float64, device=v.device)
     if normalize:
@@ -499,7 +501,7 @@ def mean_squared_displacement(positions: ArrayLike, max_lag: Optional[int] = Non
     T = x.shape[0]
     max_lag = T - 1 if max_lag is None else int(max_lag)
     if not 0 <= max_lag < T:
-        raise ValueError(f"max_lag must be in [0, {T - 1}], got {max_lag}")
+        raise InputError(f"max_lag must be in [0, {T - 1}], got {max_lag}")
     sq = (x * x).sum(-1)  # (T, M)
     csum = torch.cat([sq.new_zeros(1, sq.shape[1]), torch.cumsum(sq, 0)], 0)  # csum[k] = sum_{t<k}
     lags = torch.arange(max_lag + 1, device=x.device)
@@ -524,7 +526,7 @@ def diffusivity(
         fit_range = (0.2 * float(t[-1]), float(t[-1]))
     sel = (t >= fit_range[0] - 1e-12) & (t <= fit_range[1] + 1e-12)
     if int(sel.sum()) < 2:
-        raise ValueError(f"fit_range {fit_range} ps holds fewer than 2 lags of the MSD")
+        raise InputError(f"fit_range {fit_range} ps holds fewer than 2 lags of the MSD")
     ts, ms = t[sel], m[sel]
     tc = ts - ts.mean()
     slope = float((tc * (ms - ms.mean())).sum() / (tc * tc).sum())
@@ -561,7 +563,7 @@ def reference_observable(values_per_frame: ArrayLike, weights: Optional[ArrayLik
         return v.mean(0)
     w = _as_tensor(weights, like=v).reshape(-1)
     if w.numel() != v.shape[0]:
-        raise ValueError(f"{w.numel()} weights for {v.shape[0]} frames")
+        raise InputError(f"{w.numel()} weights for {v.shape[0]} frames")
     w = w / w.sum()
     return torch.tensordot(w, v, dims=([0], [0]))
 
@@ -627,7 +629,7 @@ class RdfObservable:
 
     def __call__(self, positions, atomic_numbers=None, box=None) -> torch.Tensor:
         if atomic_numbers is None or box is None:
-            raise ValueError("the rdf observable needs atomic_numbers and a periodic box")
+            raise InputError("the rdf observable needs atomic_numbers and a periodic box")
         parts = [rdf(positions, box, atomic_numbers, p, self.r_max, self.n_bins, self.sigma, self.r_min)[0]
                  for p in (self.pairs or (self.pair,))]
         return torch.cat(parts, -1)
@@ -641,7 +643,7 @@ class RdfObservable:
         the neighbourhoods every atom within `radius` (default r_max) of the centre. The
         mean of a block's values over centres is the pair's column block of __call__."""
         if atomic_numbers is None or box is None:
-            raise ValueError("local-neighbourhood samples need atomic_numbers and a periodic box")
+            raise InputError("local-neighbourhood samples need atomic_numbers and a periodic box")
         blocks = []
         for p in self.pairs or (self.pair,):
             values, centres = local_rdf(positions, box, atomic_numbers, p, self.r_max, self.n_bins, self.sigma,
@@ -677,7 +679,7 @@ class BondLengthsObservable:
 
     def __call__(self, positions, atomic_numbers=None, box=None) -> torch.Tensor:
         if self.bonds is None:
-            raise ValueError("bond_lengths observable has no bonds: pass bonds=... or call prepare() first")
+            raise InputError("bond_lengths observable has no bonds: pass bonds=... or call prepare() first")
         r = bond_lengths(positions, self.bonds, box)
         return torch.cat([r, r * r], -1) if self.squares else r
 
@@ -707,7 +709,7 @@ class AdfObservable:
 
     def __call__(self, positions, atomic_numbers=None, box=None) -> torch.Tensor:
         if not self.triples:
-            raise ValueError("adf observable has no angle triples: pass triples=... or call prepare() first")
+            raise InputError("adf observable has no angle triples: pass triples=... or call prepare() first")
         return angle_distribution(positions, self.triples, self.n_bins, self.sigma, True, box)[0]
 
     def prepare(self, atomic_numbers, reference_positions) -> "AdfObservable":
@@ -742,7 +744,7 @@ class MinDistanceObservable:
         from .stability import MinimumDistanceCriterion
 
         if self.molecule_ids is None:
-            raise ValueError("min_distance observable has no molecules: pass molecule_ids=... or call prepare() first")
+            raise InputError("min_distance observable has no molecules: pass molecule_ids=... or call prepare() first")
         return MinimumDistanceCriterion(np.asarray(self.molecule_ids))(_frames(positions), box)[:, None]
 
     def prepare(self, atomic_numbers, reference_positions) -> "MinDistanceObservable":
@@ -767,11 +769,11 @@ def make_observable(name: str, **settings: Any) -> Observable:
     try:
         cls = OBSERVABLES[name]
     except KeyError:
-        raise ValueError(f"unknown observable {name!r}; known: {', '.join(OBSERVABLES)}") from None
+        raise InputError(f"unknown observable {name!r}; known: {', '.join(OBSERVABLES)}") from None
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(settings) - fields)
     if unknown:
-        raise ValueError(f"observable {name!r}: unknown setting(s) {unknown}; allowed: {sorted(fields)}")
+        raise InputError(f"observable {name!r}: unknown setting(s) {unknown}; allowed: {sorted(fields)}")
     return cls(**settings)
 
 
@@ -781,17 +783,18 @@ def reference_from_dataset(
     """Reference <O> (d,) over a `QMDataset`'s frames and the effective sample size.
 
     If `temperature` differs from `dataset.temperature`, the frames are Boltzmann-reweighted
-    with the dataset energies (see `boltzmann_weights` for when that is valid)."""
+    with the dataset energies (see `boltzmann_weights` for when that is valid). A dataset
+    that records no temperature is taken as sampled at `temperature`: reweighting happens
+    only between two known temperatures (`openmm_stable.temperature` states the policy)."""
     obs = observable.prepare(dataset.atomic_numbers, dataset.positions[0])
     positions = torch.as_tensor(dataset.positions)
     chunk = 256  # frames at a time: pair arrays of long periodic trajectories are large
     values = torch.cat([obs(positions[k:k + chunk], dataset.atomic_numbers, dataset.box)
                         for k in range(0, positions.shape[0], chunk)])
-    if temperature is None or (dataset.temperature is not None and temperature == dataset.temperature):
+    if temperature is None or dataset.temperature is None or temperature == dataset.temperature:
         return values.mean(0), float(values.shape[0])
-    if dataset.temperature is None or dataset.energies is None:
-        raise ValueError(
-            "reweighting to another temperature needs the dataset's sampling temperature and energies"
-        )
+    if dataset.energies is None:
+        raise InputError(f"{dataset.source}: reweighting its frames from {dataset.temperature:g} K to "
+                         f"{temperature:g} K needs energies, and the file has none")
     w = boltzmann_weights(dataset.energies, dataset.temperature, temperature)
     return reference_observable(values, w), effective_sample_size(w)

@@ -23,11 +23,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from openmm_stable.data.dataset import QMDataset
+from openmm_stable.errors import InputError
+from openmm_stable.data.dataset import QMDataset, hill_formula
 from openmm_stable.engine import EngineConfig, ReplicaEngine, masses_amu
 from openmm_stable.observables import (A2_PER_PS_IN_CM2_PER_S, HrObservable, RdfObservable, diffusivity,
                                        element_pair_list, half_box_width, mean_squared_displacement, pair_label,
                                        reference_from_dataset, unwrap, vacf)
+from openmm_stable.temperature import dataset_temperature, with_sampling_temperature
 from openmm_stable.stability import (EVALUATION_BOND_THRESHOLD, STABILITY_KINDS, WATER_MIN_DISTANCE_THRESHOLD,
                                      StabilityCriterion, first_instability_time, make_criterion, molecule_ids,
                                      resolve_stability)
@@ -49,17 +51,20 @@ class SimulationConfig:
     vacf_max_lag_ps: float = 1.0  # longest VACF lag (and at most half of a replica's stable part)
     seed: int = 0
     write_trajectories: bool = False
+    # K at which the reference frames were sampled when the file records none (MD17: 500);
+    # None: as recorded, else the run temperature (`openmm_stable.temperature`).
+    reference_temperature_K: Optional[float] = None
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.engine, dict):
             self.engine = EngineConfig(**self.engine)
         if self.n_replicas < 1 or self.time_ps <= 0 or self.check_interval_ps <= 0:
-            raise ValueError("n_replicas, time_ps and check_interval_ps must be positive")
+            raise InputError("n_replicas, time_ps and check_interval_ps must be positive")
         if self.stability not in STABILITY_KINDS:
-            raise ValueError(f"unknown stability criterion {self.stability!r}; known: {', '.join(STABILITY_KINDS)}")
+            raise InputError(f"unknown stability criterion {self.stability!r}; known: {', '.join(STABILITY_KINDS)}")
         if self.vacf_interval_ps is not None and not (self.vacf_interval_ps > 0 and self.vacf_max_lag_ps > 0):
-            raise ValueError("vacf_interval_ps (or None) and vacf_max_lag_ps must be positive")
+            raise InputError("vacf_interval_ps (or None) and vacf_max_lag_ps must be positive")
 
     @property
     def steps_per_check(self) -> int:
@@ -350,20 +355,15 @@ def check_molecules(dataset: QMDataset, reference: Optional[QMDataset] = None,
     """Raise ValueError when the reference data (h(r) is only comparable for the same
     molecule) or the molecule a model file records it was trained on has another
     composition than the dataset (atom order may differ: both are permutation invariant)."""
-    from ase.data import chemical_symbols
-
-    def formula(z) -> str:
-        counts = np.bincount(np.asarray(z, dtype=np.int64).reshape(-1))
-        return "".join(f"{chemical_symbols[e]}{counts[e]}" for e in np.flatnonzero(counts))
-
+    formula = hill_formula
     z = np.asarray(dataset.atomic_numbers)
     here = f"the dataset {dataset.source} ({len(z)} atoms, {formula(z)})"
     if reference is not None and formula(reference.atomic_numbers) != formula(z):
-        raise ValueError(f"reference {reference.source} ({reference.n_atoms} atoms, {formula(reference.atomic_numbers)}) "
+        raise InputError(f"reference {reference.source} ({reference.n_atoms} atoms, {formula(reference.atomic_numbers)}) "
                          f"is another molecule than {here}; h(r) can only be compared for the same molecule")
     if model_atomic_numbers is not None and formula(model_atomic_numbers) != formula(z):
         zm = np.asarray(model_atomic_numbers).reshape(-1)
-        raise ValueError(f"the model was trained on {len(zm)} atoms ({formula(zm)}), another molecule than {here}")
+        raise InputError(f"the model was trained on {len(zm)} atoms ({formula(zm)}), another molecule than {here}")
 
 
 def simulate(model: nn.Module, dataset: QMDataset, config: SimulationConfig, out_dir,
@@ -376,6 +376,10 @@ def simulate(model: nn.Module, dataset: QMDataset, config: SimulationConfig, out
     from openmm_stable import report
 
     check_molecules(dataset, reference)
+    run_K = dataset_temperature(dataset, config.engine.temperature_K)
+    config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, temperature_K=run_K))
+    if reference is not None:
+        reference = with_sampling_temperature(reference, run_K, config.reference_temperature_K)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     kind = resolve_stability(config.stability, dataset)
@@ -406,6 +410,7 @@ def simulate(model: nn.Module, dataset: QMDataset, config: SimulationConfig, out
         hr = hr_comparison(result, dataset, reference, config)
         if "hr_mae" in hr:
             metrics["hr_mae"] = hr["hr_mae"]
+        if "reference_ess" in hr:
             metrics["reference_ess"] = hr["reference_ess"]
         curves = {k: hr[k] for k in ("model", "reference") if k in hr}
         if curves:

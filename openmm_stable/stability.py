@@ -26,6 +26,8 @@ import torch
 
 from .observables import ArrayLike, _as_tensor, _box_tensor, bond_lengths, minimum_image
 
+from openmm_stable.errors import InputError
+
 EVALUATION_BOND_THRESHOLD = 0.5  # Angstrom
 TRAINING_BOND_THRESHOLD = 0.25  # Angstrom
 WATER_MIN_DISTANCE_THRESHOLD = 1.2  # Angstrom
@@ -46,12 +48,12 @@ def find_bonds(atomic_numbers: ArrayLike, positions: ArrayLike, scale: float = 1
     bad = [int(a) for a in z if a < 1 or a >= len(covalent_radii) or covalent_radii[a] == missing]
     if bad:
         names = [chemical_symbols[a] if 0 < a < len(chemical_symbols) else str(a) for a in sorted(set(bad))]
-        raise ValueError(f"no covalent radius known for element(s) {names}; pass bonds explicitly")
+        raise InputError(f"no covalent radius known for element(s) {names}; pass bonds explicitly")
     pos = np.asarray(positions, dtype=np.float64)
     if pos.ndim == 3:
         pos = pos[0]
     if pos.shape != (z.size, 3):
-        raise ValueError(f"positions shape {pos.shape} does not match {z.size} atoms")
+        raise InputError(f"positions shape {pos.shape} does not match {z.size} atoms")
     i, j = np.triu_indices(z.size, k=1)
     dr = torch.as_tensor(pos[j] - pos[i])
     d = torch.linalg.vector_norm(minimum_image(dr, box), dim=-1).numpy()
@@ -92,7 +94,7 @@ class _ThresholdMixin:
 
 def _check_direction(direction: str) -> None:
     if direction not in ("above", "below"):
-        raise ValueError(f"direction must be 'above' or 'below', got {direction!r}")
+        raise InputError(f"direction must be 'above' or 'below', got {direction!r}")
 
 
 @dataclasses.dataclass
@@ -112,9 +114,9 @@ class BondDeviationCriterion(_ThresholdMixin):
         self.bonds = np.asarray(self.bonds, dtype=np.int64).reshape(-1, 2)
         self.reference_lengths = _as_tensor(self.reference_lengths).reshape(-1)
         if self.bonds.shape[0] == 0:
-            raise ValueError("BondDeviationCriterion needs at least one bond")
+            raise InputError("BondDeviationCriterion needs at least one bond")
         if self.reference_lengths.numel() != self.bonds.shape[0]:
-            raise ValueError(f"{self.reference_lengths.numel()} reference lengths for {self.bonds.shape[0]} bonds")
+            raise InputError(f"{self.reference_lengths.numel()} reference lengths for {self.bonds.shape[0]} bonds")
         _check_direction(self.direction)
 
     def __call__(self, positions: ArrayLike, box: Optional[ArrayLike] = None) -> torch.Tensor:
@@ -173,7 +175,7 @@ class MinimumDistanceCriterion(_ThresholdMixin):
         i, j = np.triu_indices(self.molecule_ids.size, k=1)
         inter = self.molecule_ids[i] != self.molecule_ids[j]
         if not inter.any():
-            raise ValueError("MinimumDistanceCriterion needs atoms of at least two molecules")
+            raise InputError("MinimumDistanceCriterion needs atoms of at least two molecules")
         if self.bonds is not None:  # every pair but the covalent bonds (e.g. water's H-H too)
             self.bonds = np.sort(np.asarray(self.bonds, dtype=np.int64).reshape(-1, 2), axis=1)
             n = self.molecule_ids.size
@@ -186,7 +188,7 @@ class MinimumDistanceCriterion(_ThresholdMixin):
         cls, atoms_per_molecule: int, n_atoms: int, threshold: float = WATER_MIN_DISTANCE_THRESHOLD, box=None
     ) -> "MinimumDistanceCriterion":
         if n_atoms % atoms_per_molecule:
-            raise ValueError(f"{n_atoms} atoms is not a multiple of {atoms_per_molecule} atoms per molecule")
+            raise InputError(f"{n_atoms} atoms is not a multiple of {atoms_per_molecule} atoms per molecule")
         return cls(np.arange(n_atoms) // atoms_per_molecule, threshold, box)
 
     def __call__(self, positions: ArrayLike, box: Optional[ArrayLike] = None) -> torch.Tensor:
@@ -250,12 +252,12 @@ def molecule_ids(dataset: Any) -> np.ndarray:
     if meta.get("molecule_ids") is not None:
         ids = np.asarray(meta["molecule_ids"], dtype=np.int64).reshape(-1)
         if ids.size != n:
-            raise ValueError(f"{dataset.source}: metadata molecule_ids has {ids.size} entries for {n} atoms")
+            raise InputError(f"{dataset.source}: metadata molecule_ids has {ids.size} entries for {n} atoms")
         return ids
     if meta.get("atoms_per_molecule"):
         k = int(meta["atoms_per_molecule"])
         if n % k:
-            raise ValueError(f"{dataset.source}: {n} atoms is not a multiple of atoms_per_molecule {k}")
+            raise InputError(f"{dataset.source}: {n} atoms is not a multiple of atoms_per_molecule {k}")
         return np.arange(n) // k
     return molecules_from_bonds(n, find_bonds(dataset.atomic_numbers, dataset.positions[0], box=dataset.box))
 
@@ -263,7 +265,7 @@ def molecule_ids(dataset: Any) -> np.ndarray:
 def resolve_stability(kind: str, dataset: Any) -> str:
     """'auto' -> 'min_distance' for a periodic dataset (a liquid), 'bonds' for a molecule."""
     if kind not in STABILITY_KINDS:
-        raise ValueError(f"unknown stability criterion {kind!r}; known: {', '.join(STABILITY_KINDS)}")
+        raise InputError(f"unknown stability criterion {kind!r}; known: {', '.join(STABILITY_KINDS)}")
     if kind == "auto":
         return "min_distance" if getattr(dataset, "periodic", False) else "bonds"
     return kind
@@ -296,7 +298,7 @@ def first_instability_time(unstable_flags: ArrayLike, times_ps: ArrayLike, horiz
         flags = flags[:, None]
     t = _as_tensor(times_ps).reshape(-1)
     if t.numel() != flags.shape[0]:
-        raise ValueError(f"{t.numel()} times for {flags.shape[0]} checks")
+        raise InputError(f"{t.numel()} times for {flags.shape[0]} checks")
     t = t.to(flags.device)
     end = float(t[-1]) if horizon is None else float(horizon)
     failed = flags.any(0)

@@ -5,6 +5,8 @@ openmm-ml's default for torchmd-net models). OpenMM works in nm, kJ/mol, ps; the
 conversion happens only at the OpenMM boundary (`openmm_stable.export`, `openmm_stable.engine`).
 """
 
+from openmm_stable.errors import InputError
+
 EV_IN_KJ_PER_MOL = 96.48533212331002
 KCAL_PER_MOL_IN_EV = 4.184 / EV_IN_KJ_PER_MOL
 HARTREE_IN_EV = 27.211386245988
@@ -34,7 +36,7 @@ def energy_factor(unit: str) -> float:
     try:
         return ENERGY_UNITS_IN_EV[unit]
     except KeyError:
-        raise ValueError(f"unknown energy unit {unit!r}; known: {', '.join(ENERGY_UNITS_IN_EV)}") from None
+        raise InputError(f"unknown energy unit {unit!r}; known: {', '.join(ENERGY_UNITS_IN_EV)}") from None
 
 
 def length_factor(unit: str) -> float:
@@ -42,4 +44,4 @@ def length_factor(unit: str) -> float:
     try:
         return LENGTH_UNITS_IN_ANGSTROM[unit]
     except KeyError:
-        raise ValueError(f"unknown length unit {unit!r}; known: {', '.join(LENGTH_UNITS_IN_ANGSTROM)}") from None
+        raise InputError(f"unknown length unit {unit!r}; known: {', '.join(LENGTH_UNITS_IN_ANGSTROM)}") from None

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from openmm_stable.models import (
+from openmm_stable.models import (read_model_record, 
     ARCHITECTURES,
     PRESETS,
     batch_index,
@@ -193,7 +193,9 @@ def test_save_load_round_trip(arch, ethanol, tmp_path):
     save_model(model, path, atomic_numbers=z.tolist())
     loaded = load_model(path)
     assert loaded.spec == model.spec
-    assert torch.load(path, weights_only=False)["atomic_numbers"] == z.tolist()
+    record = read_model_record(path)
+    assert record.atomic_numbers.tolist() == z.tolist()
+    assert record.units == {"length": "Angstrom", "energy": "eV"} and torch.__version__.startswith(record.versions["torch"])
     args = _batch(z, pos[None], torch.float32)
     torch.testing.assert_close(loaded(*args), model(*args), rtol=0, atol=0)
     assert not (tmp_path / "model.ckpt.tmp").exists()

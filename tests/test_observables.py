@@ -281,5 +281,8 @@ def test_reference_from_dataset():
     assert ref.shape == (8,) and ess == 6.0
     ref2, ess2 = obs.reference_from_dataset(o, ds, temperature=600.0)
     assert ref2.shape == (8,) and 1.0 <= ess2 < 6.0
-    with pytest.raises(ValueError, match="temperature"):
-        obs.reference_from_dataset(o, QMDataset(ETHANOL_Z, frames), temperature=600.0)
+    # No recorded temperature: taken as sampled at the target (reweighting needs two known temperatures).
+    ref3, ess3 = obs.reference_from_dataset(o, QMDataset(ETHANOL_Z, frames), temperature=600.0)
+    assert torch.equal(ref3, ref) and ess3 == 6.0
+    with pytest.raises(ValueError, match="needs energies"):
+        obs.reference_from_dataset(o, QMDataset(ETHANOL_Z, frames, temperature=300.0), temperature=600.0)

@@ -1,7 +1,8 @@
 """The `openmm-stable` command line: one sub-module per stage, each with `register(subparsers)`.
 
 A sub-module's `register` adds its sub-command and sets `func` on the parser; the
-function receives the parsed arguments and returns an exit code.
+function receives the parsed arguments and returns an exit code. Bad input raises
+`openmm_stable.errors.InputError` (message, exit code 2); anything else shows its traceback.
 """
 from __future__ import annotations
 
@@ -9,12 +10,10 @@ import argparse
 import importlib
 import sys
 
+from openmm_stable.errors import InputError
+
 # Stage modules, in pipeline order. Each lives in openmm_stable/cli/<name>.py.
 _STAGES = ["data", "pretrain", "export", "simulate", "refine", "compare"]
-
-
-class UserError(Exception):
-    """A problem with the user's input; printed without a traceback, exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,14 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Stability-aware training (StABlE) of ML force fields with OpenMM.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for stage in _STAGES:
-        try:
-            module = importlib.import_module(f"openmm_stable.cli.{stage}")
-        except ModuleNotFoundError as err:
-            if err.name == f"openmm_stable.cli.{stage}":
-                continue  # stage not built yet
-            raise
-        module.register(subparsers)
+    for stage in _STAGES:  # a command module that fails to import is an error, not a missing command
+        importlib.import_module(f"openmm_stable.cli.{stage}").register(subparsers)
     return parser
 
 
@@ -42,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         return int(args.func(args) or 0)
-    except (UserError, ValueError, FileNotFoundError) as err:
+    except (InputError, FileNotFoundError) as err:  # bad input; any other exception is a bug: traceback
         print(f"openmm-stable {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections import Counter
 
 import numpy as np
 
 from openmm_stable.data import FORMATS, QMDataset, load_dataset, save_dataset, split_dataset
+from openmm_stable.data.dataset import hill_formula
 
 
 def register(subparsers) -> None:
@@ -86,15 +86,6 @@ def _load(args) -> QMDataset:
 
 
 # --- info ------------------------------------------------------------------------------------
-def hill_formula(atomic_numbers) -> str:
-    """Chemical formula in Hill order (C, H, then alphabetical)."""
-    from ase.data import chemical_symbols
-
-    counts = Counter(chemical_symbols[int(z)] for z in atomic_numbers)
-    order = (["C", "H"] if "C" in counts else []) + sorted(s for s in counts if not ("C" in counts and s in ("C", "H")))
-    return "".join(f"{s}{counts[s] if counts[s] > 1 else ''}" for s in order)
-
-
 def describe(ds: QMDataset) -> list[str]:
     """Human-readable summary lines, in internal units."""
     lines = [

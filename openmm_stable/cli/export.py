@@ -6,8 +6,8 @@
 
 The file takes positions (nm) [and box vectors (nm)] and returns the energy (kJ/mol),
 for R non-interacting copies of the molecule given one after the other. It needs the
-atomic numbers: from the model file (stored there by pre-training), a dataset file or a
-molecule name/SMILES/structure file.
+atomic numbers: from the model file (every model file written by pretrain or refine stores
+them), a dataset file or a molecule name/SMILES/structure file.
 """
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+from openmm_stable.errors import InputError
+from openmm_stable.models import read_model_record
 
 DTYPES = ("float32", "float64")
 TORCHMDNET_ARCHS = ("graph-network", "equivariant-transformer", "tensornet")
@@ -40,15 +43,6 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def stored_atomic_numbers(model_path) -> np.ndarray | None:
-    """The ``atomic_numbers`` a model file carries (written by pre-training), or None."""
-    import torch
-
-    payload = torch.load(str(model_path), map_location="cpu", weights_only=False)
-    numbers = payload.get("atomic_numbers") if isinstance(payload, dict) else None
-    return None if numbers is None else np.asarray(numbers, dtype=np.int64).reshape(-1)
-
-
 def resolve_atoms(args) -> tuple[np.ndarray, np.ndarray | None, str]:
     """(atomic numbers, positions in Angstrom or None, where they came from)."""
     if args.atoms_from:
@@ -61,24 +55,25 @@ def resolve_atoms(args) -> tuple[np.ndarray, np.ndarray | None, str]:
 
         z, positions = build_molecule(args.molecule)
         return z, positions, f"molecule {args.molecule}"
-    z = stored_atomic_numbers(args.model)
+    z = read_model_record(args.model).atomic_numbers
     if z is None:
-        raise ValueError(f"{args.model} stores no atomic numbers; give --atoms-from DATAFILE or --molecule NAME")
+        raise InputError(f"{args.model} stores no atomic numbers; give --atoms-from DATAFILE or --molecule NAME")
     return z, None, "the model file"
 
 
 def run(args) -> int:
     import torch
 
-    from openmm_stable.cli.data import hill_formula
+    from openmm_stable.data.dataset import hill_formula
     from openmm_stable.export import export_model, load_exported
-    from openmm_stable.models import load_model
+    from openmm_stable.models import model_from_record
 
     if args.replicas < 1:
-        raise ValueError(f"--replicas must be at least 1 (got {args.replicas})")
-    model = load_model(args.model)  # FileNotFoundError / ValueError: clean messages
+        raise InputError(f"--replicas must be at least 1 (got {args.replicas})")
+    record = read_model_record(args.model)  # FileNotFoundError / InputError: clean messages
+    model = model_from_record(record)
     z, positions, source = resolve_atoms(args)
-    stored = None if source == "the model file" else stored_atomic_numbers(args.model)
+    stored = None if source == "the model file" else record.atomic_numbers
     if stored is not None and not np.array_equal(stored, z):
         print(f"note: {source} has other atoms than the model was trained on ({len(z)} vs {len(stored)} atoms); "
               f"exporting for {source}", file=sys.stderr)

@@ -7,7 +7,7 @@ Settings come from `StableConfig` defaults, then the YAML file, then command-lin
 """
 from __future__ import annotations
 
-from openmm_stable.cli.simulate import add_engine_arguments
+from openmm_stable.cli.common import add_engine_arguments, check_model_matches, engine_overrides
 from openmm_stable.stability import STABILITY_KINDS
 
 
@@ -36,29 +36,21 @@ def run(args) -> int:
     import dataclasses
 
     from openmm_stable.config import config_from_dict, config_from_yaml
-    from openmm_stable.config import read_yaml_mapping
     from openmm_stable.data import load_dataset
-    from openmm_stable.engine import dataset_temperature
     from openmm_stable.training.stable import StableConfig, refine
 
     overrides = {"max_epochs": args.epochs, "n_replicas": args.replicas, "epoch_ps": args.epoch_ps,
                  "lr": args.lr, "seed": args.seed, "stability": args.stability,
-                 "min_distance_threshold": args.min_distance_threshold}
+                 "min_distance_threshold": args.min_distance_threshold,
+                 "reference_temperature_K": args.reference_temperature}
     config = (config_from_yaml(StableConfig, args.config, overrides) if args.config
               else config_from_dict(StableConfig, {k: v for k, v in overrides.items() if v is not None}))
-    engine_overrides = {"temperature_K": args.temperature, "timestep_fs": args.timestep,
-                        "integrator": args.integrator, "friction_per_ps": args.friction,
-                        "platform": args.platform, "layout": args.layout}
-    engine_overrides = {k: v for k, v in engine_overrides.items() if v is not None}
+    given = {k: v for k, v in engine_overrides(args).items() if v is not None}
+    if given:  # flags over the YAML file; an unset temperature means the dataset's (library rule)
+        config.engine = dataclasses.replace(config.engine, **given)
     dataset = load_dataset(args.data)
-    # Temperature: --temperature, else the YAML file's engine.temperature_K, else the
-    # temperature the dataset was sampled at (500 K when it records none).
-    from_yaml = (read_yaml_mapping(args.config).get("engine") or {}) if args.config else {}
-    if "temperature_K" not in engine_overrides and from_yaml.get("temperature_K") is None:
-        engine_overrides["temperature_K"] = dataset_temperature(dataset)
-    if engine_overrides:
-        config.engine = dataclasses.replace(config.engine, **engine_overrides)
     reference = load_dataset(args.reference) if args.reference else None
+    check_model_matches(args.model, dataset, reference)
     _, summary = refine(args.model, dataset, config, args.out, reference=reference, resume=args.resume,
                         progress=not args.no_progress)
     print(f"refined model: {args.out}/model.pt  ({summary['epochs']} epochs, {summary['cycles']} cycles)")

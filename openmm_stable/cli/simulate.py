@@ -5,33 +5,8 @@
 """
 from __future__ import annotations
 
-from openmm_stable.engine import FALLBACK_TEMPERATURE_K, INTEGRATORS, LAYOUTS, EngineConfig
+from openmm_stable.cli.common import add_engine_arguments, check_model_matches, engine_overrides
 from openmm_stable.stability import STABILITY_KINDS, WATER_MIN_DISTANCE_THRESHOLD
-
-
-def add_engine_arguments(parser, defaults_from_config: bool = False) -> None:
-    """Engine options shared by `simulate` and `refine` (where unset flags leave the
-    config file's values alone, so their default is None)."""
-    d = EngineConfig()
-
-    def default(value):
-        return None if defaults_from_config else value
-
-    parser.add_argument("--temperature", type=float, default=None,
-                        help="K (default: the temperature the --data frames were sampled at, as recorded in the file; "
-                             f"{FALLBACK_TEMPERATURE_K:g} K when it records none)")
-    parser.add_argument("--timestep", type=float, default=default(d.timestep_fs), help=f"fs (default {d.timestep_fs})")
-    parser.add_argument("--integrator", choices=INTEGRATORS, default=default(d.integrator))
-    parser.add_argument("--friction", type=float, default=default(d.friction_per_ps),
-                        help=f"Langevin friction, 1/ps (default {d.friction_per_ps})")
-    parser.add_argument("--platform", default=None, help="OpenMM platform (default: CUDA if present, else CPU)")
-    parser.add_argument("--layout", choices=LAYOUTS, default=default(d.layout),
-                        help="all replicas in one Context (batched) or one Context each")
-
-
-def engine_config(args, temperature_K: float) -> EngineConfig:
-    return EngineConfig(temperature_K=temperature_K, timestep_fs=args.timestep, integrator=args.integrator,
-                        friction_per_ps=args.friction, platform=args.platform, layout=args.layout, seed=args.seed)
 
 
 def register(subparsers) -> None:
@@ -61,24 +36,23 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from openmm_stable.cli.export import stored_atomic_numbers
     from openmm_stable.data import load_dataset
-    from openmm_stable.engine import dataset_temperature
+    from openmm_stable.engine import EngineConfig
     from openmm_stable.models import load_model
-    from openmm_stable.simulate import SimulationConfig, check_molecules, simulate, summary
+    from openmm_stable.simulate import SimulationConfig, simulate, summary
 
     model = load_model(args.model)
     dataset = load_dataset(args.data)
     reference = load_dataset(args.reference) if args.reference else dataset
-    check_molecules(dataset, reference, stored_atomic_numbers(args.model))
+    check_model_matches(args.model, dataset, reference)
     test_set = load_dataset(args.test_data) if args.test_data else None
     config = SimulationConfig(n_replicas=args.replicas, time_ps=args.time, check_interval_ps=args.check_interval,
                               stability=args.stability, bond_threshold=args.bond_threshold,
                               min_distance_threshold=args.min_distance_threshold, seed=args.seed,
                               vacf_interval_ps=args.vacf_interval or None,
                               write_trajectories=args.trajectories,
-                              engine=engine_config(args, args.temperature if args.temperature is not None
-                                                   else dataset_temperature(dataset)))
+                              reference_temperature_K=args.reference_temperature,
+                              engine=EngineConfig(seed=args.seed, **engine_overrides(args)))
     metrics = simulate(model, dataset, config, args.out, reference=reference, test_set=test_set,
                        progress=not args.no_progress)
     print(summary(metrics))

@@ -12,10 +12,23 @@ from typing import Any, Optional
 
 import numpy as np
 
+from openmm_stable.errors import InputError
+
 MAX_ATOMIC_NUMBER = 118
 
 
-class DatasetError(ValueError):
+def hill_formula(atomic_numbers) -> str:
+    """Chemical formula in Hill order (C, H, then alphabetical): C9H8O4 for aspirin."""
+    from collections import Counter
+
+    from ase.data import chemical_symbols
+
+    counts = Counter(chemical_symbols[int(z)] for z in np.asarray(atomic_numbers).reshape(-1))
+    order = (["C", "H"] if "C" in counts else []) + sorted(s for s in counts if not ("C" in counts and s in ("C", "H")))
+    return "".join(f"{s}{counts[s] if counts[s] > 1 else ''}" for s in order)
+
+
+class DatasetError(InputError):
     """Bad dataset input; the message names the source and the field."""
 
 

@@ -32,6 +32,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from openmm_stable.errors import InputError
 from openmm_stable.data.dataset import QMDataset
 from openmm_stable.data.formats import load_dataset, save_dataset
 from openmm_stable.data.molecules import build_molecule, resolve_molecule
@@ -100,9 +101,9 @@ def generate_xtb_dataset(
     from tqdm.auto import tqdm
 
     if n_frames < 1 or stride < 1 or equilibration_steps < 0:
-        raise ValueError("n_frames and stride must be >= 1 and equilibration_steps >= 0")
+        raise InputError("n_frames and stride must be >= 1 and equilibration_steps >= 0")
     if temperature <= 0 or timestep_fs <= 0 or friction_per_fs <= 0:
-        raise ValueError("temperature, timestep and friction must be positive")
+        raise InputError("temperature, timestep and friction must be positive")
     out_path = Path(out_path)
     frames_path, settings_path = partial_paths(out_path)
     molecule_info = resolve_molecule(molecule)
@@ -126,13 +127,13 @@ def generate_xtb_dataset(
     # Frames already on disk (resume) or a fresh start.
     done: list[dict] = []
     if frames_path.exists() and frames_path.stat().st_size > 0 and not resume:
-        raise ValueError(
+        raise InputError(
             f"{frames_path} exists (an interrupted run); continue it with resume=True (--resume) or delete it"
         )
     if resume and frames_path.exists() and frames_path.stat().st_size > 0:
         done = _read_partial(frames_path, settings_path, settings)
     elif resume and out_path.exists():
-        raise ValueError(f"nothing to resume: {frames_path} does not exist and {out_path} does (a finished run?)")
+        raise InputError(f"nothing to resume: {frames_path} does not exist and {out_path} does (a finished run?)")
 
     atoms = ase.Atoms(numbers=z, positions=positions0)
     # Remove centre-of-mass drift with a constraint (ASE's recommended replacement for
@@ -246,11 +247,11 @@ def _append_frame(handle, atoms, frame: dict, temperature: float) -> None:
 def _read_partial(frames_path: Path, settings_path: Path, settings: dict) -> list[dict]:
     """Frames of an interrupted run, after checking it was made with the same settings."""
     if not settings_path.exists():
-        raise ValueError(f"cannot resume: {settings_path} (the run settings) is missing")
+        raise InputError(f"cannot resume: {settings_path} (the run settings) is missing")
     previous = json.loads(settings_path.read_text())
     for key in _RESUME_KEYS:
         if previous.get(key) != settings[key]:
-            raise ValueError(
+            raise InputError(
                 f"cannot resume {frames_path}: setting '{key}' was {previous.get(key)!r}, now {settings[key]!r}"
             )
     settings["started"] = previous.get("started", settings["started"])

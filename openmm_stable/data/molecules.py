@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from openmm_stable.errors import InputError
+
 # Name -> SMILES. Names match case-insensitively. The alanine residues are given as
 # L-alanine (the residue in the NequIP/StABlE Ac-Ala3-NHMe data); without stereo marks
 # the embedding would pick chiralities at random.
@@ -46,7 +48,7 @@ def resolve_molecule(spec: str) -> dict:
     """
     spec = str(spec).strip()
     if not spec:
-        raise ValueError(_unknown_message(spec))
+        raise InputError(_unknown_message(spec))
     if spec.lower() in _BY_LOWER:
         name = _BY_LOWER[spec.lower()]
         return {"spec": spec, "kind": "builtin", "name": name, "smiles": BUILTIN_SMILES[name]}
@@ -54,7 +56,7 @@ def resolve_molecule(spec: str) -> dict:
         return {"spec": spec, "kind": "file", "path": str(Path(spec))}
     if _parse_smiles(spec) is not None:
         return {"spec": spec, "kind": "smiles", "smiles": spec}
-    raise ValueError(_unknown_message(spec))
+    raise InputError(_unknown_message(spec))
 
 
 def build_molecule(spec: str) -> tuple[np.ndarray, np.ndarray]:
@@ -70,9 +72,9 @@ def build_molecule(spec: str) -> tuple[np.ndarray, np.ndarray]:
         try:
             atoms = ase.io.read(info["path"], index=0)
         except Exception as err:  # ASE raises many types for unparseable files
-            raise ValueError(f"{info['path']}: cannot read a structure ({type(err).__name__}: {err})") from None
+            raise InputError(f"{info['path']}: cannot read a structure ({type(err).__name__}: {err})") from None
         if len(atoms) == 0:
-            raise ValueError(f"{info['path']}: structure has no atoms")
+            raise InputError(f"{info['path']}: structure has no atoms")
         return atoms.get_atomic_numbers().astype(np.int64), atoms.get_positions().astype(np.float64)
     return _embed_smiles(info["smiles"])
 
@@ -100,14 +102,14 @@ def _embed_smiles(smiles: str) -> tuple[np.ndarray, np.ndarray]:
 
     mol = _parse_smiles(smiles)
     if mol is None:
-        raise ValueError(_unknown_message(smiles))
+        raise InputError(_unknown_message(smiles))
     mol = Chem.AddHs(mol)
     params = AllChem.ETKDGv3()
     params.randomSeed = EMBED_SEED
     if AllChem.EmbedMolecule(mol, params) != 0:
         params.useRandomCoords = True  # rescue for awkward ring systems
         if AllChem.EmbedMolecule(mol, params) != 0:
-            raise ValueError(f"RDKit could not embed SMILES {smiles!r} in 3D")
+            raise InputError(f"RDKit could not embed SMILES {smiles!r} in 3D")
     if AllChem.MMFFHasAllMoleculeParams(mol):
         AllChem.MMFFOptimizeMolecule(mol, maxIters=2000)
     else:

@@ -15,6 +15,7 @@ from typing import NamedTuple, Optional, Union
 
 import numpy as np
 
+from openmm_stable.errors import InputError
 from openmm_stable.data.dataset import QMDataset
 
 Size = Union[int, float, str, None]
@@ -36,7 +37,7 @@ def parse_size(size: Size, n_total: Optional[int] = None) -> int:
     (rounded to the nearest frame), so it needs ``n_total``.
     """
     if isinstance(size, bool) or size is None:
-        raise ValueError(f"invalid size {size!r}")
+        raise InputError(f"invalid size {size!r}")
     if isinstance(size, (int, np.integer)):
         value, suffix = float(size), ""
     elif isinstance(size, (float, np.floating)):
@@ -44,20 +45,20 @@ def parse_size(size: Size, n_total: Optional[int] = None) -> int:
     else:
         match = _SIZE_RE.match(str(size))
         if not match:
-            raise ValueError(f"invalid size {size!r}: use a count like 200, 1k, 1.5k, 2M, a fraction like 0.1, or 10%")
+            raise InputError(f"invalid size {size!r}: use a count like 200, 1k, 1.5k, 2M, a fraction like 0.1, or 10%")
         value, suffix = float(match.group(1)), match.group(2).lower()
     if value < 0:
-        raise ValueError(f"invalid size {size!r}: negative")
+        raise InputError(f"invalid size {size!r}: negative")
     if suffix == "%" or (suffix == "" and 0 < value < 1):
         fraction = value / 100 if suffix == "%" else value
         if fraction > 1:
-            raise ValueError(f"invalid size {size!r}: more than 100%")
+            raise InputError(f"invalid size {size!r}: more than 100%")
         if n_total is None:
-            raise ValueError(f"size {size!r} is a fraction and needs the dataset size")
+            raise InputError(f"size {size!r} is a fraction and needs the dataset size")
         return int(round(fraction * n_total))
     count = value * _SUFFIXES[suffix]
     if abs(count - round(count)) > 1e-9:
-        raise ValueError(f"invalid size {size!r}: not a whole number of frames")
+        raise InputError(f"invalid size {size!r}: not a whole number of frames")
     return int(round(count))
 
 
@@ -70,7 +71,7 @@ def split_indices(
     n_test = n_total - n_train - n_val if test is None else parse_size(test, n_total)
     requested = n_train + n_val + max(n_test, 0)
     if n_test < 0 or requested > n_total:
-        raise ValueError(
+        raise InputError(
             f"split sizes train={n_train} + val={n_val} + test={max(n_test, 0)} = {requested} "
             f"exceed the {n_total} frames of the dataset"
         )
@@ -79,7 +80,7 @@ def split_indices(
     elif mode == "random":
         order = np.random.default_rng(seed).permutation(n_total)
     else:
-        raise ValueError(f"unknown split mode {mode!r}; use 'random' or 'contiguous'")
+        raise InputError(f"unknown split mode {mode!r}; use 'random' or 'contiguous'")
     cuts = np.cumsum([n_train, n_val, n_test])
     return (
         np.sort(order[: cuts[0]]),

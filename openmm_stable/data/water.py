@@ -38,6 +38,7 @@ from typing import Optional
 
 import numpy as np
 
+from openmm_stable.errors import InputError
 from openmm_stable.data.dataset import QMDataset
 from openmm_stable.data.formats import save_dataset
 from openmm_stable.units import EV_IN_KJ_PER_MOL, NM_IN_ANGSTROM
@@ -81,7 +82,7 @@ def build_water_box(n_molecules: int, density: float = DEFAULT_DENSITY,
     """(atomic numbers (3M,), positions (3M, 3) A, box (3, 3) A): molecules at the SPC/Fw
     geometry on a cubic grid with random orientations (minimise before running MD)."""
     if n_molecules < 2:
-        raise ValueError("a water box needs at least 2 molecules")
+        raise InputError("a water box needs at least 2 molecules")
     length = box_length(n_molecules, density)
     per_side = math.ceil(n_molecules ** (1.0 / 3.0) - 1e-9)
     spacing = length / per_side
@@ -114,7 +115,7 @@ def spcfw_system(n_molecules: int, box_angstrom: np.ndarray, cutoff: Optional[fl
     widths = np.diag(box)
     cutoff = nonbonded_cutoff(float(widths.min())) if cutoff is None else float(cutoff)
     if cutoff >= 0.5 * widths.min():
-        raise ValueError(f"nonbonded cutoff {cutoff} A must be below half the box ({0.5 * widths.min():.3f} A)")
+        raise InputError(f"nonbonded cutoff {cutoff} A must be below half the box ({0.5 * widths.min():.3f} A)")
     system = openmm.System()
     system.setDefaultPeriodicBoxVectors(*[openmm.Vec3(*row) / NM_IN_ANGSTROM for row in box])
     bonds = openmm.HarmonicBondForce()
@@ -233,11 +234,11 @@ def generate_water_dataset(
     from tqdm.auto import tqdm
 
     if n_frames < 1 or stride < 1 or equilibration_ps < 0 or trajectory_ps < 0:
-        raise ValueError("n_frames and stride must be >= 1; equilibration_ps and trajectory_ps >= 0")
+        raise InputError("n_frames and stride must be >= 1; equilibration_ps and trajectory_ps >= 0")
     if temperature <= 0 or timestep_fs <= 0 or friction_per_ps <= 0 or density <= 0 or trajectory_interval_ps <= 0:
-        raise ValueError("temperature, timestep, friction, density and trajectory interval must be positive")
+        raise InputError("temperature, timestep, friction, density and trajectory interval must be positive")
     if trajectory_ps > 0 and trajectory_path is None:
-        raise ValueError("trajectory_ps > 0 needs a trajectory_path")
+        raise InputError("trajectory_ps > 0 needs a trajectory_path")
     z, positions, box = build_water_box(n_molecules, density, seed)
     system = spcfw_system(n_molecules, box)
     dt_ps = timestep_fs * 1e-3

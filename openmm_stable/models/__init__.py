@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
+
+import numpy as np
 
 import torch
 from torch import nn
 
+from openmm_stable.errors import InputError
 from openmm_stable.models.base import NNIP, batch_index, energy_and_forces, model_device, model_dtype
 
 
@@ -63,42 +66,102 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
 def create_model(architecture: str = "schnet", preset: str = "small", **overrides) -> NNIP:
     """A fresh model of `architecture` at size `preset`; `overrides` change preset fields."""
     if architecture not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {architecture!r}; known: {', '.join(ARCHITECTURES)}")
+        raise InputError(f"unknown architecture {architecture!r}; known: {', '.join(ARCHITECTURES)}")
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+        raise InputError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     hparams = dataclasses.asdict(dataclasses.replace(PRESETS[preset], **overrides))
     net = ARCHITECTURES[architecture](**hparams)
     return NNIP(net, spec={"architecture": architecture, "preset": preset, "hparams": hparams})
 
 
-def save_model(model: NNIP, path, **extra) -> None:
-    """Write weights and the spec needed to rebuild the model (plus any `extra` data)."""
-    payload = {"format": "openmm-stable-model", "version": 1, "spec": model.spec,
-               "state_dict": model.state_dict(), **extra}
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+MODEL_FORMAT = "openmm-stable-model"
+MODEL_UNITS = {"length": "Angstrom", "energy": "eV"}
 
 
-def load_model(path, map_location="cpu") -> NNIP:
-    """Rebuild a model written by `save_model` (or a pre-training checkpoint)."""
+@dataclasses.dataclass
+class ModelRecord:
+    """What a model file says besides its weights: one record, read by `read_model_record`,
+    so that `export`, `simulate`, `refine` and the openmm-ml plugin agree on it."""
+
+    path: str
+    spec: dict  # architecture, preset, hparams: enough to rebuild the network
+    atomic_numbers: Optional[np.ndarray]  # the molecule it was trained on (None: older files)
+    kind: str  # "model", "checkpoint_best", "checkpoint_last", "refined"
+    training_temperature_K: Optional[float]
+    dataset_fingerprint: Optional[str]
+    units: dict
+    versions: dict
+    payload: dict = dataclasses.field(repr=False, default_factory=dict)  # everything else the file holds
+
+    @property
+    def architecture(self) -> str:
+        return self.spec.get("architecture", "?")
+
+    @property
+    def cutoff(self) -> Optional[float]:
+        return self.spec.get("hparams", {}).get("cutoff")
+
+
+def _package_versions() -> dict:
+    from importlib import metadata
+
+    versions = {}
+    for name in ("openmm-stable", "torch", "openmm", "openmmtorch", "torchmd-net"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def save_model(model: NNIP, path, atomic_numbers=None, training_temperature_K: Optional[float] = None,
+               dataset_fingerprint: Optional[str] = None, kind: str = "model", **extra) -> None:
+    """Write weights, the spec that rebuilds the model and the `ModelRecord` fields (plus
+    any `extra` data), atomically."""
+    from openmm_stable.io import atomic_torch_save
+
+    payload = {**extra, "format": MODEL_FORMAT, "version": 2, "spec": model.spec, "state_dict": model.state_dict(),
+               "kind": kind, "units": MODEL_UNITS, "versions": _package_versions(),
+               "atomic_numbers": None if atomic_numbers is None else np.asarray(atomic_numbers, dtype=np.int64).reshape(-1),
+               "training_temperature_K": None if training_temperature_K is None else float(training_temperature_K),
+               "dataset_fingerprint": dataset_fingerprint}
+    atomic_torch_save(payload, path)
+
+
+def read_model_record(path, map_location="cpu") -> ModelRecord:
+    """The record of a file written by `save_model`, with clear errors for anything else."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model file {path} does not exist")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as err:
-        raise ValueError(f"{path}: not a readable openmm-stable model file ({err})") from None
+        raise InputError(f"{path}: not a readable openmm-stable model file ({err})") from None
     if not isinstance(payload, dict) or "spec" not in payload or "state_dict" not in payload:
-        raise ValueError(f"{path}: not an openmm-stable model file (no 'spec'/'state_dict')")
-    spec = payload["spec"]
+        raise InputError(f"{path}: not an openmm-stable model file (no 'spec'/'state_dict')")
+    numbers = payload.get("atomic_numbers")
+    return ModelRecord(
+        path=str(path), spec=payload["spec"],
+        atomic_numbers=None if numbers is None else np.asarray(numbers, dtype=np.int64).reshape(-1),
+        kind=str(payload.get("kind", "model")), training_temperature_K=payload.get("training_temperature_K"),
+        dataset_fingerprint=payload.get("dataset_fingerprint"), units=payload.get("units", MODEL_UNITS),
+        versions=payload.get("versions", {}), payload=payload)
+
+
+def model_from_record(record: ModelRecord) -> NNIP:
+    spec = record.spec
     model = create_model(spec["architecture"], spec.get("preset", "small"), **spec["hparams"])
-    model.load_state_dict(payload["state_dict"])
+    model.load_state_dict(record.payload["state_dict"])
     return model
 
 
+def load_model(path, map_location="cpu") -> NNIP:
+    """Rebuild a model written by `save_model` (or a pre-training checkpoint)."""
+    return model_from_record(read_model_record(path, map_location))
+
+
 __all__ = [
-    "ARCHITECTURES", "PRESETS", "NNIP", "create_model", "save_model", "load_model",
+    "ARCHITECTURES", "PRESETS", "NNIP", "ModelRecord", "create_model", "save_model", "load_model",
+    "read_model_record", "model_from_record",
     "energy_and_forces", "batch_index", "model_device", "model_dtype",
 ]

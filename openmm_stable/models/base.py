@@ -18,6 +18,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from openmm_stable.errors import InputError
+
 MAX_Z = 119
 
 
@@ -110,5 +112,5 @@ def check_cutoff_fits_box(model: nn.Module, box) -> None:
 
     cutoff, half = model_cutoff(model), half_box_width(box)
     if cutoff is not None and cutoff >= half:
-        raise ValueError(f"model cutoff {cutoff:g} A is not below half the periodic box width ({half:.3f} A); "
+        raise InputError(f"model cutoff {cutoff:g} A is not below half the periodic box width ({half:.3f} A); "
                          f"use a smaller cutoff (pretrain --cutoff) or a bigger box")

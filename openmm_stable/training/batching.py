@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from openmm_stable.errors import InputError
 from openmm_stable.data.dataset import QMDataset
 from openmm_stable.models.base import energy_and_forces
 
@@ -80,7 +81,7 @@ class FrameTensors:
     def batches(self, batch_size: int, shuffle: bool = False, rng: Optional[np.random.Generator] = None) -> Iterator[Batch]:
         """All frames in minibatches of `batch_size` (the last may be smaller); `rng` orders them if `shuffle`."""
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise InputError(f"batch_size must be >= 1, got {batch_size}")
         order = np.arange(len(self))
         if shuffle:
             order = (rng if rng is not None else np.random.default_rng()).permutation(len(self))
@@ -101,7 +102,7 @@ def energy_force_loss(model: nn.Module, batch: Batch, energy_weight: float = 1.0
     ``energy_mae_meV`` (per structure), ``force_mae_meV_per_A`` (per component).
     """
     if batch.energies is None or (force_weight > 0 and batch.forces is None):
-        raise ValueError("energy_force_loss needs energy labels (and force labels when force_weight > 0)")
+        raise InputError("energy_force_loss needs energy labels (and force labels when force_weight > 0)")
     scale = _scale(model).to(batch.energies.device)
     if force_weight > 0:
         energies, forces = energy_and_forces(model, batch.z, batch.pos, batch.batch, batch.box, create_graph=True)
@@ -128,7 +129,7 @@ def evaluate(model: nn.Module, dataset: Union[QMDataset, FrameTensors], batch_si
         param = next(iter(model.parameters()))
         dataset = FrameTensors(dataset, device=param.device, dtype=param.dtype)
     if dataset.energies is None:
-        raise ValueError("evaluate needs a dataset with energy labels")
+        raise InputError("evaluate needs a dataset with energy labels")
     was_training = model.training
     model.eval()
     e_abs = e_sq = f_abs = f_sq = 0.0

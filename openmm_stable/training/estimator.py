@@ -30,6 +30,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from openmm_stable.errors import InputError
 from openmm_stable.observables import LocalSamples
 from openmm_stable.units import kT_eV
 
@@ -50,7 +51,7 @@ class ObservableLoss:
 
     def __post_init__(self) -> None:
         if self.kind not in LOSSES:
-            raise ValueError(f"unknown observable loss {self.kind!r}; known: {', '.join(LOSSES)}")
+            raise InputError(f"unknown observable loss {self.kind!r}; known: {', '.join(LOSSES)}")
         self.target = torch.as_tensor(self.target, dtype=torch.float64)
 
     def __call__(self, mean: Tensor) -> Tensor:
@@ -77,7 +78,7 @@ def boltzmann_coefficients(values: Tensor, loss_fn: Callable[[Tensor], Tensor], 
     values = values.detach().to(torch.float64)
     K = values.shape[0]
     if K < 2:
-        raise ValueError("the Boltzmann estimator needs at least two frames")
+        raise InputError("the Boltzmann estimator needs at least two frames")
     mean = values.mean(0).requires_grad_(True)
     loss = loss_fn(mean)
     (a,) = torch.autograd.grad(loss, mean)
@@ -125,10 +126,10 @@ def local_boltzmann_coefficients(blocks: list[LocalSamples], loss_fn: Callable[[
     gives c_kc = beta (<a_p.O_p> - a_p.O_p,kc) / (K C_p), spread onto the atoms of each
     neighbourhood."""
     if not blocks:
-        raise ValueError("no blocks of local samples")
+        raise InputError("no blocks of local samples")
     values = [b.values.detach().to(torch.float64) for b in blocks]
     if values[0].shape[0] < 2:
-        raise ValueError("the Boltzmann estimator needs at least two frames")
+        raise InputError("the Boltzmann estimator needs at least two frames")
     mean = torch.cat([v.mean((0, 1)) for v in values]).requires_grad_(True)
     loss = loss_fn(mean)
     (a,) = torch.autograd.grad(loss, mean)
@@ -174,7 +175,7 @@ def model_atom_energy_fn(model: nn.Module, atomic_numbers: Tensor, box: Optional
 
     if not supports_atom_energies(model):
         arch = (getattr(model, "spec", None) or {}).get("architecture", type(model).__name__)
-        raise ValueError(f"local-neighbourhood samples need per-atom energies, which architecture {arch!r} does not "
+        raise InputError(f"local-neighbourhood samples need per-atom energies, which architecture {arch!r} does not "
                          "expose; use the 'schnet' architecture or local_neighbourhoods: false")
     inputs = _protocol_inputs(model, atomic_numbers)
     return lambda frames: model.atom_energies_of(*inputs(frames), box).reshape(frames.shape[0], frames.shape[1])

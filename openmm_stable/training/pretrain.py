@@ -40,9 +40,11 @@ import torch
 import yaml
 from torch import nn
 
+from openmm_stable.errors import InputError
 from openmm_stable.allocator import keep_freed_memory
 from openmm_stable.data.dataset import QMDataset
 from openmm_stable.data.splits import parse_size, split_indices
+from openmm_stable.temperature import recorded_temperature
 from openmm_stable.models import ARCHITECTURES, PRESETS, create_model, load_model, save_model
 from openmm_stable.models.base import MAX_Z, NNIP, check_cutoff_fits_box
 from openmm_stable.config import config_from_dict, read_yaml_mapping
@@ -55,6 +57,23 @@ LOG_COLUMNS = [
     "epoch", "lr", "train_loss", "train_energy_mae_meV", "train_force_mae_meV_per_A",
     "val_loss", "val_energy_mae_meV", "val_force_mae_meV_per_A", "time_s",
 ]
+
+
+AUTO = "auto"  # a split size left to `split_sizes`
+DEFAULT_SPLIT = ("1k", "100", "200")
+SMALL_FILE_SPLIT = ("80%", "10%", None)  # the rest (about 10 %) is the test set
+
+
+def split_sizes(config: "PretrainConfig", n_frames: int, log=None) -> tuple:
+    """(train, val, test) sizes. Sizes left at "auto" are 1,000 / 100 / 200 frames; when
+    all three are "auto" and the file is too small for that, 80 / 10 / 10 % (with a note),
+    so a small file needs no flags. Sizes the user gives are kept as they are."""
+    sizes = (config.train, config.val, config.test)
+    if all(v == AUTO for v in sizes) and n_frames < sum(parse_size(v) for v in DEFAULT_SPLIT):
+        print(f"note: {n_frames} frames are fewer than the default split of 1,000 / 100 / 200; using "
+              "80 % / 10 % / 10 % instead (--train/--val/--test choose other sizes)", file=log or sys.stderr)
+        return SMALL_FILE_SPLIT
+    return tuple(default if v == AUTO else v for v, default in zip(sizes, DEFAULT_SPLIT))
 
 
 class TrainingDivergedError(RuntimeError):
@@ -87,9 +106,9 @@ class PretrainConfig:
     ema_decay: Optional[float] = None
     seed: int = 0  # split, initial weights and shuffling
     device: str = "auto"  # "cpu", "cuda", "cuda:N" or "auto"
-    train: SizeLike = "1k"
-    val: SizeLike = "100"
-    test: Optional[SizeLike] = "200"
+    train: SizeLike = AUTO  # "auto": 1k, or 80 % of a file too small for 1k/100/200
+    val: SizeLike = AUTO  # "auto": 100, or 10 %
+    test: Optional[SizeLike] = AUTO  # "auto": 200, or the rest
     split_mode: str = "random"  # or "contiguous"
     time_budget_min: Optional[float] = None
     cutoff: Optional[float] = None  # A; overrides the preset's (a periodic box needs it below half the box)
@@ -103,7 +122,7 @@ class PretrainConfig:
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
         def fail(field: str, message: str):
-            raise ValueError(f"pretrain config: {field}: {message}")
+            raise InputError(f"pretrain config: {field}: {message}")
 
         if self.architecture not in ARCHITECTURES:
             fail("architecture", f"unknown {self.architecture!r}; known: {', '.join(ARCHITECTURES)}")
@@ -136,7 +155,7 @@ class PretrainConfig:
             fail("device", f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         for name in ("train", "val", "test"):
             value = getattr(self, name)
-            if value is None and name == "test":
+            if (value is None and name == "test") or value == AUTO:
                 continue
             try:
                 parse_size(value, n_total=1)  # syntax only; the dataset size is checked at split time
@@ -187,7 +206,7 @@ def fit_atom_energies(compositions: Sequence[np.ndarray], energies: np.ndarray) 
     """
     energies = np.asarray(energies, dtype=np.float64).reshape(-1)
     if len(compositions) != energies.size:
-        raise ValueError(f"{len(compositions)} compositions but {energies.size} energies")
+        raise InputError(f"{len(compositions)} compositions but {energies.size} energies")
     counts = np.zeros((energies.size, MAX_Z), dtype=np.float64)
     for row, z in enumerate(compositions):
         np.add.at(counts[row], np.asarray(z, dtype=np.int64), 1.0)
@@ -270,7 +289,7 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available; use 'cpu' or 'auto'")
+        raise InputError(f"device {device!r} requested but CUDA is not available; use 'cpu' or 'auto'")
     return torch.device(device)
 
 
@@ -295,13 +314,13 @@ def pretrain(
         dataset = load_dataset(dataset)
     config.validate()
     if dataset.energies is None or (config.force_weight > 0 and dataset.forces is None):
-        raise ValueError(f"{dataset.source}: pre-training needs energies and forces (forces only if force_weight > 0)")
+        raise InputError(f"{dataset.source}: pre-training needs energies and forces (forces only if force_weight > 0)")
     out_dir = Path(out_dir)
     last_path, best_path = out_dir / "checkpoint_last.pt", out_dir / "checkpoint_best.pt"
     if resume and not last_path.exists():
         raise FileNotFoundError(f"{last_path}: nothing to resume (no checkpoint_last.pt in {out_dir})")
     if not resume and not overwrite and last_path.exists():
-        raise ValueError(
+        raise InputError(
             f"{out_dir} already holds a pre-training run; pass resume=True (--resume) to continue it, "
             "overwrite=True (--overwrite) to start over, or use another directory"
         )
@@ -311,9 +330,9 @@ def pretrain(
         keep_freed_memory()
 
     fingerprint = dataset.fingerprint()
-    parts = split_indices(len(dataset), config.train, config.val, config.test, mode=config.split_mode, seed=config.seed)
+    parts = split_indices(len(dataset), *split_sizes(config, len(dataset)), mode=config.split_mode, seed=config.seed)
     if len(parts[0]) == 0 or len(parts[1]) == 0:
-        raise ValueError(f"split: train ({len(parts[0])}) and val ({len(parts[1])}) need at least one frame each")
+        raise InputError(f"split: train ({len(parts[0])}) and val ({len(parts[1])}) need at least one frame each")
     train_ds, val_ds = dataset.subset(parts[0]), dataset.subset(parts[1])
     test_ds = dataset.subset(parts[2]) if len(parts[2]) else None
     split = {name: [int(i) for i in idx] for name, idx in zip(("train", "val", "test"), parts)}
@@ -358,7 +377,9 @@ def pretrain(
     budget_s = math.inf if config.time_budget_min is None else 60.0 * config.time_budget_min
     time_before, started = state.train_time_s, time.perf_counter()
     elapsed = lambda: time_before + time.perf_counter() - started  # noqa: E731
-    common = dict(config=config.to_dict(), dataset_fingerprint=fingerprint, dataset_source=str(dataset.source), split=split)
+    common = dict(config=config.to_dict(), dataset_fingerprint=fingerprint, dataset_source=str(dataset.source),
+                  split=split, atomic_numbers=dataset.atomic_numbers,
+                  training_temperature_K=recorded_temperature(dataset))
 
     from tqdm.auto import tqdm
 
@@ -482,20 +503,20 @@ def pretrain(
 def _check_resumable(payload: dict, path: Path, fingerprint: str, split: dict, config: PretrainConfig) -> None:
     """Refuse to resume onto different data, a different split or a different model."""
     if payload.get("kind") != "checkpoint_last" or "run_state" not in payload:
-        raise ValueError(f"{path}: not a pre-training checkpoint")
+        raise InputError(f"{path}: not a pre-training checkpoint")
     if payload.get("dataset_fingerprint") != fingerprint:
-        raise ValueError(
+        raise InputError(
             f"{path}: dataset fingerprint {payload.get('dataset_fingerprint')} differs from this dataset's "
             f"{fingerprint}; resume only with the data the run started on"
         )
     spec = payload["spec"]
     if (spec.get("architecture"), spec.get("preset")) != (config.architecture, config.preset):
-        raise ValueError(
+        raise InputError(
             f"{path}: the run trains {spec.get('architecture')}/{spec.get('preset')}, "
             f"the config asks for {config.architecture}/{config.preset}"
         )
     if payload.get("split") != split:
-        raise ValueError(f"{path}: the split (sizes, mode or seed) differs from the run being resumed")
+        raise InputError(f"{path}: the split (sizes, mode or seed) differs from the run being resumed")
 
 
 def _plot_learning_curve(history: list, path: Path) -> None:

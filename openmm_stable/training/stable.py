@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from openmm_stable.errors import InputError
 from openmm_stable.config import config_to_dict
 from openmm_stable.data.dataset import QMDataset
 from openmm_stable.data.splits import split_dataset
@@ -36,6 +37,7 @@ from openmm_stable.engine import EngineConfig, ReplicaEngine
 from openmm_stable.io import atomic_torch_save, atomic_write_json, get_rng_state, set_rng_state, write_csv
 from openmm_stable.models import NNIP, load_model, save_model
 from openmm_stable.observables import element_pair_list, half_box_width, make_observable, reference_from_dataset
+from openmm_stable.temperature import dataset_temperature, with_sampling_temperature
 from openmm_stable.stability import (STABILITY_KINDS, TRAINING_BOND_THRESHOLD, WATER_MIN_DISTANCE_THRESHOLD,
                                      make_criterion, molecule_ids)
 from openmm_stable.training.batching import FrameTensors, energy_force_loss, evaluate, refit_energy_shift
@@ -90,6 +92,9 @@ class StableConfig:
     estimator_minibatch: int = 256
     val_fraction: float = 0.1
     seed: int = 0
+    # K at which the reference frames were sampled when the file records none (MD17: 500);
+    # None: as recorded, else the run temperature (`openmm_stable.temperature`).
+    reference_temperature_K: Optional[float] = None
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
@@ -97,7 +102,7 @@ class StableConfig:
             self.engine = EngineConfig(**self.engine)
 
         def fail(field, message):
-            raise ValueError(f"refine config: {field}: {message}")
+            raise InputError(f"refine config: {field}: {message}")
 
         if self.warmup_steps < 0:
             fail("warmup_steps", "must be >= 0")
@@ -207,7 +212,7 @@ class StableTrainer:
         self.loss_fn = ObservableLoss(reference_target, config.observable_loss)
         if config.local_neighbourhoods:
             if dataset.box is None or not hasattr(self.observable, "local_samples"):
-                raise ValueError("refine config: local_neighbourhoods: only for the rdf observable of a periodic box "
+                raise InputError("refine config: local_neighbourhoods: only for the rdf observable of a periodic box "
                                  f"(here: {self.observable_config['name']!r}"
                                  f"{'' if dataset.box is not None else ', no box'})")
             model_atom_energy_fn(model, self.z, self.box)  # raises for networks without per-atom energies
@@ -238,7 +243,7 @@ class StableTrainer:
     def load_checkpoint(self) -> None:
         payload = torch.load(self.checkpoint_path, weights_only=False)
         if payload["dataset_fingerprint"] != self.dataset.fingerprint():
-            raise ValueError(f"{self.checkpoint_path}: written for another dataset; use a new --out folder")
+            raise InputError(f"{self.checkpoint_path}: written for another dataset; use a new --out folder")
         self.model.load_state_dict(payload["state_dict"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
@@ -440,7 +445,8 @@ class StableTrainer:
             bar.set_postfix(phase=row["phase"], obs=_fmt(row.get("observable_loss")),
                             fMAE=_fmt(row["val_force_mae_meV_per_A"]), unstable=f"{row['unstable_fraction']:.2f}")
         bar.close()
-        save_model(self.model, self.out / "model.pt", atomic_numbers=self.z)
+        save_model(self.model, self.out / "model.pt", atomic_numbers=self.z, kind="refined",
+                   training_temperature_K=cfg.engine.temperature_K, dataset_fingerprint=self.dataset.fingerprint())
         report.plot_csv_columns(self.out / "log.csv", ["observable_loss", "val_force_mae_meV_per_A",
                                                        "unstable_fraction", "lr"], self.out / "learning_curves.png",
                                 logy=["observable_loss"])
@@ -479,6 +485,10 @@ def refine(model, dataset: QMDataset, config: StableConfig, out_dir, reference: 
     # Train a copy: the caller's model stays the pre-trained one (a benchmark that
     # refined in place silently compared the refined model with itself).
     model = load_model(model) if isinstance(model, (str, Path)) else copy.deepcopy(model)
+    run_K = dataset_temperature(dataset, config.engine.temperature_K)
+    config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, temperature_K=run_K))
+    reference = with_sampling_temperature(reference if reference is not None else dataset, run_K,
+                                          config.reference_temperature_K)
     trainer = StableTrainer(model, dataset, config, out_dir, reference=reference, progress=progress)
     (Path(out_dir) / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
     summary = trainer.fit(resume=resume)
