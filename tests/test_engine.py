@@ -64,6 +64,32 @@ class ZeroModel(nn.Module):
         return torch.zeros(n, dtype=pos.dtype, device=pos.device).index_add(0, batch, 0.0 * pos.sum(-1))
 
 
+class ElasticNetwork(nn.Module):
+    """Harmonic springs (k eV/A^2) between every pair of atoms closer than `cutoff` (A) in a
+    reference structure, at their reference lengths: a molecule whose dynamics the tests
+    know in advance. At 500 K a spring of 5 eV/A^2 fluctuates by sqrt(kT/k) ~ 0.09 A, so a
+    bond (held by several springs) stretching by 0.5 A is a > 5-sigma event on every
+    replica and step: no replica can fail the bond criterion, on any machine, and the
+    highest vibration (an H on ~4 springs, period ~17 fs) is well resolved at 0.5 fs."""
+
+    def __init__(self, positions: np.ndarray, k: float = 5.0, cutoff: float = 3.0):
+        super().__init__()
+        x = np.asarray(positions, dtype=np.float64)
+        d0 = np.linalg.norm(x[:, None] - x[None], axis=-1)
+        i, j = np.triu_indices(len(x), k=1)
+        keep = d0[i, j] < cutoff
+        self.n_atoms = len(x)
+        self.k = float(k)
+        self.register_buffer("i", torch.as_tensor(i[keep]))
+        self.register_buffer("j", torch.as_tensor(j[keep]))
+        self.register_buffer("r0", torch.as_tensor(d0[i[keep], j[keep]]))
+
+    def forward(self, z: Tensor, pos: Tensor, batch: Tensor, box: Optional[Tensor] = None) -> Tensor:
+        x = pos.reshape(-1, self.n_atoms, 3)
+        r = torch.linalg.norm(x[:, self.j] - x[:, self.i], dim=-1)
+        return 0.5 * self.k * ((r - self.r0.to(pos.dtype)) ** 2).sum(-1)
+
+
 class NaNBeyond(nn.Module):
     """The wrapped model, except that a structure with an atom farther than `radius` (A)
     from its centroid gets a NaN energy (and NaN forces): a model that breaks down on
@@ -251,11 +277,12 @@ def test_set_states_shape_errors(ethanol):
 
 
 # --- broken replicas are contained -------------------------------------------------------------
-def test_nan_replica_is_contained_and_others_run_on(pretrained_ethanol_model, starts):
+def test_nan_replica_is_contained_and_others_run_on(starts):
     """One replica on which the model returns NaN (an atom pulled 20 A away) neither stops
-    the run nor changes the other replicas' trajectories; the bond criterion flags it."""
+    the run nor changes the other replicas' trajectories; the bond criterion flags it and
+    only it (the model is an elastic network: the other replicas cannot break)."""
     z, pos, vel = starts
-    model = NaNBeyond(pretrained_ethanol_model, radius=8.0)
+    model = NaNBeyond(ElasticNetwork(pos[0]), radius=8.0)
     broken = pos.copy()
     broken[1, 8] += np.array([20.0, 0.0, 0.0])  # the hydroxyl H, far away
     engine = make_engine(model, z, len(pos), integrator="nose-hoover")
@@ -287,33 +314,34 @@ def test_zero_model_flies_ballistically(ethanol):
 
 
 # --- Langevin samples the right kinetic temperature -------------------------------------------
-def test_langevin_kinetic_temperature(pretrained_ethanol_model, xtb_ethanol):
+def test_langevin_kinetic_temperature(xtb_ethanol):
     """<T_kin> = 500 K within statistical error, all 3N degrees of freedom thermal.
 
-    Each frame's T_kin of one replica has relative variance 2/(3N) = 2/27 (chi-square with
-    3N = 27 degrees of freedom). A strongly coupled thermostat (friction 50/ps) makes the
-    test about the engine's sampling rather than about how well a 5-second model conserves
-    energy, and decorrelates T_kin fast: its integrated correlation time is ~1/friction
-    = 20 fs (block averages of a long run measured 25 fs); we count one independent
-    sample per 40 fs. 16 replicas x 1 ps -> 400 samples -> standard error
-    500 K * sqrt(2/27) / sqrt(400) = 6.8 K; the tolerance is 4 standard errors (27 K,
-    5.4 %), so 3N - 3 degrees of freedom (an 11 % shortfall) would fail it.
+    The model is an elastic network (`ElasticNetwork`): the test is about the engine's
+    sampling, not about how well a crude learned model conserves energy (a 5-second SchNet
+    came out 10-25 % high in the variance below, by an amount that depends on its
+    trajectories), and no replica can fall apart. Each frame's T_kin of one replica has
+    relative variance 2/(3N) = 2/27 (chi-square with 3N = 27 degrees of freedom). A strongly
+    coupled thermostat (friction 50/ps) decorrelates T_kin fast: we count one independent
+    sample per 40 fs (twice 1/friction). 16 replicas x 1 ps -> 400 samples -> standard
+    error 500 K * sqrt(2/27) / sqrt(400) = 6.8 K; the tolerance is 4 standard errors (27 K,
+    5.4 %), so 3N - 3 degrees of freedom (an 11 % shortfall) would fail it. Over 30 seeds
+    the mean scattered by 4.3 K (so the count of independent samples is conservative) and
+    the variance ratio below by 0.043 around 0.99.
     """
     R, T0, friction = 16, 500.0, 50.0
     z = xtb_ethanol.atomic_numbers
-    engine = make_engine(pretrained_ethanol_model, z, R, temperature_K=T0, friction_per_ps=friction, seed=1)
+    engine = make_engine(ElasticNetwork(xtb_ethanol.positions[0]), z, R, temperature_K=T0, friction_per_ps=friction,
+                         seed=1)
     engine.set_states(xtb_ethanol.positions[np.arange(R) * 3 + 1], seed=1)
     engine.step(200)  # 0.1 ps = 5 velocity relaxation times
     every, n_frames = 20, 100  # a frame every 10 fs for 1 ps
-    temps, positions = [], []
+    temps = []
     for _ in range(n_frames):
         engine.step(every)
-        p, v = engine.get_states()
+        _, v = engine.get_states()
         temps.append(engine.kinetic_temperature(v))
-        positions.append(p)
     temps = np.array(temps)  # (frames, R)
-    criterion = BondDeviationCriterion.from_dataset(xtb_ethanol)
-    assert bool((criterion(np.array(positions)) < criterion.threshold).all()), "a replica fell apart"
 
     dof = 3 * len(z)
     sampled_ps = n_frames * every * engine.config.timestep_ps
@@ -324,7 +352,6 @@ def test_langevin_kinetic_temperature(pretrained_ethanol_model, xtb_ethanol):
     print(f"kinetic temperature {mean:.1f} K +- {stderr:.1f} K (target {T0} K); "
           f"per-frame relative variance {rel_var:.4f} (2/3N = {2 / dof:.4f})")
     assert abs(mean - T0) < 4 * stderr
-    # Per-frame fluctuations: relative variance 2/(3N), estimated to ~7 % here. With this
-    # crude model at 0.5 fs it comes out ~10-25 % high (and <T> ~1 % high; both shrink with
-    # the time step; a force-free run gives 2/(3N) and 500 K), hence the one-sided margin.
-    assert 0.8 < rel_var / (2 / dof) < 1.5
+    # Per-frame fluctuations: relative variance 2/(3N); the bound is > 4 standard deviations
+    # of the 30-seed scatter on either side.
+    assert 0.8 < rel_var / (2 / dof) < 1.2
