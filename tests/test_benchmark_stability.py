@@ -4,6 +4,7 @@ import runpy
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,17 +27,21 @@ def test_stability_replication_quick(tmp_path, monkeypatch):
     done_before = json.loads((work / "timings.json").read_text())
     assert set(done_before) == {"generate_s", "pretrain_small_s", "pretrain_large_s"}
 
-    # a larger budget for the small set extends its finished pre-training; the large one is kept
+    # a larger budget for the small set extends its finished pre-training if the budget is
+    # what stopped it (on a fast machine early stopping may come first: then it is kept as it
+    # is); the large one is kept. No assertion on how long anything took.
     first = {name: json.loads((work / f"pretrain_{name}" / "metrics.json").read_text()) for name in ("small", "large")}
-    assert first["small"]["stopped_reason"] == "time_budget"
     monkeypatch.setattr(sys, "argv", argv + ["--stop-after", "pretrain", "--pretrain-min", "0.4", "0.2"])
     with pytest.raises(SystemExit) as done:
         runpy.run_path(str(script), run_name="__main__")
     assert done.value.code == 0
     second = {name: json.loads((work / f"pretrain_{name}" / "metrics.json").read_text()) for name in ("small", "large")}
     assert second["large"] == first["large"]
-    assert second["small"]["epochs"] > first["small"]["epochs"]
-    assert first["small"]["train_time_s"] + 6 < second["small"]["train_time_s"] < 0.4 * 60 + 30
+    if first["small"]["stopped_reason"] == "time_budget":
+        assert second["small"]["epochs"] > first["small"]["epochs"]
+        assert second["small"]["train_time_s"] > first["small"]["train_time_s"]  # summed over both sessions
+    else:
+        assert second["small"] == first["small"]
 
     # the rest: finished stages are loaded, not redone
     monkeypatch.setattr(sys, "argv", argv)
@@ -47,10 +52,20 @@ def test_stability_replication_quick(tmp_path, monkeypatch):
     assert {k: timings[k] for k in done_before} == done_before
     summary = json.loads(results.with_suffix(".json").read_text())
     assert set(summary["metrics"]) == {"pretrained-small", "pretrained-large", "stable-small"}
-    for metrics in summary["metrics"].values():
+    from openmm_stable.data import load_dataset
+    from openmm_stable.models import load_model
+    from openmm_stable.training.batching import evaluate
+
+    test_set = load_dataset(work / "test.npz")
+    model_files = {"pretrained-small": "pretrain_small", "pretrained-large": "pretrain_large",
+                   "stable-small": "refine_small"}
+    for label, metrics in summary["metrics"].items():
         assert metrics["n_replicas"] == 4
-        assert 0.0 <= metrics["stable_fraction"] <= 1.0
-        assert metrics["force_mae_meV_per_A"] > 0
+        ended = np.isclose(metrics["stable_time_ps"], metrics["time_ps"])  # replicas stable to the end
+        assert metrics["stable_fraction"] == pytest.approx(ended.mean())
+        # the test-set force error is the saved model's on the saved test frames
+        expected = evaluate(load_model(work / model_files[label] / "model.pt"), test_set)["force_mae_meV_per_A"]
+        assert metrics["force_mae_meV_per_A"] == pytest.approx(expected, rel=1e-4), label
     assert summary["compute"]["stable-small"]["sim_steps"] > 0
     # compute spent on pre-training: the training time summed over both sessions
     assert summary["compute"]["pretrained-small"]["wall_s"] == second["small"]["train_time_s"]
