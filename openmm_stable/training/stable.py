@@ -46,9 +46,11 @@ from openmm_stable.training.estimator import (ObservableLoss, boltzmann_coeffici
 
 SAMPLE_SOURCES = ("all", "stable", "unstable")
 LEARNING_RESTARTS = ("initial", "last_window")
+FAILURE_RESETS = ("last_stable", "epoch_start")
 OPTIMIZERS = ("adam", "sgd")
 LOG_COLUMNS = ["epoch", "cycle", "phase", "observable_loss", "val_energy_mae_meV", "val_force_mae_meV_per_A",
                "unstable_fraction", "lr", "grad_norm", "observable_grad_norm", "energy_force_grad_norm",
+               "split_half_cosine", "predicted_loss_change", "realised_loss_change",
                "n_samples", "n_local_samples", "sim_time_s", "grad_time_s"]
 
 
@@ -71,6 +73,13 @@ class StableConfig:
     # instabilities happened (the paper's code does this).
     learning_restart: str = "initial"
     until_stable: bool = False  # end a learning phase early once an epoch has no failing replica
+    # Simulation phase: where a replica that crossed the threshold goes back to. "last_stable":
+    # its last stable frame (under deterministic dynamics it re-fails at once and parks);
+    # "epoch_start": its state at the start of the epoch in which it failed (the paper's code),
+    # so a learning window that starts there holds the whole approach to failure.
+    failure_reset: str = "last_stable"
+    random_reset_fraction: float = 0.0  # simulation epochs: this fraction of stable replicas restart (paper: 0.05)
+    new_optimizer_per_phase: bool = False  # the paper's code makes a new optimizer for each learning phase
     max_epochs: int = 20
     observable: dict = dataclasses.field(default_factory=lambda: {"name": "hr"})
     observable_loss: str = "mse"
@@ -79,9 +88,12 @@ class StableConfig:
     samples_from: str = "all"
     observable_weight: float = 1.0
     energy_force_weight: float = 10.0
+    # True: each loss divided by its value at the start (weights are relative); False: the
+    # plain weighted sum, as the paper's code adds the energy/force gradient unnormalised.
+    normalize_losses: bool = True
     energy_weight: float = 1.0  # inside the energy/force loss, as in pre-training
     force_weight: float = 100.0
-    qm_batch_size: int = 32
+    qm_batch_size: Optional[int] = 32  # None: the energy/force gradient over the whole training set
     optimizer: str = "adam"
     lr: float = 1e-4
     grad_clip: Optional[float] = 1.0
@@ -90,6 +102,10 @@ class StableConfig:
     lr_patience: int = 3
     max_lr_reductions: int = 3  # training stops after this many reductions
     estimator_minibatch: int = 256
+    # Signal diagnostics per learning step: the cosine between the estimator gradients of two
+    # disjoint halves of the replicas (near 0: the step is noise) and the first-order
+    # predicted change of the observable loss (costs two extra backward passes).
+    log_signal: bool = True
     val_fraction: float = 0.1
     seed: int = 0
     # K at which the reference frames were sampled when the file records none (MD17: 500);
@@ -106,9 +122,17 @@ class StableConfig:
 
         if self.warmup_steps < 0:
             fail("warmup_steps", "must be >= 0")
-        for name in ("n_replicas", "learning_epochs", "max_epochs", "qm_batch_size", "estimator_minibatch"):
+        for name in ("n_replicas", "learning_epochs", "max_epochs", "estimator_minibatch"):
             if int(getattr(self, name)) < 1:
                 fail(name, "must be >= 1")
+        if self.qm_batch_size is not None and int(self.qm_batch_size) < 1:
+            fail("qm_batch_size", "must be >= 1 (or unset: the whole training set)")
+        if self.failure_reset not in FAILURE_RESETS:
+            fail("failure_reset", f"must be one of {', '.join(FAILURE_RESETS)}")
+        if not 0 <= self.random_reset_fraction < 1:
+            fail("random_reset_fraction", "must be in [0, 1)")
+        if self.observable_weight < 0 or self.energy_force_weight < 0:
+            fail("observable_weight" if self.observable_weight < 0 else "energy_force_weight", "must be >= 0")
         for name in ("epoch_ps", "frame_interval_ps", "bond_threshold", "min_distance_threshold", "lr"):
             if not getattr(self, name) > 0:
                 fail(name, "must be > 0")
@@ -169,6 +193,7 @@ class LoopState:
     learning_epochs_done: int = 0
     lr_reductions: int = 0
     learning_steps: int = 0
+    warmup_start: int = 0  # learning_steps when the current optimizer was made
     observable_loss_scale: Optional[float] = None  # first learning epoch's observable loss
     energy_force_loss_scale: Optional[float] = None  # energy/force loss of the starting model
     failed_this_cycle: Optional[np.ndarray] = None  # (R,) bool
@@ -180,6 +205,8 @@ class LoopState:
     window_velocities: Optional[np.ndarray] = None
     learning_positions: Optional[np.ndarray] = None  # learning_restart="last_window": where learning epochs start
     learning_velocities: Optional[np.ndarray] = None
+    predicted_loss_change: Optional[float] = None  # of the last learning step, first order
+    last_learning_loss: Optional[float] = None  # observable loss that step was computed from
     history: list = dataclasses.field(default_factory=list)
     finished: bool = False
 
@@ -216,15 +243,23 @@ class StableTrainer:
                                  f"(here: {self.observable_config['name']!r}"
                                  f"{'' if dataset.box is not None else ', no box'})")
             model_atom_energy_fn(model, self.z, self.box)  # raises for networks without per-atom energies
-        opt_cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.SGD
-        self.optimizer = opt_cls(model.parameters(), lr=config.lr)
-        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, factor=config.lr_factor,
-                                                                    patience=config.lr_patience)
+        self._new_optimizer()
         self.rng = np.random.default_rng(config.seed)
         start = self.rng.choice(len(dataset), size=config.n_replicas, replace=len(dataset) < config.n_replicas)
         self.initial_positions = dataset.positions[start]
         self.engine = ReplicaEngine(model, self.z, config.n_replicas, config.engine, dataset.box)
         self.state = LoopState()
+
+    def _new_optimizer(self) -> None:
+        """A fresh optimizer and scheduler (at refinement start, and with
+        ``new_optimizer_per_phase`` at each learning phase; the warm-up starts over)."""
+        cfg = self.config
+        opt_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.SGD
+        self.optimizer = opt_cls(self.model.parameters(), lr=cfg.lr)
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, factor=cfg.lr_factor,
+                                                                    patience=cfg.lr_patience)
+        if hasattr(self, "state"):
+            self.state.warmup_start = self.state.learning_steps
 
     # --- checkpoints ---------------------------------------------------------------------
     @property
@@ -273,7 +308,16 @@ class StableTrainer:
                 st.stable_positions[ok], st.stable_velocities[ok] = pos[ok], vel[ok]
                 if bad.any():
                     idx = np.flatnonzero(bad)
-                    self.engine.reset_replicas(idx, st.stable_positions[idx], st.stable_velocities[idx])
+                    if cfg.failure_reset == "epoch_start":
+                        self.engine.reset_replicas(idx, st.window_positions[idx], st.window_velocities[idx])
+                    else:
+                        self.engine.reset_replicas(idx, st.stable_positions[idx], st.stable_velocities[idx])
+        if st.phase == "simulation" and cfg.random_reset_fraction > 0:
+            stable = np.flatnonzero(~flags.any(axis=0))
+            chosen = stable[self.rng.random(stable.size) < cfg.random_reset_fraction]
+            if chosen.size:  # back to their initial frames with fresh velocities
+                self.engine.reset_replicas(chosen, self.initial_positions[chosen],
+                                           seed=cfg.seed + 7919 * (st.epoch + 1))
         return frames, flags
 
     def _restart_replicas(self, for_learning: bool = False) -> None:
@@ -288,7 +332,8 @@ class StableTrainer:
         st.stable_positions, st.stable_velocities = self.engine.get_states()
         st.failed_this_cycle = np.zeros(self.config.n_replicas, dtype=bool)
 
-    def _select_samples(self, frames: np.ndarray, flags: np.ndarray) -> np.ndarray:
+    def _select_samples(self, frames: np.ndarray, flags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The sample frames (K, N, 3) and the replica each came from (K,)."""
         cfg = self.config
         skip = int(round(cfg.equilibration_ps / cfg.frame_interval_ps))
         frames, flags = frames[skip:], flags[skip:]
@@ -300,51 +345,46 @@ class StableTrainer:
         else:
             mask = np.ones_like(ever_failed)
         mask = mask & np.isfinite(frames).all(axis=(2, 3))
-        return frames[mask]
+        replica = np.broadcast_to(np.arange(frames.shape[1]), mask.shape)
+        return frames[mask], replica[mask]
 
-    def _learning_step(self, samples: np.ndarray) -> dict:
-        """One optimizer step on  w_obs L_obs / L_obs,0 + w_ef L_ef / L_ef,0.
-
-        Each loss is divided by its value at the start of refinement, so the two weights
-        are relative and independent of units and bin counts (raw h(r) losses are ~1e-2
-        while energy/force losses are ~1e1: without this the regulariser's gradient is
-        ~1000x the observable's and refinement does nothing)."""
+    def _learning_step(self, samples: np.ndarray, replica_of_sample: np.ndarray) -> dict:
+        """One optimizer step on  w_obs L_obs + w_ef L_ef  (each loss divided by its value at
+        the start of refinement when ``normalize_losses``: the weights are then relative and
+        independent of units and bin counts; raw h(r) losses are ~1e-2 while energy/force
+        losses are ~1e1)."""
         cfg, st = self.config, self.state
         self.model.train()
+        params = list(self.model.parameters())
         self.optimizer.zero_grad(set_to_none=False)
         x = torch.as_tensor(samples, dtype=torch.float64)
-        extra = {}
-        if cfg.local_neighbourhoods:
-            blocks = self.observable.local_samples(x, self.z, self.dataset.box, cfg.neighbourhood_radius)
-            result = local_boltzmann_coefficients(blocks, self.loss_fn, cfg.engine.temperature_K)
-            extra["n_local_samples"] = result.n_samples
-        else:
-            values = self.observable(x, self.z, self.dataset.box)
-            result = boltzmann_coefficients(values, self.loss_fn, cfg.engine.temperature_K)
-        if st.observable_loss_scale is None:
+        row = {}
+        if cfg.log_signal and not cfg.local_neighbourhoods:
+            row.update(self._signal_diagnostics(x, replica_of_sample))
+            self.optimizer.zero_grad(set_to_none=False)
+        result = self._observable_backward(x, row)
+        if st.last_learning_loss is not None and st.predicted_loss_change is not None:
+            row["realised_loss_change"] = result.loss - st.last_learning_loss
+        if cfg.normalize_losses and st.observable_loss_scale is None:
             st.observable_loss_scale = max(result.loss, 1e-12)
-        factor = cfg.observable_weight / st.observable_loss_scale
-        if cfg.local_neighbourhoods:
-            surrogate_backward(model_atom_energy_fn(self.model, self.z, self.box), x, result.atom_weights * factor,
-                                     minibatch=cfg.estimator_minibatch)
-        else:
-            surrogate_backward(model_energy_fn(self.model, self.z, self.box), x, result.coefficients * factor,
-                               minibatch=cfg.estimator_minibatch)
-        params = list(self.model.parameters())
-        observable_grads = [p.grad.detach().clone() for p in params]
+        obs_factor = cfg.observable_weight / (st.observable_loss_scale if cfg.normalize_losses else 1.0)
+        observable_grads = [p.grad.detach().clone() for p in params]  # of the plain L_obs
+        if obs_factor != 1.0:
+            for p in params:
+                p.grad.mul_(obs_factor)
         if cfg.energy_force_weight > 0:
-            if st.energy_force_loss_scale is None:
-                st.energy_force_loss_scale = self._energy_force_loss_on_train()
-            idx = self.rng.choice(len(self.train_tensors), size=min(cfg.qm_batch_size, len(self.train_tensors)),
-                                  replace=False)
-            ef_loss, _ = energy_force_loss(self.model, self.train_tensors.batch(idx), cfg.energy_weight, cfg.force_weight)
-            (cfg.energy_force_weight / st.energy_force_loss_scale * ef_loss).backward()
+            self._energy_force_backward()
         norm = lambda grads: float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))  # noqa: E731
-        obs_norm = norm(observable_grads)
-        ef_norm = norm([p.grad - g for p, g in zip(params, observable_grads)])
+        obs_norm = norm(observable_grads) * obs_factor
+        ef_norm = norm([p.grad - obs_factor * g for p, g in zip(params, observable_grads)])
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf")))
+        before = [p.detach().clone() for p in params]
         if math.isfinite(grad_norm):
             self._warm_step()
+        # First-order change of L_obs from this step: dL_obs/dtheta . delta theta.
+        st.predicted_loss_change = float(sum((g.double() * (p.detach() - b).double()).sum()
+                                             for g, p, b in zip(observable_grads, params, before)))
+        st.last_learning_loss = result.loss
         refit_energy_shift(self.model, self.train_tensors)
         lr_before = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step(result.loss)
@@ -352,7 +392,60 @@ class StableTrainer:
             st.lr_reductions += 1
         self.engine.update_model(self.model)
         return {"observable_loss": result.loss, "grad_norm": grad_norm, "observable_grad_norm": obs_norm,
-                "energy_force_grad_norm": ef_norm, "n_samples": int(len(samples)), **extra}
+                "energy_force_grad_norm": ef_norm, "n_samples": int(len(samples)),
+                "predicted_loss_change": st.predicted_loss_change, **row}
+
+    def _observable_backward(self, x: torch.Tensor, row: dict):
+        """Accumulate the Boltzmann-estimator gradient of the plain observable loss over
+        frames `x` into .grad; returns the estimator result."""
+        cfg = self.config
+        if cfg.local_neighbourhoods:
+            blocks = self.observable.local_samples(x, self.z, self.dataset.box, cfg.neighbourhood_radius)
+            result = local_boltzmann_coefficients(blocks, self.loss_fn, cfg.engine.temperature_K)
+            row["n_local_samples"] = result.n_samples
+            surrogate_backward(model_atom_energy_fn(self.model, self.z, self.box), x, result.atom_weights,
+                               minibatch=cfg.estimator_minibatch)
+        else:
+            values = self.observable(x, self.z, self.dataset.box)
+            result = boltzmann_coefficients(values, self.loss_fn, cfg.engine.temperature_K)
+            surrogate_backward(model_energy_fn(self.model, self.z, self.box), x, result.coefficients,
+                               minibatch=cfg.estimator_minibatch)
+        return result
+
+    def _signal_diagnostics(self, x: torch.Tensor, replica_of_sample: np.ndarray) -> dict:
+        """Cosine between the estimator gradients of two disjoint halves of the replicas:
+        about 1 when the samples determine the step, about 0 when it is noise."""
+        replicas = np.unique(replica_of_sample)
+        if replicas.size < 2:
+            return {}
+        halves = np.isin(replica_of_sample, replicas[::2]), np.isin(replica_of_sample, replicas[1::2])
+        grads = []
+        for half in halves:
+            if half.sum() < 2:
+                return {}
+            self.optimizer.zero_grad(set_to_none=False)
+            self._observable_backward(x[torch.as_tensor(half)], {})
+            grads.append(torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).detach().double().reshape(-1)
+                                    for p in self.model.parameters()]))
+        cosine = float(torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0))
+        return {"split_half_cosine": cosine}
+
+    def _energy_force_backward(self) -> None:
+        """Accumulate w_ef x dL_ef/dtheta on a QM minibatch (``qm_batch_size``) or, with
+        None, the whole training set (averaged over frames)."""
+        cfg, st = self.config, self.state
+        if cfg.normalize_losses and st.energy_force_loss_scale is None:
+            st.energy_force_loss_scale = self._energy_force_loss_on_train()
+        scale = cfg.energy_force_weight / (st.energy_force_loss_scale if cfg.normalize_losses else 1.0)
+        n = len(self.train_tensors)
+        if cfg.qm_batch_size is None:
+            chunks = [np.arange(k, min(k + 64, n)) for k in range(0, n, 64)]
+        else:
+            chunks = [self.rng.choice(n, size=min(cfg.qm_batch_size, n), replace=False)]
+        total = sum(len(c) for c in chunks)
+        for idx in chunks:
+            loss, _ = energy_force_loss(self.model, self.train_tensors.batch(idx), cfg.energy_weight, cfg.force_weight)
+            (scale * len(idx) / total * loss).backward()
 
     def _warm_step(self) -> None:
         """Optimizer step at lr * (k+1)/(warmup+1) for the first `warmup_steps` steps k.
@@ -360,7 +453,8 @@ class StableTrainer:
         Adam's first updates move every parameter by about lr whatever its gradient; on a
         pre-trained model that alone raised the validation force MAE by 65 % (129 -> 212
         meV/A, aspirin SchNet-small, lr 3e-4). The scheduler still sees the base rate."""
-        fraction = min(1.0, (self.state.learning_steps + 1) / (self.config.warmup_steps + 1))
+        steps = self.state.learning_steps - self.state.warmup_start
+        fraction = min(1.0, (steps + 1) / (self.config.warmup_steps + 1))
         base = [group["lr"] for group in self.optimizer.param_groups]
         for group, lr in zip(self.optimizer.param_groups, base):
             group["lr"] = lr * fraction
@@ -397,9 +491,9 @@ class StableTrainer:
         row["unstable_fraction"] = float(st.failed_this_cycle.mean())
         t1 = time.perf_counter()
         if st.phase == "learning":
-            samples = self._select_samples(frames, flags)
+            samples, replica_of_sample = self._select_samples(frames, flags)
             if len(samples) >= 2:
-                row.update(self._learning_step(samples))
+                row.update(self._learning_step(samples, replica_of_sample))
             st.learning_epochs_done += 1
             all_stable = cfg.until_stable and not flags.any()
             if st.learning_epochs_done >= cfg.learning_epochs or all_stable:  # back to simulation: new cycle
@@ -410,6 +504,8 @@ class StableTrainer:
             row["observable_loss"] = self.observable_loss_of(stable_frames) if len(stable_frames) >= 2 else None
             if st.failed_this_cycle.mean() >= cfg.unstable_fraction:
                 st.phase = "learning"
+                if cfg.new_optimizer_per_phase:
+                    self._new_optimizer()
                 st.learning_positions, st.learning_velocities = st.window_positions, st.window_velocities
         row["grad_time_s"] = time.perf_counter() - t1
         metrics = evaluate(self.model, self.val_tensors)
