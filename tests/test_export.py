@@ -225,6 +225,57 @@ def test_replicas_match_separate_evaluation(arch, platform, models, ethanol, rng
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)
+@pytest.mark.parametrize("arch", ["schnet", "graph-network"])
+def test_engine_force_matches_separate_evaluation(arch, platform, models, ethanol, rng):
+    """The force the replica engine runs (`guarded=True`: the module returns energy and
+    forces, TorchForce.setOutputsForces) on R = 3 replicas: each replica's forces equal its
+    own PyTorch evaluation; and the engine built on that force reports the same energies."""
+    from openmm_stable.engine import EngineConfig, ReplicaEngine
+
+    z, pos = ethanol
+    n_rep, n = 3, len(z)
+    frames = pos[None] + 0.08 * rng.standard_normal((n_rep,) + pos.shape)
+    model = models[arch]
+    system = _system(z, n_rep)
+    system.addForce(make_torch_force(script_force_module(model, z, n_replicas=n_rep, guarded=True),
+                                     outputs_forces=True))
+    e_omm, f_omm = openmm_energy_forces(system, frames, platform)
+    separate = [torch_energy_forces(model, z, frames[k]) for k in range(n_rep)]
+    e_ref = sum(e for e, _ in separate)
+    assert abs(e_omm - e_ref) / abs(e_ref) < PARITY
+    for k, (_, f_ref) in enumerate(separate):
+        f_k = f_omm[k * n:(k + 1) * n]
+        assert np.abs(f_k - f_ref).max() / np.abs(f_ref).max() < PARITY, k
+    engine = ReplicaEngine(model, z, n_rep, EngineConfig(platform=platform, temperature_K=300.0))
+    assert engine.platform_name == platform
+    engine.set_states(frames)
+    assert abs(float(engine.potential_energies().sum()) - e_ref) / abs(e_ref) < PARITY
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_engine_force_zeroes_a_broken_replica_only(platform, fitted_schnet, ethanol, rng):
+    """A replica whose energy is NaN (an atom pulled 20 A away, see test_engine.NaNBeyond)
+    gets zero energy and forces from the guarded force; the others keep their own."""
+    from test_engine import NaNBeyond
+
+    z, pos = ethanol
+    n_rep, n = 3, len(z)
+    frames = pos[None] + 0.08 * rng.standard_normal((n_rep,) + pos.shape)
+    frames[1, 8] += [20.0, 0.0, 0.0]
+    module = script_force_module(NaNBeyond(fitted_schnet, radius=8.0), z, n_replicas=n_rep, guarded=True)
+    system = _system(z, n_rep)
+    system.addForce(make_torch_force(module, outputs_forces=True))
+    e_omm, f_omm = openmm_energy_forces(system, frames, platform)
+    assert np.isfinite(e_omm) and np.isfinite(f_omm).all()
+    assert np.abs(f_omm[n:2 * n]).max() == 0.0
+    good = [torch_energy_forces(fitted_schnet, z, frames[k]) for k in (0, 2)]
+    e_ref = sum(e for e, _ in good)
+    assert abs(e_omm - e_ref) / abs(e_ref) < PARITY
+    for k, (_, f_ref) in zip((0, 2), good):
+        assert np.abs(f_omm[k * n:(k + 1) * n] - f_ref).max() / np.abs(f_ref).max() < PARITY, k
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
 def test_periodic_molecule_across_the_boundary(platform, fitted_schnet, ethanol, rng):
     """Box 1.2 nm, ethanol straddling the x = 0 face, positions wrapped into the box: the
     minimum image must reassemble the molecule (PyTorch reference: the whole molecule, no box)."""
