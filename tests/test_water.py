@@ -493,7 +493,7 @@ def test_default_temperature_from_the_dataset(water, capsys):
     bare = QMDataset(water.atomic_numbers, water.positions[:2], box=water.box, source="bare.npz")
     assert dataset_temperature(bare) == 500.0
     err = capsys.readouterr().err
-    assert "bare.npz: no sampling temperature recorded; simulating at 500 K" in err
+    assert "bare.npz records no sampling temperature; simulating at 500 K" in err
 
 
 def test_estimator_sees_the_box(water, water_model_file, tmp_path):
