@@ -81,6 +81,7 @@ class StableConfig:
     random_reset_fraction: float = 0.0  # simulation epochs: this fraction of stable replicas restart (paper: 0.05)
     new_optimizer_per_phase: bool = False  # the paper's code makes a new optimizer for each learning phase
     max_epochs: int = 20
+    max_learning_steps: Optional[int] = None  # stop after this many optimizer steps (controls match a run's count)
     observable: dict = dataclasses.field(default_factory=lambda: {"name": "hr"})
     observable_loss: str = "mse"
     local_neighbourhoods: bool = False  # periodic RDF: every atom's environment is a sample (needs per-atom energies)
@@ -518,7 +519,9 @@ class StableTrainer:
         return row
 
     def _done(self) -> bool:
-        return self.state.lr_reductions > self.config.max_lr_reductions or self.state.epoch >= self.config.max_epochs
+        cfg = self.config
+        return (self.state.lr_reductions > cfg.max_lr_reductions or self.state.epoch >= cfg.max_epochs
+                or (cfg.max_learning_steps is not None and self.state.learning_steps >= cfg.max_learning_steps))
 
     # --- the loop --------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict:
@@ -549,7 +552,7 @@ class StableTrainer:
         losses = [r["observable_loss"] for r in self.state.history if r.get("observable_loss") is not None
                   and r["phase"] == "learning"]
         summary = {
-            "epochs": self.state.epoch, "cycles": self.state.cycle,
+            "epochs": self.state.epoch, "cycles": self.state.cycle, "learning_steps": self.state.learning_steps,
             "first_observable_loss": losses[0] if losses else None,
             "last_observable_loss": losses[-1] if losses else None,
             "val_energy_mae_meV": self.state.history[-1]["val_energy_mae_meV"],

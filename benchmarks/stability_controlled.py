@@ -1,0 +1,425 @@
+"""Benchmark 5: does StABlE make models more stable? Controlled experiments on xTB ethanol.
+
+One time-ordered GFN2-xTB ethanol trajectory at 500 K (offline, tblite) is cut into a
+training pool (its first block) and held-out evaluation starts (its last block). Three
+experiments, each measured side by side in one run:
+
+* teacher_student (C1): the loop can reach a known target. Teacher: a pre-trained model.
+  Student: the teacher with its last readout layer scaled by 0.8 (U_S = 0.8 U_T + const,
+  the teacher at 1.25x the temperature). Target: the teacher's h(r) from its own replicas;
+  a second seed of the teacher gives the noise floor. The student is refined on the
+  observable alone; reported: h(r) MSE of a fresh fixed-seed run before/after, and the
+  least-squares ratio of student to teacher forces on test frames (0.8 at the start).
+* fragile (C2): a model pre-trained on very few frames. Arms from the same start with the
+  same number of optimizer steps: pre-trained; StABlE; energy/force-only (observable weight
+  0: plain extra training on the QM data); a model pre-trained on 50x more frames.
+* rare (C3): the same with a start pre-trained on more frames, which fails rarely.
+
+Every arm is evaluated with the same replicas: the same start frames (held out), seeds
+and Langevin thermostat, to a fixed horizon; stable times are censored there. Reported:
+Kaplan-Meier survival curves, the log-rank test, medians with bootstrap intervals, test
+force MAE, and the h(r) MAE of stable frames. Every stage writes to --workdir and is
+skipped when its output exists, so a run can span sessions:
+
+    python benchmarks/stability_controlled.py --workdir runs/controlled           # full (about 1.5 h, 2 cores)
+    python benchmarks/stability_controlled.py --workdir runs/controlled_q --quick # a smoke run of every stage
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import format_table, machine_info, write_json  # noqa: E402
+from _stages import StageTimings, stage  # noqa: E402
+
+EXPERIMENTS = ("teacher_student", "fragile", "rare")
+ARMS = ("pretrained", "stable", "energy_force_only", "large_data")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", default="runs/controlled", help="data, models and runs (not committed)")
+    p.add_argument("--results", default=None,
+                   help="results JSON (default benchmarks/results/stability_controlled.json; with --quick, in --workdir)")
+    p.add_argument("--data", default=None, help="an xTB ethanol trajectory to use instead of generating one")
+    p.add_argument("--frames", type=int, default=3000, help="frames of the reference trajectory (5 fs apart)")
+    p.add_argument("--eval-frames", type=int, default=500, help="held-out frames at the end: starts and test set")
+    p.add_argument("--fragile-frames", type=int, default=40)
+    p.add_argument("--rare-frames", type=int, default=400)
+    p.add_argument("--large-frames", type=int, default=2000, help="50x the fragile set")
+    p.add_argument("--pretrain-min", type=float, nargs=3, default=(2.0, 4.0, 8.0), metavar=("FRAGILE", "RARE", "LARGE"),
+                   help="pre-training budgets in minutes")
+    p.add_argument("--replicas", type=int, default=64, help="evaluation replicas per arm")
+    p.add_argument("--horizon-ps", type=float, nargs=2, default=(4.0, 4.0), metavar=("FRAGILE", "RARE"))
+    p.add_argument("--temperature", type=float, default=500.0)
+    p.add_argument("--refine-epochs", type=int, default=12)
+    p.add_argument("--teacher-steps", type=int, default=30, help="learning steps of the teacher-student refinement")
+    p.add_argument("--optimizers", nargs="+", default=["adam", "sgd"], help="teacher-student optimiser arms")
+    p.add_argument("--experiments", nargs="+", choices=EXPERIMENTS, default=list(EXPERIMENTS))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every stage")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.frames, args.eval_frames, args.fragile_frames, args.rare_frames, args.large_frames = 120, 30, 20, 40, 80
+        args.pretrain_min, args.replicas, args.horizon_ps = (0.05, 0.05, 0.05), 4, (0.1, 0.1)
+        args.refine_epochs, args.teacher_steps, args.optimizers = 2, 2, ["adam"]
+    return args
+
+
+# --- data and models ---------------------------------------------------------------------------
+def reference_data(args, work: Path):
+    from openmm_stable.data import load_dataset
+    from openmm_stable.data.generate import generate_xtb_dataset
+
+    if args.data:
+        return load_dataset(args.data)
+    path = work / "ethanol_xtb.npz"
+    if path.exists():
+        return load_dataset(path)
+    return generate_xtb_dataset("ethanol", path, n_frames=args.frames, temperature=args.temperature, stride=10,
+                                seed=args.seed, progress=True, resume=True)
+
+
+def pretrained(name: str, train, budget_min: float, work: Path, args):
+    """A SchNet-small pre-trained on `train` (90/10 train/val) for `budget_min` minutes."""
+    from openmm_stable.models import load_model
+    from openmm_stable.training.pretrain import PretrainConfig, pretrain
+
+    out = work / f"pretrain_{name}"
+    if (out / "model.pt").exists():
+        return load_model(out / "model.pt")
+    n_val = max(2, len(train) // 10)
+    config = PretrainConfig(architecture="schnet", preset="small", train=len(train) - n_val, val=n_val, test=0,
+                            time_budget_min=budget_min, max_epochs=100000, patience=100000, device="cpu",
+                            seed=args.seed)
+    model, _ = pretrain(train, config, out, resume=(out / "checkpoint_last.pt").exists(), progress=True)
+    return model
+
+
+def eval_config(args, horizon_ps: float):
+    from openmm_stable.engine import EngineConfig
+    from openmm_stable.simulate import SimulationConfig
+
+    return SimulationConfig(n_replicas=args.replicas, time_ps=horizon_ps, check_interval_ps=0.05,
+                            stability="bonds", bond_threshold=0.5, seed=args.seed, vacf_interval_ps=None,
+                            engine=EngineConfig(temperature_K=args.temperature, integrator="langevin",
+                                                friction_per_ps=1.0, seed=args.seed))
+
+
+def evaluate_arm(model, name: str, starts, pool, test, horizon_ps: float, work: Path, args) -> dict:
+    """Stable times (64 replicas, same starts and seeds for every arm), h(r) MAE of stable
+    frames against the whole pool, test force MAE."""
+    from openmm_stable.simulate import simulate
+
+    out = work / f"eval_{name}"
+    if not (out / "metrics.json").exists():
+        simulate(model, starts, eval_config(args, horizon_ps), out, reference=pool, test_set=test, progress=True)
+    m = json.loads((out / "metrics.json").read_text())
+    return {"stable_time_ps": m["stable_time_ps"], "stable_fraction": m["stable_fraction"],
+            "hr_mae": m.get("hr_mae"), "force_mae_meV_per_A": m["force_mae_meV_per_A"]}
+
+
+# --- refinement arms -------------------------------------------------------------------------
+def stable_recipe(args, **overrides):
+    """The recipe that stabilised a fragile start in the first check (examples/refine_demo.yaml),
+    with h(r) at 0.05 A up to 6 A (ethanol is under 4 A across)."""
+    from openmm_stable.engine import EngineConfig
+    from openmm_stable.training.stable import StableConfig
+
+    values = dict(n_replicas=8, epoch_ps=0.5, frame_interval_ps=0.025, equilibration_ps=0.1,
+                  max_epochs=args.refine_epochs, learning_epochs=5, unstable_fraction=0.5,
+                  observable={"name": "hr", "r_max": 6.0, "n_bins": 120}, observable_loss="mse",
+                  energy_force_weight=10.0, lr=1e-4, seed=args.seed,
+                  engine=EngineConfig(temperature_K=args.temperature, timestep_fs=0.5, integrator="langevin"))
+    values.update(overrides)
+    return StableConfig(**values)
+
+
+def refined(start, name: str, train, pool, config, work: Path):
+    from openmm_stable.models import load_model
+    from openmm_stable.training.stable import refine
+
+    out = work / f"refine_{name}"
+    if (out / "model.pt").exists() and (out / "metrics.json").exists():
+        return load_model(out / "model.pt"), json.loads((out / "metrics.json").read_text())
+    return refine(start, train, config, out, reference=pool, resume=True, progress=True)
+
+
+def signal_summary(folder: Path) -> dict:
+    """Per learning step: the split-half cosine and the gradient norms from log.csv."""
+    import csv
+
+    with open(folder / "log.csv") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["phase"] == "learning" and r["grad_norm"]]
+    column = lambda key: [float(r[key]) for r in rows if r.get(key)]  # noqa: E731
+    return {"split_half_cosine": column("split_half_cosine"), "observable_grad_norm": column("observable_grad_norm"),
+            "energy_force_grad_norm": column("energy_force_grad_norm"),
+            "predicted_loss_change": column("predicted_loss_change"),
+            "realised_loss_change": column("realised_loss_change")}
+
+
+def run_arms(exp: str, start, large, train, pool, starts, test, horizon_ps: float, work: Path, timings, args) -> dict:
+    """The four arms of a stability experiment and their statistics."""
+    from openmm_stable.statistics import bootstrap_median_interval, km_median, logrank_p
+
+    stage(f"{exp}: StABlE refinement")
+    stable_model, stable_summary = timings(f"{exp}_refine_stable", lambda: refined(
+        start, f"{exp}_stable", train, pool, stable_recipe(args), work))
+    steps = int(stable_summary["learning_steps"])
+    stage(f"{exp}: energy/force-only control ({steps} optimizer steps, as StABlE took)")
+    ef_model, ef_summary = timings(f"{exp}_refine_ef", lambda: refined(
+        start, f"{exp}_energy_force_only", train, pool,
+        stable_recipe(args, observable_weight=0.0, max_learning_steps=steps, max_epochs=10 * args.refine_epochs),
+        work))
+    models = {"pretrained": start, "stable": stable_model, "energy_force_only": ef_model, "large_data": large}
+    arms = {}
+    for arm, model in models.items():
+        stage(f"{exp}: evaluate {arm}")
+        arms[arm] = timings(f"{exp}_eval_{arm}", lambda m=model, a=arm: evaluate_arm(
+            m, f"{exp}_{a}", starts, pool, test, horizon_ps, work, args))
+    for arm, values in arms.items():
+        median = km_median(values["stable_time_ps"], horizon_ps)
+        values["median_stable_time_ps"] = median  # None: more than half outlived the horizon
+        values["median_interval_ps"] = bootstrap_median_interval(values["stable_time_ps"], horizon_ps, seed=args.seed)
+    arms["stable"]["learning_steps"] = steps
+    arms["energy_force_only"]["learning_steps"] = int(ef_summary["learning_steps"])
+    p = lambda a, b: logrank_p(arms[a]["stable_time_ps"], arms[b]["stable_time_ps"], horizon_ps)  # noqa: E731
+    return {"horizon_ps": horizon_ps, "n_train_frames": len(train), "arms": arms,
+            "logrank_p": {"stable_vs_pretrained": p("stable", "pretrained"),
+                          "stable_vs_energy_force_only": p("stable", "energy_force_only"),
+                          "energy_force_only_vs_pretrained": p("energy_force_only", "pretrained"),
+                          "stable_vs_large_data": p("stable", "large_data")},
+            "signal": signal_summary(work / f"refine_{exp}_stable")}
+
+
+# --- teacher-student ---------------------------------------------------------------------------
+def scaled_student(teacher, factor: float = 0.8):
+    """The teacher with its last readout layer scaled: U_S = factor * U_T + const."""
+    student = copy.deepcopy(teacher)
+    import torch
+
+    last = [m for m in student.net.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.mul_(factor)
+        if last.bias is not None:
+            last.bias.mul_(factor)
+    return student
+
+
+def sampled_frames(model, starts, n_replicas: int, time_ps: float, seed: int, args) -> np.ndarray:
+    """Frames every 25 fs after 0.1 ps of a Langevin run, from stable replicas only."""
+    import torch
+
+    from openmm_stable.engine import EngineConfig, ReplicaEngine
+    from openmm_stable.simulate import initial_frames
+    from openmm_stable.stability import BondDeviationCriterion
+
+    engine = ReplicaEngine(model, starts.atomic_numbers, n_replicas,
+                           EngineConfig(temperature_K=args.temperature, seed=seed, platform="CPU"))
+    engine.set_states(starts.positions[initial_frames(starts, n_replicas, seed)], seed=seed)
+    criterion = BondDeviationCriterion.from_dataset(starts, 0.5)
+    alive, frames = np.ones(n_replicas, dtype=bool), []
+    for t in range(int(round(time_ps / 0.025))):
+        engine.step(50)
+        positions, _ = engine.get_states()
+        alive &= ~criterion.unstable(criterion(torch.as_tensor(positions))).numpy()
+        if (t + 1) * 0.025 > 0.1 + 1e-9:
+            frames.append(positions[alive])
+    return np.concatenate(frames)
+
+
+def force_ratio(student, teacher, frames) -> float:
+    """Least-squares ratio of student to teacher forces: sum F_S.F_T / sum F_T.F_T."""
+    import torch
+
+    from openmm_stable.models import batch_index, energy_and_forces
+
+    k = min(100, len(frames))
+    dtype = next(iter(teacher.parameters())).dtype
+    x = torch.as_tensor(frames.positions[:k], dtype=dtype).reshape(-1, 3)
+    z = torch.as_tensor(frames.atomic_numbers).repeat(k)
+    batch = batch_index(k, frames.n_atoms)
+    _, f_s = energy_and_forces(student, z, x, batch)
+    _, f_t = energy_and_forces(teacher, z, x, batch)
+    return float((f_s * f_t).sum() / (f_t * f_t).sum())
+
+
+def run_teacher_student(teacher, train, starts, test, work: Path, timings, args) -> dict:
+    import torch
+
+    from openmm_stable.data import QMDataset
+    from openmm_stable.models import load_model
+    from openmm_stable.observables import HrObservable
+
+    settings = {"name": "hr", "r_max": 6.0, "n_bins": 120}
+    hr = HrObservable(r_max=6.0, n_bins=120)
+    hr_of = lambda frames: hr(torch.as_tensor(frames)).mean(0)  # noqa: E731
+    replicas, time_ps = (16, 1.0) if not args.quick else (4, 0.2)
+    stage("teacher-student: the teacher's h(r) (target) and a second seed (noise floor)")
+    target_path = work / "teacher_frames.npz"
+    if not target_path.exists():
+        np.savez(target_path, a=sampled_frames(teacher, starts, replicas, time_ps, 101, args),
+                 b=sampled_frames(teacher, starts, replicas, time_ps, 202, args))
+    saved = np.load(target_path)
+    target = hr_of(saved["a"])
+    noise_floor = float(((hr_of(saved["b"]) - target) ** 2).mean())
+    reference = QMDataset(starts.atomic_numbers, saved["a"], temperature=args.temperature, source="teacher replicas")
+    student = scaled_student(teacher)
+    fresh = lambda model: float(((hr_of(sampled_frames(model, starts, replicas, time_ps, 303, args)) - target) ** 2  # noqa: E731
+                                 ).mean())
+    out = {"hr_mse": {"start": timings("ts_start_hr", lambda: fresh(student)), "noise_floor": noise_floor},
+           "force_ratio": {"start": force_ratio(student, teacher, test)}, "optimizers": {}}
+    for optimizer in args.optimizers:
+        stage(f"teacher-student: refine the student on h(r) alone ({optimizer})")
+        # Learning from the first epoch on: a 0.01 A training threshold flags every replica.
+        lr = 1e-3 if optimizer == "adam" else 3e-6
+        config = stable_recipe(args, observable=settings, energy_force_weight=0.0, bond_threshold=0.01,
+                               unstable_fraction=0.01, learning_epochs=10 ** 6, max_learning_steps=args.teacher_steps,
+                               max_epochs=args.teacher_steps + 2, epoch_ps=0.4, n_replicas=16, optimizer=optimizer,
+                               lr=lr, grad_clip=None if optimizer == "sgd" else 1.0, warmup_steps=2,
+                               lr_patience=10 ** 6)
+        folder = work / f"refine_teacher_student_{optimizer}"
+        if not (folder / "model.pt").exists():
+            timings(f"ts_refine_{optimizer}", lambda c=config: refined(student, f"teacher_student_{optimizer}",
+                                                                        train, reference, c, work))
+        model = load_model(folder / "model.pt")
+        out["optimizers"][optimizer] = {
+            "lr": lr, "hr_mse_refined": timings(f"ts_refined_hr_{optimizer}", lambda m=model: fresh(m)),
+            "force_ratio_refined": force_ratio(model, teacher, test), "signal": signal_summary(folder)}
+    best = min(out["optimizers"].values(), key=lambda v: v["hr_mse_refined"])
+    out["hr_mse"]["refined"] = best["hr_mse_refined"]
+    out["force_ratio"]["refined"] = best["force_ratio_refined"]
+    out["passed"] = bool((out["hr_mse"]["refined"] <= out["hr_mse"]["start"] / 5
+                          or out["hr_mse"]["refined"] <= 2 * noise_floor) and out["force_ratio"]["refined"] >= 0.95)
+    return out
+
+
+# --- report -------------------------------------------------------------------------------------
+def verdict(result: dict) -> dict:
+    """The issue's pass criteria for a stability experiment, each with its measured values."""
+    arms, horizon = result["arms"], result["horizon_ps"]
+    median = lambda a: arms[a]["median_stable_time_ps"] if arms[a]["median_stable_time_ps"] is not None else horizon  # noqa: E731
+    pre_force, st_force = arms["pretrained"]["force_mae_meV_per_A"], arms["stable"]["force_mae_meV_per_A"]
+    pre_hr, st_hr = arms["pretrained"]["hr_mae"], arms["stable"]["hr_mae"]
+    return {"median_at_least_3x": median("stable") >= 3 * median("pretrained"),
+            "median_capped_by_horizon": arms["stable"]["median_stable_time_ps"] is None,
+            "beats_energy_force_only_p_lt_0.05": (result["logrank_p"]["stable_vs_energy_force_only"] < 0.05
+                                                  and median("stable") >= median("energy_force_only")),
+            "force_mae_within_1.1x": st_force <= 1.1 * pre_force,
+            "hr_mae_not_worse": pre_hr is not None and st_hr is not None and st_hr <= pre_hr}
+
+
+def print_tables(payload: dict) -> None:
+    for exp in ("fragile", "rare"):
+        if exp not in payload:
+            continue
+        result = payload[exp]
+        rows = []
+        for arm, v in result["arms"].items():
+            med = v["median_stable_time_ps"]
+            lo, hi = v["median_interval_ps"]
+            rows.append([arm, f"{v['stable_fraction']:.2f}",
+                         f">= {result['horizon_ps']:g}" if med is None else f"{med:.2f}", f"[{lo:.2f}, {hi:.2f}]",
+                         v["hr_mae"] if v["hr_mae"] is not None else float("nan"), v["force_mae_meV_per_A"]])
+        print(f"\n{exp}: {len(result['arms']['pretrained']['stable_time_ps'])} replicas, horizon {result['horizon_ps']:g} ps")
+        print(format_table(["arm", f"stable at {result['horizon_ps']:g} ps", "median (ps)", "95% bootstrap",
+                            "h(r) MAE", "force MAE (meV/A)"], rows))
+        print("log-rank p: " + ", ".join(f"{k} {v:.2g}" for k, v in result["logrank_p"].items()))
+        print("pass criteria: " + ", ".join(f"{k}={v}" for k, v in result["verdict"].items()))
+    if "teacher_student" in payload:
+        ts = payload["teacher_student"]
+        print(f"\nteacher-student: h(r) MSE start {ts['hr_mse']['start']:.3g}, refined {ts['hr_mse']['refined']:.3g}, "
+              f"noise floor {ts['hr_mse']['noise_floor']:.3g}; force ratio {ts['force_ratio']['start']:.3f} -> "
+              f"{ts['force_ratio']['refined']:.3f}; passed={ts['passed']}")
+        for name, v in ts["optimizers"].items():
+            cos = v["signal"]["split_half_cosine"]
+            print(f"  {name}: h(r) MSE {v['hr_mse_refined']:.3g}, force ratio {v['force_ratio_refined']:.3f}, "
+                  f"median split-half cosine {np.median(cos) if cos else float('nan'):.2f}")
+
+
+def plot_survival(payload: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from openmm_stable.statistics import kaplan_meier
+
+    exps = [e for e in ("fragile", "rare") if e in payload]
+    if not exps:
+        return
+    fig, axes = plt.subplots(1, len(exps), figsize=(5.5 * len(exps), 4), squeeze=False)
+    for ax, exp in zip(axes[0], exps):
+        result = payload[exp]
+        for arm, v in result["arms"].items():
+            t, s = kaplan_meier(v["stable_time_ps"], result["horizon_ps"])
+            ax.step(t, s, where="post", label=arm)
+        ax.set(title=f"{exp} start (p StABlE vs E/F-only {result['logrank_p']['stable_vs_energy_force_only']:.2g})",
+               xlabel="time (ps)", ylabel="fraction stable", ylim=(0, 1.02))
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    results_path = Path(args.results) if args.results else (
+        work / "stability_controlled.json" if args.quick
+        else Path(__file__).resolve().parent / "results" / "stability_controlled.json")
+    timings = StageTimings(work)
+
+    stage("reference data: GFN2-xTB ethanol trajectory")
+    data = timings("generate", lambda: reference_data(args, work))
+    n = len(data)
+    pool = data.subset(np.arange(n - args.eval_frames))  # training frames are drawn from here; h(r) reference
+    held_out = data.subset(np.arange(n - args.eval_frames, n))  # starts of the evaluation replicas, test set
+    rng = np.random.default_rng(args.seed)
+    order = rng.permutation(len(pool))
+    fragile_train = pool.subset(np.sort(order[:args.fragile_frames]))
+    rare_train = pool.subset(np.sort(order[:args.rare_frames]))
+    large_train = pool.subset(np.sort(order[:args.large_frames]))
+
+    stage("pre-training: fragile, rare and large-data starts")
+    fragile = timings("pretrain_fragile", lambda: pretrained("fragile", fragile_train, args.pretrain_min[0], work, args))
+    rare = timings("pretrain_rare", lambda: pretrained("rare", rare_train, args.pretrain_min[1], work, args))
+    large = timings("pretrain_large", lambda: pretrained("large", large_train, args.pretrain_min[2], work, args))
+
+    payload = json.loads(results_path.read_text()) if results_path.exists() else {}
+    payload.update({"benchmark": "stability_controlled", "molecule": "ethanol", "architecture": "schnet-small",
+                    "temperature_K": args.temperature, "n_eval_replicas": args.replicas, "quick": args.quick,
+                    "frames": {"pool": len(pool), "held_out": len(held_out), "fragile": len(fragile_train),
+                               "rare": len(rare_train), "large": len(large_train)},
+                    "machine": machine_info()})
+    for exp in args.experiments:
+        if exp == "teacher_student":
+            payload[exp] = run_teacher_student(large, pool, held_out, held_out, work, timings, args)
+        else:
+            start, train, horizon = ((fragile, fragile_train, args.horizon_ps[0]) if exp == "fragile"
+                                     else (rare, rare_train, args.horizon_ps[1]))
+            payload[exp] = run_arms(exp, start, large, train, pool, held_out, held_out, horizon, work, timings, args)
+            payload[exp]["verdict"] = verdict(payload[exp])
+        payload["timings_s"] = timings.seconds
+        write_json(results_path, payload)
+    print_tables(payload)
+    plot_survival(payload, results_path.with_name(results_path.stem + "_survival.png"))
+    print(f"wrote {results_path}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

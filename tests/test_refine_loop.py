@@ -1,0 +1,92 @@
+"""The refinement loop's failure handling, regulariser and signal diagnostics, each checked on
+inputs the test builds (no assertion depends on where an MD trajectory goes)."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from openmm_stable.engine import EngineConfig
+from openmm_stable.training.batching import energy_force_loss
+from openmm_stable.training.stable import StableConfig, StableTrainer, refine
+
+
+def _config(**overrides) -> StableConfig:
+    values = dict(n_replicas=4, epoch_ps=0.05, frame_interval_ps=0.01, equilibration_ps=0.0, max_epochs=2,
+                  learning_epochs=10, lr=1e-4, seed=0, observable={"name": "bond_lengths"},
+                  engine=EngineConfig(temperature_K=500.0, friction_per_ps=10.0, platform="CPU"))
+    values.update(overrides)
+    return StableConfig(**values)
+
+
+def test_failed_replicas_go_back_to_the_start_of_their_epoch(xtb_ethanol, pretrained_ethanol_model, tmp_path):
+    # A 1e-6 A threshold flags every replica at every frame; unstable_fraction 1 keeps the
+    # loop in the simulation phase, so every frame resets every replica.
+    trainer = StableTrainer(copy.deepcopy(pretrained_ethanol_model), xtb_ethanol,
+                            _config(failure_reset="epoch_start", bond_threshold=1e-6, unstable_fraction=1.0,
+                                    max_epochs=1), tmp_path, progress=False)
+    trainer._restart_replicas()
+    start_pos, start_vel = trainer.engine.get_states()
+    resets = []
+    original = trainer.engine.reset_replicas
+    trainer.engine.reset_replicas = lambda idx, pos, vel=None, seed=0: (resets.append((idx, pos.copy())),
+                                                                        original(idx, pos, vel, seed))[1]
+    trainer.run_epoch()
+    assert len(resets) == trainer.config.frames_per_epoch
+    for idx, positions in resets:
+        assert idx.tolist() == [0, 1, 2, 3]
+        np.testing.assert_array_equal(positions, start_pos)  # the epoch's start, not the last stable frame
+
+
+def test_split_half_cosine_is_one_for_identical_halves_and_the_step_is_logged(xtb_ethanol, pretrained_ethanol_model,
+                                                                             tmp_path):
+    trainer = StableTrainer(copy.deepcopy(pretrained_ethanol_model), xtb_ethanol, _config(), tmp_path,
+                            progress=False)
+    frames = xtb_ethanol.positions[:6]
+    x = torch.as_tensor(np.concatenate([frames, frames]))  # replicas 0 and 1 hold the same frames
+    replica = np.repeat([0, 1], 6)
+    assert trainer._signal_diagnostics(x, replica)["split_half_cosine"] == pytest.approx(1.0, abs=1e-9)
+    other = torch.as_tensor(np.concatenate([frames, xtb_ethanol.positions[30:36]]))
+    assert trainer._signal_diagnostics(other, replica)["split_half_cosine"] < 0.999
+    row = trainer._learning_step(np.concatenate([frames, frames]), replica)
+    assert row["split_half_cosine"] == pytest.approx(1.0, abs=1e-9)
+    # The first-order prediction is the observable gradient dotted with the step taken.
+    assert np.isfinite(row["predicted_loss_change"]) and row["predicted_loss_change"] != 0.0
+
+
+def test_regulariser_over_the_whole_training_set_is_its_mean_gradient(xtb_ethanol, pretrained_ethanol_model,
+                                                                      tmp_path):
+    config = _config(qm_batch_size=None, normalize_losses=False, energy_force_weight=2.0)
+    trainer = StableTrainer(copy.deepcopy(pretrained_ethanol_model), xtb_ethanol, config, tmp_path, progress=False)
+    params = list(trainer.model.parameters())
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer._energy_force_backward()
+    got = [p.grad.clone() for p in params]
+    trainer.optimizer.zero_grad(set_to_none=True)
+    everything = np.arange(len(trainer.train_tensors))
+    loss, _ = energy_force_loss(trainer.model, trainer.train_tensors.batch(everything), config.energy_weight,
+                                config.force_weight)
+    (2.0 * loss).backward()
+    for g, p in zip(got, params):
+        torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_learning_step_cap_and_fresh_optimizer_per_phase(xtb_ethanol, pretrained_ethanol_model, tmp_path):
+    config = _config(bond_threshold=1e-6, unstable_fraction=0.1, max_learning_steps=2, max_epochs=10,
+                     new_optimizer_per_phase=True)
+    trainer = StableTrainer(copy.deepcopy(pretrained_ethanol_model), xtb_ethanol, config, tmp_path, progress=False)
+    first = trainer.optimizer
+    trainer._restart_replicas()
+    trainer.run_epoch()  # simulation epoch: every replica fails, learning starts with a new optimizer
+    assert trainer.state.phase == "learning" and trainer.optimizer is not first
+    _, summary = refine(pretrained_ethanol_model, xtb_ethanol, config, tmp_path / "capped", progress=False)
+    assert summary["learning_steps"] == 2 and summary["epochs"] == 3
+
+
+def test_bad_settings_are_refused_before_any_simulation():
+    from openmm_stable.errors import InputError
+
+    for bad in ({"failure_reset": "somewhere"}, {"random_reset_fraction": 1.5}, {"qm_batch_size": 0},
+                {"observable_weight": -1.0}, {"bond_threshold": -0.1}):
+        with pytest.raises(InputError):
+            _config(**bad)
