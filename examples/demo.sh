@@ -1,43 +1,50 @@
 #!/usr/bin/env bash
-# The whole StABlE story on built-in data, on a laptop-class CPU (about 15 minutes):
-#   1. QM reference data: Langevin MD of aspirin at 500 K with GFN2-xTB (no download)
-#   2. pre-train a small SchNet on energies and forces
-#   3. simulate replicas with it: how long do they stay stable?
+# The whole StABlE story on built-in data, on a laptop-class CPU (about 10-15 minutes):
+#   1. QM reference data: Langevin MD of ethanol at 500 K with GFN2-xTB (no download)
+#   2. pre-train a small SchNet on a few frames: a fragile model, whose replicas fail often
+#   3. simulate 64 replicas with it from held-out frames: how long do they stay stable?
 #   4. StABlE-refine it (Boltzmann estimator on h(r), energy/force regulariser)
-#   5. simulate again and compare before/after (stable time, h(r) error, force MAE)
+#   5. simulate again with the same starts and seeds
+#   6. compare: survival, medians with bootstrap intervals, the log-rank test, h(r) and force errors
 # Every step is a plain `openmm-stable` command; OUT (default demo_output) holds the results.
+# If refinement does not make the model significantly more stable, the comparison says so.
 set -euo pipefail
 OUT=${OUT:-demo_output}
 HERE=$(cd "$(dirname "$0")" && pwd)
+REPLICAS=${REPLICAS:-64}
+SIM_PS=${SIM_PS:-2}
 mkdir -p "$OUT"
 
 step() { printf '\n=== %s\n' "$*"; }
 
-step "1/6 reference data: GFN2-xTB aspirin, 500 K"
-if [ ! -f "$OUT/aspirin_xtb.npz" ]; then
-  openmm-stable data generate --molecule aspirin --frames 700 --stride 10 --temperature 500 \
-    --out "$OUT/aspirin_xtb.npz"
+step "1/6 reference data: GFN2-xTB ethanol, 500 K"
+if [ ! -f "$OUT/ethanol_xtb.npz" ]; then
+  openmm-stable data generate --molecule ethanol --frames 700 --stride 10 --temperature 500 \
+    --out "$OUT/ethanol_xtb.npz"
 fi
-openmm-stable data split "$OUT/aspirin_xtb.npz" --train 500 --val 100 --test 100 --mode random \
-  --out-prefix "$OUT/aspirin"
-openmm-stable data info "$OUT/aspirin_train.npz"
+# 50 frames to learn from, 200 held out (replica starts and test set), the rest unused.
+openmm-stable data split "$OUT/ethanol_xtb.npz" --train 50 --val 0 --test 200 --mode random \
+  --out-prefix "$OUT/ethanol"
+openmm-stable data info "$OUT/ethanol_train.npz"
 
-step "2/6 pre-train a small SchNet on 500 frames (energies + forces)"
-openmm-stable pretrain "$OUT/aspirin_train.npz" --out "$OUT/pretrain" --architecture schnet --preset small \
-  --train 0.8 --val 0.2 --test 0 --time-budget "${PRETRAIN_MIN:-3}" \
+step "2/6 pre-train a small SchNet on 40 frames (+10 for validation): a fragile start"
+openmm-stable pretrain "$OUT/ethanol_train.npz" --out "$OUT/pretrain" --architecture schnet --preset small \
+  --train 40 --val 10 --test 0 --time-budget "${PRETRAIN_MIN:-2}" \
   $( [ -f "$OUT/pretrain/checkpoint_last.pt" ] && echo --resume )
 
-step "3/6 simulate the pre-trained model: 16 replicas, 500 K"
-openmm-stable simulate "$OUT/pretrain/model.pt" --data "$OUT/aspirin_train.npz" --reference "$OUT/aspirin_xtb.npz" \
-  --test-data "$OUT/aspirin_test.npz" --replicas 16 --time "${SIM_PS:-2}" --out "$OUT/simulate_pretrained"
+step "3/6 simulate the pre-trained model: $REPLICAS replicas from held-out frames, 500 K"
+openmm-stable simulate "$OUT/pretrain/model.pt" --data "$OUT/ethanol_test.npz" --reference "$OUT/ethanol_xtb.npz" \
+  --test-data "$OUT/ethanol_test.npz" --replicas "$REPLICAS" --time "$SIM_PS" --vacf-interval 0 \
+  --out "$OUT/simulate_pretrained"
 
-step "4/6 StABlE refinement"
-openmm-stable refine "$OUT/pretrain/model.pt" --data "$OUT/aspirin_train.npz" --reference "$OUT/aspirin_xtb.npz" \
+step "4/6 StABlE refinement ($HERE/refine_demo.yaml)"
+openmm-stable refine "$OUT/pretrain/model.pt" --data "$OUT/ethanol_train.npz" --reference "$OUT/ethanol_xtb.npz" \
   --config "$HERE/refine_demo.yaml" --out "$OUT/refine" --resume
 
-step "5/6 simulate the refined model"
-openmm-stable simulate "$OUT/refine/model.pt" --data "$OUT/aspirin_train.npz" --reference "$OUT/aspirin_xtb.npz" \
-  --test-data "$OUT/aspirin_test.npz" --replicas 16 --time "${SIM_PS:-2}" --out "$OUT/simulate_refined"
+step "5/6 simulate the refined model: the same starts and seeds"
+openmm-stable simulate "$OUT/refine/model.pt" --data "$OUT/ethanol_test.npz" --reference "$OUT/ethanol_xtb.npz" \
+  --test-data "$OUT/ethanol_test.npz" --replicas "$REPLICAS" --time "$SIM_PS" --vacf-interval 0 \
+  --out "$OUT/simulate_refined"
 
 step "6/6 before / after"
 openmm-stable compare pretrained="$OUT/simulate_pretrained" refined="$OUT/simulate_refined" --out "$OUT/compare"

@@ -136,6 +136,29 @@ def compare_columns(metrics: Mapping[str, dict]) -> list[tuple[str, str, object]
     return [c for c in columns if c[0] in ALWAYS_SHOWN or any(c[2](m) is not None for m in metrics.values())]
 
 
+def survival_statistics(metrics: Mapping[str, dict]) -> list[str]:
+    """Lines under the comparison table: each run's Kaplan-Meier median with a bootstrap
+    interval, and the log-rank test of every run against the first one."""
+    from openmm_stable.statistics import bootstrap_median_interval, km_median, logrank_p
+
+    labels = list(metrics)
+    lines = ["", "Kaplan-Meier median stable time (95 % bootstrap interval over replicas):"]
+    for label in labels:
+        times, horizon = metrics[label]["stable_time_ps"], metrics[label]["time_ps"]
+        median = km_median(times, horizon)
+        low, high = bootstrap_median_interval(times, horizon)
+        shown = f">= {horizon:g} ps (beyond the horizon)" if median is None else f"{median:.3g} ps"
+        lines.append(f"  {label}: {shown}  [{low:.3g}, {high:.3g}]  ({len(times)} replicas)")
+    first = labels[0]
+    for label in labels[1:]:
+        horizon = min(metrics[first]["time_ps"], metrics[label]["time_ps"])
+        p = logrank_p(np.minimum(metrics[first]["stable_time_ps"], horizon),
+                      np.minimum(metrics[label]["stable_time_ps"], horizon), horizon)
+        verdict = "significant at 0.05" if p < 0.05 else "not significant at 0.05"
+        lines.append(f"log-rank test, {label} vs {first}: p = {p:.2g} ({verdict})")
+    return lines
+
+
 def compare_runs(runs: Mapping[str, Path], out_dir) -> str:
     """Side-by-side table and plots (survival; h(r), or RDFs per pair; VACF) of several
     `simulate` output folders. Periodic runs add their per-pair RDF errors, diffusivities
@@ -190,7 +213,7 @@ def compare_runs(runs: Mapping[str, Path], out_dir) -> str:
         cells = "".join(f"{get(m):>{w}.4g}" if get(m) is not None else f"{'-':>{w}}"
                         for (_, _, get), w in zip(columns, widths))
         lines.append(f"{label:>{label_width}}" + cells)
-    table = "\n".join(lines)
+    table = "\n".join(lines + survival_statistics(metrics))
     (out / "comparison.txt").write_text(table + "\n")
     (out / "comparison.json").write_text(json.dumps(metrics, indent=2))
     return table
