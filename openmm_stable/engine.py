@@ -8,14 +8,14 @@ Positions and velocities cross this boundary in Angstrom and Angstrom/ps as (R, 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from openmm_stable.errors import InputError
 from openmm_stable.allocator import keep_freed_memory
+from openmm_stable.errors import InputError
 from openmm_stable.export import make_torch_force, script_force_module
 from openmm_stable.models.base import check_cutoff_fits_box
 from openmm_stable.temperature import FALLBACK_TEMPERATURE_K, dataset_temperature  # noqa: F401 (re-exported)
@@ -85,6 +85,18 @@ def maxwell_boltzmann(masses: np.ndarray, temperature_K: float, n_replicas: int,
         v -= (masses[:, None] * v).sum(0) / masses.sum()  # no drift of the centre of mass
         out[k] = v * NM_IN_ANGSTROM
     return out
+
+
+@dataclasses.dataclass
+class CheckedFrame:
+    """One frame of `ReplicaEngine.run_checked`: states (R, N, 3), the criterion's value per
+    replica and which replicas are unstable (threshold crossed or non-finite)."""
+
+    index: int
+    positions: np.ndarray
+    velocities: np.ndarray
+    deviations: np.ndarray
+    unstable: np.ndarray
 
 
 class ReplicaEngine:
@@ -240,6 +252,29 @@ class ReplicaEngine:
         for ctx in self._contexts:
             ctx.getIntegrator().step(int(n_steps))
         self.steps_done += int(n_steps)
+
+    def run_checked(self, n_frames: int, steps_per_frame: int, criterion,
+                    on_frame: Callable[["CheckedFrame"], None], velocity_steps: Optional[int] = None,
+                    on_velocities: Optional[Callable[[np.ndarray], None]] = None) -> None:
+        """The one replica loop of `simulate` and `refine`: step, read the states, check the
+        stability criterion (a non-finite position counts as unstable), hand the frame to
+        `on_frame`, whose policy may reset replicas (simulate freezes failed ones, refine
+        sends them back to an earlier state). With `velocity_steps` (a divisor of
+        `steps_per_frame`), velocities are also read that often, for `on_velocities`."""
+        if velocity_steps and steps_per_frame % velocity_steps:
+            raise InputError(f"velocity_steps {velocity_steps} must divide steps_per_frame {steps_per_frame}")
+        for index in range(int(n_frames)):
+            if velocity_steps:
+                for _ in range(steps_per_frame // velocity_steps):
+                    self.step(velocity_steps)
+                    positions, velocities = self.get_states()
+                    on_velocities(velocities)
+            else:
+                self.step(steps_per_frame)
+                positions, velocities = self.get_states()
+            deviations = criterion(torch.as_tensor(positions))
+            unstable = criterion.unstable(deviations).numpy() | ~np.isfinite(positions).all(axis=(1, 2))
+            on_frame(CheckedFrame(index, positions, velocities, deviations.numpy(), unstable))
 
     @property
     def time_ps(self) -> float:

@@ -126,27 +126,26 @@ def run_replicas(model: nn.Module, dataset: QMDataset, config: SimulationConfig,
     failed = np.zeros(R, dtype=bool)
     stable_mask = np.empty((n_checks, R), dtype=bool)
     v_steps = config.steps_per_velocity
-    per_check = steps // v_steps if v_steps else 0
-    velocities = np.empty((n_checks * per_check, R, dataset.n_atoms, 3), dtype=np.float32) if v_steps else None
-    t0 = time.perf_counter()
-    bar = tqdm(range(n_checks), desc="simulate", unit="chk", disable=not progress, leave=False)
-    for c in bar:
-        if v_steps:
-            for s in range(per_check):
-                engine.step(v_steps)
-                pos, vel = engine.get_states()
-                velocities[c * per_check + s] = vel
-        else:
-            engine.step(steps)
-            pos, _ = engine.get_states()
-        dev = criterion(torch.as_tensor(pos)).numpy()
-        newly = ~failed & criterion.unstable(torch.as_tensor(dev)).numpy()
-        failed |= newly
-        positions[c], deviations[c], stable_mask[c] = pos, dev, ~failed
-        if newly.any():  # freeze: put failed replicas back to their start, keep them out of statistics
+    saved_velocities: list[np.ndarray] = []
+    bar = tqdm(total=n_checks, desc="simulate", unit="chk", disable=not progress, leave=False)
+
+    def freeze_failed(frame) -> None:
+        """Failed replicas go back to their start and stay out of the statistics."""
+        newly = ~failed & frame.unstable
+        failed[:] |= newly
+        c = frame.index
+        positions[c], deviations[c], stable_mask[c] = frame.positions, frame.deviations, ~failed
+        if newly.any():
             idx = np.flatnonzero(newly)
             engine.reset_replicas(idx, start[idx], seed=config.seed + c)
+        bar.update(1)
         bar.set_postfix(stable=f"{(~failed).sum()}/{R}", t=f"{engine.time_ps:.1f}ps")
+
+    t0 = time.perf_counter()
+    engine.run_checked(n_checks, steps, criterion, freeze_failed, velocity_steps=v_steps,
+                       on_velocities=lambda v: saved_velocities.append(v.astype(np.float32)))
+    bar.close()
+    velocities = np.stack(saved_velocities) if v_steps else None
     wall = time.perf_counter() - t0
     times = (np.arange(n_checks) + 1) * steps * config.engine.timestep_ps
     unstable_flags = ~stable_mask

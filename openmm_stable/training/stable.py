@@ -294,25 +294,27 @@ class StableTrainer:
     # --- one epoch -----------------------------------------------------------------------
     def _simulate_epoch(self) -> tuple[np.ndarray, np.ndarray]:
         """Run one epoch; frames (T, R, N, 3) and unstable flags (T, R). In the simulation
-        phase a failing replica is put back to its last stable state right away."""
+        phase a failing replica is reset at once (`failure_reset`); the loop is the engine's
+        `run_checked`, shared with `simulate`."""
         cfg, st = self.config, self.state
         T, R = cfg.frames_per_epoch, cfg.n_replicas
         frames = np.empty((T, R, len(self.z), 3))
         flags = np.zeros((T, R), dtype=bool)
-        for t in range(T):
-            self.engine.step(cfg.steps_per_frame)
-            pos, vel = self.engine.get_states()
-            bad = self.criterion.unstable(self.criterion(torch.as_tensor(pos))).numpy() | ~np.isfinite(pos).all(axis=(1, 2))
-            frames[t], flags[t] = pos, bad
-            if st.phase == "simulation":
-                ok = ~bad
-                st.stable_positions[ok], st.stable_velocities[ok] = pos[ok], vel[ok]
-                if bad.any():
-                    idx = np.flatnonzero(bad)
-                    if cfg.failure_reset == "epoch_start":
-                        self.engine.reset_replicas(idx, st.window_positions[idx], st.window_velocities[idx])
-                    else:
-                        self.engine.reset_replicas(idx, st.stable_positions[idx], st.stable_velocities[idx])
+
+        def record_and_reset(frame) -> None:
+            frames[frame.index], flags[frame.index] = frame.positions, frame.unstable
+            if st.phase != "simulation":
+                return  # learning: failing replicas run on; their frames are samples too
+            ok = ~frame.unstable
+            st.stable_positions[ok], st.stable_velocities[ok] = frame.positions[ok], frame.velocities[ok]
+            if frame.unstable.any():
+                idx = np.flatnonzero(frame.unstable)
+                if cfg.failure_reset == "epoch_start":
+                    self.engine.reset_replicas(idx, st.window_positions[idx], st.window_velocities[idx])
+                else:
+                    self.engine.reset_replicas(idx, st.stable_positions[idx], st.stable_velocities[idx])
+
+        self.engine.run_checked(T, cfg.steps_per_frame, self.criterion, record_and_reset)
         if st.phase == "simulation" and cfg.random_reset_fraction > 0:
             stable = np.flatnonzero(~flags.any(axis=0))
             chosen = stable[self.rng.random(stable.size) < cfg.random_reset_fraction]
@@ -349,7 +351,7 @@ class StableTrainer:
         replica = np.broadcast_to(np.arange(frames.shape[1]), mask.shape)
         return frames[mask], replica[mask]
 
-    def _learning_step(self, samples: np.ndarray, replica_of_sample: np.ndarray) -> dict:
+    def _learning_step(self, samples: np.ndarray, replica_of_sample: Optional[np.ndarray] = None) -> dict:
         """One optimizer step on  w_obs L_obs + w_ef L_ef  (each loss divided by its value at
         the start of refinement when ``normalize_losses``: the weights are then relative and
         independent of units and bin counts; raw h(r) losses are ~1e-2 while energy/force
@@ -360,7 +362,7 @@ class StableTrainer:
         self.optimizer.zero_grad(set_to_none=False)
         x = torch.as_tensor(samples, dtype=torch.float64)
         row = {}
-        if cfg.log_signal and not cfg.local_neighbourhoods:
+        if cfg.log_signal and not cfg.local_neighbourhoods and replica_of_sample is not None:
             row.update(self._signal_diagnostics(x, replica_of_sample))
             self.optimizer.zero_grad(set_to_none=False)
         result = self._observable_backward(x, row)
