@@ -3,15 +3,15 @@
 StABlE training matches simulated ensemble averages <O> to reference values, and the
 Boltzmann estimator needs O(x_k) for every sampled frame x_k. So every structural
 observable here returns one row per frame, shape (K, d); the ensemble value is the mean
-over rows (or a weighted mean, see `boltzmann_weights`).
+over rows (or a weighted mean, see `boltzmann_weights`). Distances, bonds and molecules
+come from `openmm_stable.geometry`; time correlations (VACF, MSD, diffusivity) live in
+`openmm_stable.dynamics`.
 
 Conventions:
   * positions (K, N, 3) Angstrom (any leading dims are accepted and kept by
     `pair_distances`; the histogram observables flatten them into K frames);
   * box (3, 3) Angstrom with box vectors as rows (or (K, 3, 3), one per frame), None for
     a molecule in vacuum;
-  * time series (VACF, MSD) are (T, N, 3) or (T, R, N, 3) (T time points, R replicas):
-    every (replica, atom) is treated as one independent particle;
   * the output keeps the input dtype and device (numpy input becomes a float64 tensor).
 
 Example:
@@ -23,121 +23,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar, Optional, Protocol, Sequence, Union, runtime_checkable
+from typing import Any, ClassVar, Optional, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
-from .units import kT_eV
-
 from openmm_stable.errors import InputError
-
-ArrayLike = Union[torch.Tensor, np.ndarray, Sequence]
-
-# 1 Angstrom^2/ps = 1e-16 cm^2 / 1e-12 s = 1e-4 cm^2/s.
-A2_PER_PS_IN_CM2_PER_S = 1e-4
+from openmm_stable.geometry import (ArrayLike, as_frames, as_index, as_tensor, bond_lengths, distances, find_bonds,
+                                    frame_box, intermolecular_pairs, minimum_image, minimum_pair_distance,
+                                    molecules_from_bonds, pair_distances)
+from openmm_stable.units import kT_eV
 
 # Budget (number of tensor elements) for the intermediate of the smeared histogram; above
 # it the frames are processed in chunks so that large K or many pairs stay in memory.
 _HISTOGRAM_CHUNK_ELEMENTS = 1 << 22
-
-
-# --- helpers ------------------------------------------------------------------------------
-def _as_tensor(x: ArrayLike, like: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Tensor view of x; keeps a tensor's dtype, numpy floats become float64.
-
-    With `like`, the result has like's dtype and device (for boxes and references)."""
-    if isinstance(x, torch.Tensor):
-        t = x
-    else:
-        t = torch.as_tensor(np.asarray(x))
-        if not t.is_floating_point():
-            t = t.to(torch.float64)
-    if like is not None:
-        t = t.to(dtype=like.dtype, device=like.device)
-    return t
-
-
-def _as_index(x: ArrayLike, device: torch.device) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x, device=device).long()
-
-
-def _frames(positions: ArrayLike) -> torch.Tensor:
-    """Positions as (K, N, 3): a single (N, 3) structure becomes K = 1, leading dims flatten."""
-    pos = _as_tensor(positions)
-    if pos.ndim < 2 or pos.shape[-1] != 3:
-        raise InputError(f"positions must have shape (..., N, 3), got {tuple(pos.shape)}")
-    if pos.ndim == 2:
-        pos = pos[None]
-    return pos.reshape(-1, pos.shape[-2], 3)
-
-
-def _box_tensor(box: Optional[ArrayLike], like: torch.Tensor) -> Optional[torch.Tensor]:
-    if box is None:
-        return None
-    b = _as_tensor(box, like=like)
-    if b.shape[-2:] != (3, 3):
-        raise InputError(f"box must have shape (3, 3) or (K, 3, 3) (rows = box vectors), got {tuple(b.shape)}")
-    return b
-
-
-def _is_orthorhombic(box: torch.Tensor) -> bool:
-    off = box - torch.diag_embed(torch.diagonal(box, dim1=-2, dim2=-1))
-    return bool((off == 0).all())
-
-
-def minimum_image(dr: torch.Tensor, box: Optional[ArrayLike]) -> torch.Tensor:
-    """Minimum-image displacement vectors.
-
-    dr: (K, P, 3) (or (P, 3)) displacements; box: None, (3, 3) or (K, 3, 3) with rows as
-    box vectors. Orthorhombic boxes use the exact rounding rule. Triclinic boxes round the
-    fractional coordinates and then search the 27 neighbouring images, which is exact for
-    reduced boxes (the ones OpenMM accepts) at 27x the memory.
-    """
-    b = _box_tensor(box, dr)
-    if b is None:
-        return dr
-    if b.ndim == 3:  # per-frame box: (K, 1, 3, 3) against (K, P, 3)
-        b = b[:, None]
-    if _is_orthorhombic(b):
-        lengths = torch.diagonal(b, dim1=-2, dim2=-1)
-        return dr - lengths * torch.round(dr / lengths)
-    inv = torch.linalg.inv(b)
-    frac = (dr.unsqueeze(-2) @ inv).squeeze(-2)
-    dr = ((frac - torch.round(frac)).unsqueeze(-2) @ b).squeeze(-2)
-    shifts = torch.tensor(
-        [[i, j, k] for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1)], dtype=dr.dtype, device=dr.device
-    )
-    images = shifts @ b  # (..., 27, 3)
-    cand = dr.unsqueeze(-2) + images  # (K, P, 27, 3)
-    best = (cand * cand).sum(-1).argmin(-1, keepdim=True)  # (K, P, 1)
-    return torch.gather(cand, -2, best.unsqueeze(-1).expand(*best.shape, 3)).squeeze(-2)
-
-
-def pair_indices(n_atoms: int, device: Optional[torch.device] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices (i, j) of all pairs i < j, in the order `pair_distances` returns them."""
-    ij = torch.triu_indices(n_atoms, n_atoms, offset=1, device=device)
-    return ij[0], ij[1]
-
-
-def _distances(pos: torch.Tensor, i: torch.Tensor, j: torch.Tensor, box: Optional[torch.Tensor]) -> torch.Tensor:
-    """(K, P) distances of pairs (i, j) in frames pos (K, N, 3)."""
-    dr = minimum_image(pos[:, j] - pos[:, i], box)
-    return torch.linalg.vector_norm(dr, dim=-1)
-
-
-def pair_distances(positions: ArrayLike, box: Optional[ArrayLike] = None) -> torch.Tensor:
-    """All i < j interatomic distances, shape (..., P) with P = N (N - 1) / 2.
-
-    Minimum image when a box is given. Pair order is `pair_indices(N)`."""
-    pos = _as_tensor(positions)
-    lead = pos.shape[:-2]
-    frames = _frames(pos)
-    b = _box_tensor(box, frames)
-    if b is not None and b.ndim > 2:
-        b = b.reshape(-1, 3, 3)
-    i, j = pair_indices(frames.shape[1], device=frames.device)
-    return _distances(frames, i, j, b).reshape(*lead, -1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,7 +119,7 @@ def hr(
     away, so a dissociating molecule shows). sigma defaults to one bin width (smooth,
     differentiable); sigma = 0 gives the plain histogram.
     """
-    frames = _frames(positions)
+    frames = as_frames(positions)
     bins = Bins(r_min, r_max, n_bins)
     s = bins.width if sigma is None else sigma
     d = pair_distances(frames, box)
@@ -267,7 +166,7 @@ def rdf(
     if i.size == 0:
         raise InputError(f"no atom pairs of elements {pair} in this system")
     dev = frames.device
-    d = _distances(frames, _as_index(i, dev), _as_index(j, dev), b)
+    d = distances(frames, as_index(i, dev), as_index(j, dev), b)
     bins = Bins(r_min, r_max, n_bins)
     counts = smeared_histogram(d, bins, sigma)
     volume = torch.linalg.det(b).abs().reshape(-1, 1)  # (1, 1) or (K, 1)
@@ -276,11 +175,11 @@ def rdf(
 
 def _periodic_frames(positions: ArrayLike, box: ArrayLike, what: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(frames (K, N, 3), box (3, 3) or (K, 3, 3)) of periodic data; ValueError without a box."""
-    frames = _frames(positions)
-    b = _box_tensor(box, frames)
+    frames = as_frames(positions)
+    b = frame_box(box, frames)
     if b is None:
         raise InputError(f"{what} needs a periodic box")
-    return frames, (b.reshape(-1, 3, 3) if b.ndim > 2 else b)
+    return frames, b
 
 
 def _shell_volumes(bins: "Bins", frames: torch.Tensor) -> torch.Tensor:
@@ -314,7 +213,7 @@ def local_rdf(
         raise InputError(f"no atom pairs of elements {pair} in this system")
     K, (C, M) = frames.shape[0], partners.shape
     dev = frames.device
-    d = _distances(frames, _as_index(np.repeat(centres, M), dev), _as_index(partners.reshape(-1), dev), b)
+    d = distances(frames, as_index(np.repeat(centres, M), dev), as_index(partners.reshape(-1), dev), b)
     bins = Bins(r_min, r_max, n_bins)
     counts = smeared_histogram(d.reshape(K * C, M), bins, sigma).reshape(K, C, n_bins)
     volume = torch.linalg.det(b).abs().reshape(-1, 1, 1)
@@ -325,16 +224,14 @@ def neighbourhood_members(positions: ArrayLike, box: Optional[ArrayLike], centre
                           radius: float) -> torch.Tensor:
     """(K, C, N) bool: atom n lies within `radius` of centre atom c in frame k (minimum
     image; the centre itself included)."""
-    frames = _frames(positions)
-    b = _box_tensor(box, frames)
-    if b is not None and b.ndim > 2:
-        b = b.reshape(-1, 3, 3)
+    frames = as_frames(positions)
+    b = frame_box(box, frames)
     centres = np.asarray(centres).reshape(-1)
     K, N = frames.shape[:2]
     dev = frames.device
-    i = _as_index(np.repeat(centres, N), dev)
-    j = _as_index(np.tile(np.arange(N), centres.size), dev)
-    return (_distances(frames, i, j, b) <= radius).reshape(K, centres.size, N)
+    i = as_index(np.repeat(centres, N), dev)
+    j = as_index(np.tile(np.arange(N), centres.size), dev)
+    return (distances(frames, i, j, b) <= radius).reshape(K, centres.size, N)
 
 
 @dataclasses.dataclass
@@ -359,15 +256,6 @@ def pair_label(pair: tuple[int, int]) -> str:
     return f"{chemical_symbols[pair[0]]}-{chemical_symbols[pair[1]]}"
 
 
-def half_box_width(box) -> float:
-    """Half the smallest distance between opposite faces of the box (A): the largest
-    radius within which minimum-image neighbour counts are complete."""
-    b = np.asarray(box, dtype=float)
-    volume = abs(np.linalg.det(b))
-    areas = [np.linalg.norm(np.cross(b[(k + 1) % 3], b[(k + 2) % 3])) for k in range(3)]
-    return 0.5 * volume / max(areas)
-
-
 def angle_triples(bonds: ArrayLike) -> np.ndarray:
     """(A, 3) bonded triples (i, j, k), j the central atom, i < k, from (B, 2) bonds.
 
@@ -390,8 +278,8 @@ def angles(positions: ArrayLike, triples: ArrayLike, degrees: bool = True, box: 
     """Angles i-j-k at the central atom j, (K, A), in degrees (or radians).
 
     Uses atan2(|u x v|, u . v), accurate near 0 and 180 degrees where acos is not."""
-    frames = _frames(positions)
-    t = _as_index(triples, frames.device).reshape(-1, 3)
+    frames = as_frames(positions)
+    t = as_index(triples, frames.device).reshape(-1, 3)
     u = minimum_image(frames[:, t[:, 0]] - frames[:, t[:, 1]], box)
     v = minimum_image(frames[:, t[:, 2]] - frames[:, t[:, 1]], box)
     theta = torch.atan2(torch.linalg.vector_norm(torch.cross(u, v, dim=-1), dim=-1), (u * v).sum(-1))
@@ -428,109 +316,10 @@ class BondLengthStats:
     std: torch.Tensor
 
 
-def bond_lengths(positions: ArrayLike, bonds: ArrayLike, box: Optional[ArrayLike] = None) -> torch.Tensor:
-    """(K, B) lengths of the bonds (B, 2) in every frame, Angstrom."""
-    frames = _frames(positions)
-    b = _as_index(bonds, frames.device).reshape(-1, 2)
-    return _distances(frames, b[:, 0], b[:, 1], _box_tensor(box, frames))
-
-
 def bond_length_stats(positions: ArrayLike, bonds: ArrayLike, box: Optional[ArrayLike] = None) -> BondLengthStats:
     """Bond lengths per frame and their mean / (population) std over frames."""
     lengths = bond_lengths(positions, bonds, box)
     return BondLengthStats(lengths, lengths.mean(0), lengths.std(0, unbiased=False))
-
-
-# --- dynamical observables ----------------------------------------------------------------
-def _particles(series: ArrayLike, what: str) -> torch.Tensor:
-    x = _as_tensor(series)
-    if x.ndim < 3 or x.shape[-1] != 3:
-        raise InputError(f"{what} must have shape (T, N, 3) or (T, R, N, 3), got {tuple(x.shape)}")
-    return x.reshape(x.shape[0], -1, 3)
-
-
-def _autocorrelation_sums(x: torch.Tensor) -> torch.Tensor:
-    """S(tau) = sum_t x(t) . x(t + tau) per particle, x (T, M, 3) -> (T, M), via FFT."""
-    T = x.shape[0]
-    n = 1 << (2 * T - 1).bit_length()
-    f = torch.fft.rfft(x, n=n, dim=0)
-    return torch.fft.irfft(f * f.conj(), n=n, dim=0)[:T].sum(-1)
-
-
-def vacf(velocities: ArrayLike, max_lag: Optional[int] = None, normalize: bool = True) -> torch.Tensor:
-    """Velocity autocorrelation C(tau) = <v_i(t) . v_i(t + tau)>, lags 0..max_lag.
-
-    velocities (T, N, 3) or (T, R, N, 3) in A/ps, equally spaced in time; averaged over
-    all particles and all time origins (O(T log T) with FFT). normalize=True returns
-    C(tau)/C(0) (shape only, comparable across temperatures); otherwise A^2/ps^2."""
-    v = _particles(velocities, "velocities")
-    T = v.shape[0]
-    max_lag = T - 1 if max_lag is None else int(max_lag)
-    if not 0 <= max_lag < T:
-        raise InputError(f"max_lag must be in [0, {T - 1}], got {max_lag}")
-    s = _autocorrelation_sums(v.to(torch.float64))[: max_lag + 1].mean(1)
-    c = s / torch.arange(T, T - max_lag - 1, -1, dtype=torch.float64, device=v.device)
-    if normalize:
-        c = c / c[0]
-    return c.to(v.dtype)
-
-
-def unwrap(positions: ArrayLike, box: ArrayLike) -> torch.Tensor:
-    """Undo periodic wrapping of a time series (T, ..., 3), for MSD and diffusivity.
-
-    Adds up minimum-image steps between consecutive frames, so atoms must move less than
-    half a box width between saved frames. box (3, 3) or per-frame (T, 3, 3)."""
-    x = _as_tensor(positions)
-    flat = x.reshape(x.shape[0], -1, 3)
-    b = _box_tensor(box, flat)
-    if b is not None and b.ndim == 3:
-        b = b[1:]
-    steps = minimum_image(flat[1:] - flat[:-1], b)
-    out = torch.cat([flat[:1], flat[:1] + torch.cumsum(steps, 0)], 0)
-    return out.reshape(x.shape)
-
-
-def mean_squared_displacement(positions: ArrayLike, max_lag: Optional[int] = None) -> torch.Tensor:
-    """MSD(tau) = <|x_i(t + tau) - x_i(t)|^2>, lags 0..max_lag, in A^2.
-
-    positions (T, N, 3) or (T, R, N, 3), equally spaced in time and UNWRAPPED (use
-    `unwrap` for periodic boxes); averaged over particles and time origins with the FFT
-    algorithm, MSD = (S1 - 2 S2) / (T - tau), computed in float64."""
-    x = _particles(positions, "positions").to(torch.float64)
-    x = x - x.mean(0, keepdim=True)  # shift-invariant; keeps the FFT sums small
-    T = x.shape[0]
-    max_lag = T - 1 if max_lag is None else int(max_lag)
-    if not 0 <= max_lag < T:
-        raise InputError(f"max_lag must be in [0, {T - 1}], got {max_lag}")
-    sq = (x * x).sum(-1)  # (T, M)
-    csum = torch.cat([sq.new_zeros(1, sq.shape[1]), torch.cumsum(sq, 0)], 0)  # csum[k] = sum_{t<k}
-    lags = torch.arange(max_lag + 1, device=x.device)
-    s1 = csum[T - lags] + (csum[T] - csum[lags])  # sum_{t < T-tau} (|x(t)|^2 + |x(t+tau)|^2)
-    s2 = _autocorrelation_sums(x)[: max_lag + 1]
-    msd = ((s1 - 2.0 * s2) / (T - lags).unsqueeze(-1).to(x.dtype)).mean(1)
-    return msd.clamp_min(0.0).to(_as_tensor(positions).dtype)
-
-
-def diffusivity(
-    msd: ArrayLike, dt_ps: float, fit_range: Optional[tuple[float, float]] = None, dim: int = 3
-) -> float:
-    """Self-diffusion coefficient D in A^2/ps from the Einstein relation MSD = 2 dim D t.
-
-    msd: (L,) values at lags 0..L-1, spaced dt_ps. fit_range (t_start, t_end) in ps picks
-    the linear (diffusive) regime for a least-squares line with intercept; the default
-    skips the first 20 % (ballistic regime) and uses the rest. Multiply by
-    `A2_PER_PS_IN_CM2_PER_S` (1e-4) for cm^2/s."""
-    m = _as_tensor(msd).to(torch.float64).reshape(-1)
-    t = torch.arange(m.numel(), dtype=torch.float64, device=m.device) * dt_ps
-    if fit_range is None:
-        fit_range = (0.2 * float(t[-1]), float(t[-1]))
-    sel = (t >= fit_range[0] - 1e-12) & (t <= fit_range[1] + 1e-12)
-    if int(sel.sum()) < 2:
-        raise InputError(f"fit_range {fit_range} ps holds fewer than 2 lags of the MSD")
-    ts, ms = t[sel], m[sel]
-    tc = ts - ts.mean()
-    slope = float((tc * (ms - ms.mean())).sum() / (tc * tc).sum())
-    return slope / (2.0 * dim)
 
 
 # --- reference values by reweighting ------------------------------------------------------
@@ -542,7 +331,7 @@ def boltzmann_weights(energies_eV: ArrayLike, T_data: float, T_target: float) ->
     samples at T_data of the same energy function E (e.g. an MD run with the reference
     method); check `effective_sample_size`, which collapses when the temperatures are far
     apart. T_data == T_target gives uniform weights."""
-    e = _as_tensor(energies_eV)
+    e = as_tensor(energies_eV)
     dbeta = 1.0 / kT_eV(T_target) - 1.0 / kT_eV(T_data)
     logw = -dbeta * e.to(torch.float64).reshape(-1)
     return torch.softmax(logw, 0).to(e.dtype)
@@ -550,7 +339,7 @@ def boltzmann_weights(energies_eV: ArrayLike, T_data: float, T_target: float) ->
 
 def effective_sample_size(weights: ArrayLike) -> float:
     """Kish effective sample size (sum w)^2 / sum w^2 (= 1 / sum w^2 for normalised w)."""
-    w = _as_tensor(weights).to(torch.float64).reshape(-1)
+    w = as_tensor(weights).to(torch.float64).reshape(-1)
     return float(w.sum() ** 2 / (w * w).sum())
 
 
@@ -558,10 +347,10 @@ def reference_observable(values_per_frame: ArrayLike, weights: Optional[ArrayLik
     """Weighted ensemble mean sum_k w_k O_k / sum_k w_k over frames (uniform if no weights).
 
     values_per_frame (K, ...) -> (...)."""
-    v = _as_tensor(values_per_frame)
+    v = as_tensor(values_per_frame)
     if weights is None:
         return v.mean(0)
-    w = _as_tensor(weights, like=v).reshape(-1)
+    w = as_tensor(weights, like=v).reshape(-1)
     if w.numel() != v.shape[0]:
         raise InputError(f"{w.numel()} weights for {v.shape[0]} frames")
     w = w / w.sum()
@@ -686,8 +475,6 @@ class BondLengthsObservable:
     def prepare(self, atomic_numbers, reference_positions) -> "BondLengthsObservable":
         if self.bonds is not None:
             return self
-        from .stability import find_bonds
-
         return dataclasses.replace(self, bonds=find_bonds(atomic_numbers, reference_positions, self.bond_scale))
 
 
@@ -715,8 +502,6 @@ class AdfObservable:
     def prepare(self, atomic_numbers, reference_positions) -> "AdfObservable":
         if self.triples is not None:
             return self
-        from .stability import find_bonds
-
         triples = angle_triples(find_bonds(atomic_numbers, reference_positions, self.bond_scale))
         return dataclasses.replace(self, triples=tuple(map(tuple, triples.tolist())))
 
@@ -741,17 +526,14 @@ class MinDistanceObservable:
             object.__setattr__(self, "molecule_ids", tuple(int(m) for m in np.asarray(self.molecule_ids).reshape(-1)))
 
     def __call__(self, positions, atomic_numbers=None, box=None) -> torch.Tensor:
-        from .stability import MinimumDistanceCriterion
-
         if self.molecule_ids is None:
             raise InputError("min_distance observable has no molecules: pass molecule_ids=... or call prepare() first")
-        return MinimumDistanceCriterion(np.asarray(self.molecule_ids))(_frames(positions), box)[:, None]
+        pairs = intermolecular_pairs(self.molecule_ids)
+        return minimum_pair_distance(as_frames(positions), pairs, box)[:, None]
 
     def prepare(self, atomic_numbers, reference_positions) -> "MinDistanceObservable":
         if self.molecule_ids is not None:
             return self
-        from .stability import find_bonds, molecules_from_bonds
-
         z = np.asarray(atomic_numbers).reshape(-1)
         bonds = find_bonds(z, reference_positions, self.bond_scale)
         return dataclasses.replace(self, molecule_ids=tuple(molecules_from_bonds(z.size, bonds).tolist()))

@@ -7,7 +7,8 @@ replica's time of first instability, and compares observables over the stable pa
 the trajectories with the (reweighted) reference: h(r) for a molecule; element-pair RDFs
 and the molecular self-diffusivity for a periodic box (a liquid). Velocities are saved
 every ``vacf_interval_ps`` (finer than the checks) for the velocity autocorrelation
-function (VACF) of the stable parts.
+function (VACF) of the stable parts. The analysis of those series (MSD, VACF, Einstein
+and Green-Kubo diffusivities) is `openmm_stable.dynamics`; this module runs and reports.
 A replica that fails is reset to its starting frame and counted as failed from then on
 (frozen): it cannot disturb the others, which run on.
 """
@@ -26,13 +27,15 @@ from torch import nn
 from openmm_stable.errors import InputError
 from openmm_stable.data.dataset import QMDataset, hill_formula
 from openmm_stable.engine import EngineConfig, ReplicaEngine, masses_amu
-from openmm_stable.observables import (A2_PER_PS_IN_CM2_PER_S, HrObservable, RdfObservable, diffusivity,
-                                       element_pair_list, half_box_width, mean_squared_displacement, pair_label,
-                                       reference_from_dataset, unwrap, vacf)
+from openmm_stable.dynamics import (A2_PER_PS_IN_CM2_PER_S, VACF_MAX_REFERENCE_INTERVAL_PS, first_minimum,
+                                    green_kubo_diffusivity, molecular_diffusivity, molecular_velocities,
+                                    regular_time_step, vacf_over_segments)
+from openmm_stable.geometry import half_box_width, molecule_ids
+from openmm_stable.observables import (HrObservable, RdfObservable, element_pair_list, pair_label,
+                                       reference_from_dataset)
 from openmm_stable.temperature import dataset_temperature, with_sampling_temperature
 from openmm_stable.stability import (EVALUATION_BOND_THRESHOLD, STABILITY_KINDS, WATER_MIN_DISTANCE_THRESHOLD,
-                                     StabilityCriterion, first_instability_time, make_criterion, molecule_ids,
-                                     resolve_stability)
+                                     StabilityCriterion, first_instability_time, make_criterion, resolve_stability)
 
 
 @dataclasses.dataclass
@@ -196,26 +199,6 @@ def rdf_comparison(result: SimulationResult, dataset: QMDataset, reference: Opti
     return out
 
 
-def molecular_diffusivity(positions: np.ndarray, box, dt_ps: float, molecules: np.ndarray, masses: np.ndarray,
-                          max_lag: Optional[int] = None) -> float:
-    """Self-diffusion coefficient (A^2/ps) of molecular centres of mass from a time series
-    (T, N, 3) or (T, R, N, 3) of positions spaced `dt_ps` (wrapped or not).
-
-    The box's own centre-of-mass drift is removed first: a Langevin thermostat does not
-    conserve momentum, and in a box of M molecules the whole box diffuses with
-    D = kT / (M m gamma), which at 64 waters and 1/ps is as large as water's own D."""
-    x = unwrap(torch.as_tensor(positions, dtype=torch.float64), box)
-    m = torch.as_tensor(masses, dtype=torch.float64)
-    ids = torch.as_tensor(np.asarray(molecules), dtype=torch.long)
-    n_mol = int(ids.max()) + 1
-    mx = x * m[:, None]
-    com = mx.new_zeros(*x.shape[:-2], n_mol, 3).index_add_(-2, ids, mx)
-    com = com / m.new_zeros(n_mol).index_add_(0, ids, m)[:, None]
-    com = com - (mx.sum(-2) / m.sum())[..., None, :]  # relative to the box's centre of mass
-    msd = mean_squared_displacement(com, max_lag)
-    return diffusivity(msd, dt_ps)
-
-
 def diffusivity_comparison(result: SimulationResult, dataset: QMDataset, reference: Optional[QMDataset],
                            config: SimulationConfig, min_frames: int = 10) -> dict:
     """Diffusivity of the model (each replica's stable part, lags up to half of it, mean
@@ -234,66 +217,12 @@ def diffusivity_comparison(result: SimulationResult, dataset: QMDataset, referen
     if values:
         out["diffusivity"] = float(np.average(values, weights=weights))
         out["diffusivity_replicas"] = len(values)
-    if reference is not None and reference.times is not None and len(reference) >= 2 * min_frames:
-        steps = np.diff(reference.times)
-        same_t = reference.temperature is None or abs(reference.temperature - config.engine.temperature_K) < 1e-6
-        if same_t and np.allclose(steps, steps[0], rtol=1e-3, atol=0):
-            lag = min(len(reference) // 2, max(2, round(0.5 * config.n_checks * dt / steps[0])))
-            out["reference_diffusivity"] = molecular_diffusivity(reference.positions, reference.box, float(steps[0]),
-                                                                 molecules, masses, lag)
+    dt_ref = regular_time_step(reference, config.engine.temperature_K)
+    if dt_ref is not None and len(reference) >= 2 * min_frames:
+        lag = min(len(reference) // 2, max(2, round(0.5 * config.n_checks * dt / dt_ref)))
+        out["reference_diffusivity"] = molecular_diffusivity(reference.positions, reference.box, dt_ref,
+                                                             molecules, masses, lag)
     return out
-
-
-# Reference velocities saved further apart than this resolve neither a VACF's first minimum
-# nor its integral (liquid water: O-H stretch period ~10 fs, molecular VACF minimum ~0.1 ps).
-VACF_MAX_REFERENCE_INTERVAL_PS = 0.01
-
-
-def vacf_over_segments(segments: list, max_lag: int) -> np.ndarray:
-    """Unnormalised VACF (A^2/ps^2) at lags 0..L averaged over every time origin, particle
-    and segment: segments are (T_r, N, 3) velocity series of one spacing (each replica's
-    stable part). A segment contributes lags up to half its length; L <= max_lag is the
-    longest lag any segment gives."""
-    total, count = np.zeros(max_lag + 1), np.zeros(max_lag + 1)
-    for v in segments:
-        lag = min(max_lag, len(v) // 2)
-        if lag < 1:
-            continue
-        c = vacf(torch.as_tensor(np.asarray(v), dtype=torch.float64), lag, normalize=False).numpy()
-        n = len(v) - np.arange(lag + 1)
-        total[:lag + 1] += c * n
-        count[:lag + 1] += n
-    return total[count > 0] / count[count > 0]
-
-
-def first_minimum(curve: np.ndarray, drop: float = 0.01) -> Optional[int]:
-    """Index of the first local minimum of a curve after lag 0 that lies at least `drop`
-    x |curve[0]| below curve[0] (so rounding noise on a flat curve is no minimum); None
-    if there is none (a curve that only falls, or stays flat)."""
-    c = np.asarray(curve, dtype=float)
-    for k in range(1, len(c) - 1):
-        if c[k] < c[k - 1] and c[k] <= c[k + 1] and c[k] <= c[0] - drop * abs(c[0]):
-            return k
-    return None
-
-
-def green_kubo_diffusivity(curve: np.ndarray, dt_ps: float, dim: int = 3) -> float:
-    """D = (1/dim) * integral of <v(0).v(t)> dt (trapezoid over the curve's lags), A^2/ps."""
-    c = np.asarray(curve, dtype=float)
-    return float(dt_ps * (c.sum() - 0.5 * (c[0] + c[-1])) / dim)
-
-
-def molecular_velocities(velocities: np.ndarray, molecules: np.ndarray, masses: np.ndarray) -> np.ndarray:
-    """Centre-of-mass velocities (..., M, 3) of the molecules in (..., N, 3) velocities,
-    relative to the box's centre-of-mass velocity (see `molecular_diffusivity`)."""
-    v = np.asarray(velocities, dtype=np.float64)
-    m = np.asarray(masses, dtype=np.float64)
-    ids = np.asarray(molecules)
-    one_hot = np.zeros((ids.size, int(ids.max()) + 1))
-    one_hot[np.arange(ids.size), ids] = m
-    momenta = np.einsum("...ni,nm->...mi", v, one_hot)
-    com = momenta / one_hot.sum(0)[:, None]
-    return com - (momenta.sum(-2) / m.sum())[..., None, :]
 
 
 def vacf_comparison(result: SimulationResult, dataset: QMDataset, reference: Optional[QMDataset],
@@ -324,13 +253,11 @@ def vacf_comparison(result: SimulationResult, dataset: QMDataset, reference: Opt
             c_mol = vacf_over_segments([molecular_velocities(v, molecules, masses) for v in segments], max_lag)
             out["model_molecular"] = c_mol
             out["diffusivity"] = green_kubo_diffusivity(c_mol, dt)
-    if reference is None or reference.velocities is None or reference.times is None or len(reference) < 8:
+    if reference is None or reference.velocities is None or len(reference) < 8:
         return out
-    steps = np.diff(reference.times)
-    same_t = reference.temperature is None or abs(reference.temperature - config.engine.temperature_K) < 1e-6
-    if not (same_t and np.allclose(steps, steps[0], rtol=1e-3, atol=0)):
+    dt_ref = regular_time_step(reference, config.engine.temperature_K)
+    if dt_ref is None:
         return out
-    dt_ref = float(steps[0])
     c_ref = vacf_over_segments([reference.velocities], max(1, round(config.vacf_max_lag_ps / dt_ref)))
     out["reference_lag_ps"], out["reference"] = np.arange(len(c_ref)) * dt_ref, c_ref / c_ref[0]
     ratio = dt_ref / dt

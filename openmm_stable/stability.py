@@ -24,42 +24,15 @@ from typing import Any, Callable, Literal, Optional, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from .observables import ArrayLike, _as_tensor, _box_tensor, bond_lengths, minimum_image
-
 from openmm_stable.errors import InputError
+from openmm_stable.geometry import (ArrayLike, as_tensor, bond_lengths, find_bonds, intermolecular_pairs,
+                                    minimum_pair_distance, molecule_ids)
 
 EVALUATION_BOND_THRESHOLD = 0.5  # Angstrom
 TRAINING_BOND_THRESHOLD = 0.25  # Angstrom
 WATER_MIN_DISTANCE_THRESHOLD = 1.2  # Angstrom
 
 Direction = Literal["above", "below"]
-
-
-def find_bonds(atomic_numbers: ArrayLike, positions: ArrayLike, scale: float = 1.2,
-               box: Optional[ArrayLike] = None) -> np.ndarray:
-    """Bonded pairs (B, 2), i < j, of a reference structure: r_ij < scale (rc_i + rc_j).
-
-    rc are ASE's covalent radii (Cordero et al.). positions (N, 3) or (F, N, 3) (the first
-    frame is used; it should be a sane, e.g. optimised or dataset, structure). With a
-    periodic `box` (3, 3), distances are minimum-image ones."""
-    from ase.data import chemical_symbols, covalent_radii, missing
-
-    z = np.asarray(atomic_numbers, dtype=np.int64).reshape(-1)
-    bad = [int(a) for a in z if a < 1 or a >= len(covalent_radii) or covalent_radii[a] == missing]
-    if bad:
-        names = [chemical_symbols[a] if 0 < a < len(chemical_symbols) else str(a) for a in sorted(set(bad))]
-        raise InputError(f"no covalent radius known for element(s) {names}; pass bonds explicitly")
-    pos = np.asarray(positions, dtype=np.float64)
-    if pos.ndim == 3:
-        pos = pos[0]
-    if pos.shape != (z.size, 3):
-        raise InputError(f"positions shape {pos.shape} does not match {z.size} atoms")
-    i, j = np.triu_indices(z.size, k=1)
-    dr = torch.as_tensor(pos[j] - pos[i])
-    d = torch.linalg.vector_norm(minimum_image(dr, box), dim=-1).numpy()
-    cutoff = scale * (covalent_radii[z[i]] + covalent_radii[z[j]])
-    keep = d < cutoff
-    return np.stack([i[keep], j[keep]], axis=1).astype(np.int64)
 
 
 @runtime_checkable
@@ -80,7 +53,7 @@ class _ThresholdMixin:
 
     def unstable(self, values: ArrayLike) -> torch.Tensor:
         """Bool tensor: True where a value is past the threshold (NaN counts as unstable)."""
-        v = _as_tensor(values)
+        v = as_tensor(values)
         bad = v > self.threshold if self.direction == "above" else v < self.threshold
         return bad | torch.isnan(v)
 
@@ -112,7 +85,7 @@ class BondDeviationCriterion(_ThresholdMixin):
 
     def __post_init__(self) -> None:
         self.bonds = np.asarray(self.bonds, dtype=np.int64).reshape(-1, 2)
-        self.reference_lengths = _as_tensor(self.reference_lengths).reshape(-1)
+        self.reference_lengths = as_tensor(self.reference_lengths).reshape(-1)
         if self.bonds.shape[0] == 0:
             raise InputError("BondDeviationCriterion needs at least one bond")
         if self.reference_lengths.numel() != self.bonds.shape[0]:
@@ -120,7 +93,7 @@ class BondDeviationCriterion(_ThresholdMixin):
         _check_direction(self.direction)
 
     def __call__(self, positions: ArrayLike, box: Optional[ArrayLike] = None) -> torch.Tensor:
-        pos = _as_tensor(positions)
+        pos = as_tensor(positions)
         lead = pos.shape[:-2]
         r = bond_lengths(pos, self.bonds, box if box is not None else self.box)  # (K, B)
         dev = (r - self.reference_lengths.to(r)).abs()
@@ -172,15 +145,9 @@ class MinimumDistanceCriterion(_ThresholdMixin):
 
     def __post_init__(self) -> None:
         self.molecule_ids = np.asarray(self.molecule_ids, dtype=np.int64).reshape(-1)
-        i, j = np.triu_indices(self.molecule_ids.size, k=1)
-        inter = self.molecule_ids[i] != self.molecule_ids[j]
-        if not inter.any():
-            raise InputError("MinimumDistanceCriterion needs atoms of at least two molecules")
-        if self.bonds is not None:  # every pair but the covalent bonds (e.g. water's H-H too)
+        if self.bonds is not None:
             self.bonds = np.sort(np.asarray(self.bonds, dtype=np.int64).reshape(-1, 2), axis=1)
-            n = self.molecule_ids.size
-            inter = ~np.isin(i * n + j, self.bonds[:, 0] * n + self.bonds[:, 1])
-        self._pairs = (i[inter], j[inter])
+        self._pairs = intermolecular_pairs(self.molecule_ids, self.bonds)
         _check_direction(self.direction)
 
     @classmethod
@@ -192,16 +159,7 @@ class MinimumDistanceCriterion(_ThresholdMixin):
         return cls(np.arange(n_atoms) // atoms_per_molecule, threshold, box)
 
     def __call__(self, positions: ArrayLike, box: Optional[ArrayLike] = None) -> torch.Tensor:
-        pos = _as_tensor(positions)
-        lead = pos.shape[:-2]
-        frames = pos.reshape(-1, pos.shape[-2], 3)
-        b = _box_tensor(box if box is not None else self.box, frames)
-        if b is not None and b.ndim > 2:
-            b = b.reshape(-1, 3, 3)
-        i = torch.as_tensor(self._pairs[0], device=frames.device)
-        j = torch.as_tensor(self._pairs[1], device=frames.device)
-        d = torch.linalg.vector_norm(minimum_image(frames[:, j] - frames[:, i], b), dim=-1)
-        return d.amin(-1).reshape(lead)
+        return minimum_pair_distance(positions, self._pairs, box if box is not None else self.box)
 
 
 @dataclasses.dataclass
@@ -216,50 +174,11 @@ class CallableCriterion(_ThresholdMixin):
         _check_direction(self.direction)
 
     def __call__(self, positions: ArrayLike, box: Optional[ArrayLike] = None) -> torch.Tensor:
-        return _as_tensor(self.fn(positions, box))
+        return as_tensor(self.fn(positions, box))
 
 
 # --- choosing the criterion for a dataset ---------------------------------------------------
 STABILITY_KINDS = ("auto", "bonds", "min_distance", "min_nonbonded_distance")
-
-
-def molecules_from_bonds(n_atoms: int, bonds: ArrayLike) -> np.ndarray:
-    """Molecule index (N,) of every atom: connected components of the bond graph,
-    numbered in order of each molecule's first atom."""
-    parent = np.arange(n_atoms)
-
-    def root(a: int) -> int:
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    for a, b in np.asarray(bonds, dtype=np.int64).reshape(-1, 2):
-        ra, rb = root(int(a)), root(int(b))
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    roots = np.array([root(a) for a in range(n_atoms)])
-    return np.unique(roots, return_inverse=True)[1].astype(np.int64)
-
-
-def molecule_ids(dataset: Any) -> np.ndarray:
-    """Molecule index (N,) of every atom of a `QMDataset`: from its metadata
-    (``molecule_ids``, or ``atoms_per_molecule`` for identical consecutive molecules, as
-    the water generator writes), else from the covalent bonds of its first frame
-    (minimum image in a periodic box)."""
-    meta = getattr(dataset, "metadata", {}) or {}
-    n = int(dataset.n_atoms)
-    if meta.get("molecule_ids") is not None:
-        ids = np.asarray(meta["molecule_ids"], dtype=np.int64).reshape(-1)
-        if ids.size != n:
-            raise InputError(f"{dataset.source}: metadata molecule_ids has {ids.size} entries for {n} atoms")
-        return ids
-    if meta.get("atoms_per_molecule"):
-        k = int(meta["atoms_per_molecule"])
-        if n % k:
-            raise InputError(f"{dataset.source}: {n} atoms is not a multiple of atoms_per_molecule {k}")
-        return np.arange(n) // k
-    return molecules_from_bonds(n, find_bonds(dataset.atomic_numbers, dataset.positions[0], box=dataset.box))
 
 
 def resolve_stability(kind: str, dataset: Any) -> str:
@@ -296,7 +215,7 @@ def first_instability_time(unstable_flags: ArrayLike, times_ps: ArrayLike, horiz
     flags = flags.bool()
     if flags.ndim == 1:
         flags = flags[:, None]
-    t = _as_tensor(times_ps).reshape(-1)
+    t = as_tensor(times_ps).reshape(-1)
     if t.numel() != flags.shape[0]:
         raise InputError(f"{t.numel()} times for {flags.shape[0]} checks")
     t = t.to(flags.device)
@@ -315,7 +234,7 @@ def survival_curve(
     horizon). Without n_points the times are 0, every failure time and the horizon (plot
     as a step function, drawstyle="steps-post"); with n_points, a uniform grid on
     [0, horizon]."""
-    s = _as_tensor(stable_times).to(torch.float64).reshape(-1)
+    s = as_tensor(stable_times).to(torch.float64).reshape(-1)
     if n_points is None:
         fails = torch.unique(s[s < horizon])
         zero = torch.zeros(1, dtype=s.dtype, device=s.device)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from openmm_stable import dynamics, geometry
 from openmm_stable import observables as obs
 from openmm_stable.data.dataset import QMDataset
 from openmm_stable.units import kT_eV
@@ -15,17 +16,17 @@ from _structures import ETHANOL_POSITIONS as ETHANOL_POS, ETHANOL_Z
 def test_pair_distances_minimum_image_orthorhombic():
     pos = torch.tensor([[[0.5, 5.0, 5.0], [9.5, 5.0, 5.0], [5.0, 5.0, 5.0]]], dtype=torch.float64)
     box = torch.diag(torch.tensor([10.0, 10.0, 10.0], dtype=torch.float64))
-    d = obs.pair_distances(pos, box)
+    d = geometry.pair_distances(pos, box)
     assert d.shape == (1, 3)
     assert torch.allclose(d, torch.tensor([[1.0, 4.5, 4.5]], dtype=torch.float64))
-    assert torch.allclose(obs.pair_distances(pos)[0, 0], torch.tensor(9.0, dtype=torch.float64))
+    assert torch.allclose(geometry.pair_distances(pos)[0, 0], torch.tensor(9.0, dtype=torch.float64))
 
 
 def test_pair_distances_triclinic_matches_brute_force():
     rng = np.random.default_rng(0)
     box = np.array([[8.0, 0.0, 0.0], [2.5, 7.5, 0.0], [-1.5, 2.0, 9.0]])
     pos = rng.uniform(0, 1, (2, 6, 3)) @ box
-    d = obs.pair_distances(torch.tensor(pos), torch.tensor(box)).numpy()
+    d = geometry.pair_distances(torch.tensor(pos), torch.tensor(box)).numpy()
     shifts = np.array([[i, j, k] for i in range(-2, 3) for j in range(-2, 3) for k in range(-2, 3)]) @ box
     i, j = np.triu_indices(6, k=1)
     dr = pos[:, j] - pos[:, i]
@@ -35,7 +36,7 @@ def test_pair_distances_triclinic_matches_brute_force():
 
 def test_pair_distances_keeps_dtype_and_leading_dims():
     x = torch.randn(4, 3, 5, 3, dtype=torch.float32)
-    d = obs.pair_distances(x)
+    d = geometry.pair_distances(x)
     assert d.shape == (4, 3, 10) and d.dtype == torch.float32
 
 
@@ -57,7 +58,7 @@ def test_hr_smeared_is_normalised_with_correct_mean_and_per_frame():
     dr = 15.0 / 300
     assert torch.allclose(h.sum(1) * dr, torch.ones(5, dtype=torch.float64), atol=1e-6)
     mean_from_h = (h * r).sum(1) * dr
-    assert torch.allclose(mean_from_h, obs.pair_distances(pos).mean(1), atol=1e-3)
+    assert torch.allclose(mean_from_h, geometry.pair_distances(pos).mean(1), atol=1e-3)
     # per-frame rows: frame k alone gives row k
     h2, _ = obs.hr(pos[2], r_max=15.0, n_bins=300)
     assert torch.allclose(h2[0], h[2])
@@ -158,7 +159,7 @@ def test_angles_and_adf_on_known_angle():
 
 
 def test_angle_triples_ethanol():
-    from openmm_stable.stability import find_bonds
+    from openmm_stable.geometry import find_bonds
 
     t = obs.angle_triples(find_bonds(ETHANOL_Z, ETHANOL_POS))
     assert t.shape == (13, 3)  # C1: C(4,2)=6, C2: 6, O: 1
@@ -178,15 +179,15 @@ def test_msd_and_diffusivity_random_walk():
     gen = torch.Generator().manual_seed(0)
     dt, step = 0.01, 0.1  # D = step^2 / (2 dt) = 0.5 A^2/ps
     x = torch.cumsum(torch.randn(1000, 4, 50, 3, generator=gen, dtype=torch.float64) * step, 0)
-    msd = obs.mean_squared_displacement(x, max_lag=100)
+    msd = dynamics.mean_squared_displacement(x, max_lag=100)
     assert msd.shape == (101,) and float(msd[0]) == pytest.approx(0.0, abs=1e-9)
     for lag in (1, 7, 100):  # brute force
         brute = ((x[lag:] - x[:-lag]) ** 2).sum(-1).mean()
         assert float(msd[lag]) == pytest.approx(float(brute), rel=1e-9)
-    d = obs.diffusivity(msd, dt, fit_range=(0.1, 1.0))
+    d = dynamics.diffusivity(msd, dt, fit_range=(0.1, 1.0))
     assert d == pytest.approx(0.5, rel=0.05)
-    assert obs.mean_squared_displacement(x.float(), 10).dtype == torch.float32
-    assert obs.A2_PER_PS_IN_CM2_PER_S == 1e-4
+    assert dynamics.mean_squared_displacement(x.float(), 10).dtype == torch.float32
+    assert dynamics.A2_PER_PS_IN_CM2_PER_S == 1e-4
 
 
 def test_unwrap_recovers_trajectory():
@@ -194,7 +195,7 @@ def test_unwrap_recovers_trajectory():
     x = 5.0 + torch.cumsum(torch.randn(200, 6, 3, generator=gen, dtype=torch.float64) * 0.3, 0)
     box = torch.diag(torch.tensor([4.0, 5.0, 6.0], dtype=torch.float64))
     wrapped = torch.remainder(x, torch.diagonal(box))
-    u = obs.unwrap(wrapped, box)
+    u = dynamics.unwrap(wrapped, box)
     assert torch.allclose(u - u[0], x - x[0], atol=1e-10)
 
 
@@ -203,13 +204,13 @@ def test_vacf_known_signal_and_brute_force():
     omega = 3.0
     v = torch.zeros(2000, 2, 3, dtype=torch.float64)
     v[:, :, 0] = torch.cos(omega * t)[:, None]
-    c = obs.vacf(v, max_lag=200)
+    c = dynamics.vacf(v, max_lag=200)
     assert torch.allclose(c, torch.cos(omega * t[:201]), atol=0.02)
-    raw = obs.vacf(v, max_lag=5, normalize=False)
+    raw = dynamics.vacf(v, max_lag=5, normalize=False)
     for lag in range(6):
         brute = (v[: 2000 - lag] * v[lag:]).sum(-1).mean()
         assert float(raw[lag]) == pytest.approx(float(brute), rel=1e-9)
-    noise = obs.vacf(torch.randn(5000, 3, 4, 3, dtype=torch.float64), max_lag=10)
+    noise = dynamics.vacf(torch.randn(5000, 3, 4, 3, dtype=torch.float64), max_lag=10)
     assert abs(float(noise[1:].abs().max())) < 0.05 and float(noise[0]) == pytest.approx(1.0)
 
 

@@ -17,9 +17,9 @@ from openmm_stable.cli import main
 from openmm_stable.data import QMDataset, save_dataset
 from openmm_stable.engine import EngineConfig, masses_amu, maxwell_boltzmann
 from openmm_stable.models import save_model
-from openmm_stable.observables import vacf
-from openmm_stable.simulate import (SimulationConfig, first_minimum, green_kubo_diffusivity, initial_frames,
-                                    run_replicas, simulate, vacf_comparison, vacf_over_segments, write_trajectories)
+from openmm_stable.dynamics import first_minimum, green_kubo_diffusivity, vacf, vacf_over_segments
+from openmm_stable.simulate import (SimulationConfig, initial_frames, run_replicas, simulate, vacf_comparison,
+                                    write_trajectories)
 from openmm_stable.stability import BondDeviationCriterion
 
 from test_engine import ElasticNetwork, NaNBeyond, ZeroModel
@@ -204,7 +204,7 @@ def test_vacf_over_segments_pools_time_origins(rng):
 def test_green_kubo_diffusivity_of_an_ornstein_uhlenbeck_process(rng):
     """Langevin velocities v' = -gamma v + noise: VACF sigma^2 exp(-gamma t), so the
     Green-Kubo integral gives D = sigma^2 / gamma; the MSD of the integrated path agrees."""
-    from openmm_stable.observables import diffusivity, mean_squared_displacement
+    from openmm_stable.dynamics import diffusivity, mean_squared_displacement
 
     gamma, sigma, dt, steps, particles = 5.0, 2.0, 0.01, 3000, 300
     a = np.exp(-gamma * dt)

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from openmm_stable import geometry
 from openmm_stable import stability as st
 from openmm_stable.data.dataset import QMDataset
 
@@ -12,11 +13,11 @@ HYDROXYL_O, HYDROXYL_H = 2, 8  # in `_structures.ETHANOL_*`
 
 
 def test_find_bonds_ethanol():
-    b = st.find_bonds(ETHANOL_Z, ETHANOL_POS)
+    b = geometry.find_bonds(ETHANOL_Z, ETHANOL_POS)
     assert b.dtype == np.int64 and b.shape == (8, 2)
     assert {tuple(x) for x in b.tolist()} == set(ETHANOL_BONDS)
     # a stack of frames uses the first one
-    b2 = st.find_bonds(ETHANOL_Z, np.stack([ETHANOL_POS, ETHANOL_POS * 3]))
+    b2 = geometry.find_bonds(ETHANOL_Z, np.stack([ETHANOL_POS, ETHANOL_POS * 3]))
     assert np.array_equal(b, b2)
 
 
@@ -29,14 +30,14 @@ def test_find_bonds_with_rdkit_if_available():
     z = np.array([a.GetAtomicNum() for a in mol.GetAtoms()])
     pos = mol.GetConformer().GetPositions()
     expected = {tuple(sorted((b.GetBeginAtomIdx(), b.GetEndAtomIdx()))) for b in mol.GetBonds()}
-    assert {tuple(x) for x in st.find_bonds(z, pos).tolist()} == expected
+    assert {tuple(x) for x in geometry.find_bonds(z, pos).tolist()} == expected
 
 
 def test_find_bonds_unknown_element():
     with pytest.raises(ValueError, match="covalent radius"):
-        st.find_bonds([6, 100], [[0, 0, 0], [1, 0, 0]])
+        geometry.find_bonds([6, 100], [[0, 0, 0], [1, 0, 0]])
     with pytest.raises(ValueError, match="covalent radius"):
-        st.find_bonds([0, 1], [[0, 0, 0], [1, 0, 0]])
+        geometry.find_bonds([0, 1], [[0, 0, 0], [1, 0, 0]])
 
 
 def _stretched_trajectory(n_frames=10, at=6, by=0.6):

@@ -26,7 +26,8 @@ from openmm_stable.models import create_model
 from openmm_stable.models.base import batch_index, energy_and_forces
 from openmm_stable.models.schnet import pair_vectors, structure_pairs
 from openmm_stable.observables import RdfObservable
-from openmm_stable.simulate import SimulationConfig, molecular_diffusivity, simulate
+from openmm_stable.dynamics import molecular_diffusivity
+from openmm_stable.simulate import SimulationConfig, simulate
 from openmm_stable.stability import (BondDeviationCriterion, MinimumDistanceCriterion, make_criterion, molecule_ids,
                                      resolve_stability)
 from openmm_stable.training.stable import StableConfig, StableTrainer
@@ -370,8 +371,7 @@ def test_simulate_water_writes_rdf_and_diffusivity(water, water_traj, tmp_path):
     checked against a recomputation from the files the run wrote (trajectories, vacf.npz)."""
     import mdtraj
 
-    from openmm_stable.observables import A2_PER_PS_IN_CM2_PER_S
-    from openmm_stable.simulate import first_minimum, green_kubo_diffusivity
+    from openmm_stable.dynamics import A2_PER_PS_IN_CM2_PER_S, first_minimum, green_kubo_diffusivity
 
     start = toy_lattice_dataset()
     config = SimulationConfig(n_replicas=2, time_ps=0.4, check_interval_ps=0.02, write_trajectories=True,

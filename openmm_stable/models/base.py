@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from openmm_stable.errors import InputError
+from openmm_stable.geometry import half_box_width
 
 MAX_Z = 119
 
@@ -108,8 +109,6 @@ def check_cutoff_fits_box(model: nn.Module, box) -> None:
     minimum image misses neighbours (and the energy jumps as atoms cross the boundary)."""
     if box is None:
         return
-    from openmm_stable.observables import half_box_width
-
     cutoff, half = model_cutoff(model), half_box_width(box)
     if cutoff is not None and cutoff >= half:
         raise InputError(f"model cutoff {cutoff:g} A is not below half the periodic box width ({half:.3f} A); "

@@ -36,7 +36,8 @@ from openmm_stable.data.splits import split_dataset
 from openmm_stable.engine import EngineConfig, ReplicaEngine
 from openmm_stable.io import atomic_torch_save, atomic_write_json, get_rng_state, set_rng_state, write_csv
 from openmm_stable.models import NNIP, load_model, save_model
-from openmm_stable.observables import element_pair_list, half_box_width, make_observable, reference_from_dataset
+from openmm_stable.geometry import half_box_width
+from openmm_stable.observables import element_pair_list, make_observable, reference_from_dataset
 from openmm_stable.temperature import dataset_temperature, with_sampling_temperature
 from openmm_stable.stability import (STABILITY_KINDS, TRAINING_BOND_THRESHOLD, WATER_MIN_DISTANCE_THRESHOLD,
                                      make_criterion, molecule_ids)
