@@ -280,11 +280,13 @@ def run_teacher_student(teacher, train, starts, test, work: Path, timings, args)
     for optimizer in args.optimizers:
         stage(f"teacher-student: refine the student on h(r) alone ({optimizer})")
         # Learning from the first epoch on: a 0.01 A training threshold flags every replica.
-        lr = 1e-3 if optimizer == "adam" else 3e-6
+        # Gradient norms are 1e2-1e4 here, so clipping to 1 makes SGD a fixed-length step of
+        # lr in parameter space along the estimated gradient; Adam steps each parameter by ~lr.
+        lr = 1e-3 if optimizer == "adam" else 1e-2
         config = stable_recipe(args, observable=settings, energy_force_weight=0.0, bond_threshold=0.01,
                                unstable_fraction=0.01, learning_epochs=10 ** 6, max_learning_steps=args.teacher_steps,
                                max_epochs=args.teacher_steps + 2, epoch_ps=0.4, n_replicas=16, optimizer=optimizer,
-                               lr=lr, grad_clip=None if optimizer == "sgd" else 1.0, warmup_steps=2,
+                               lr=lr, grad_clip=1.0, warmup_steps=2,
                                lr_patience=10 ** 6)
         folder = work / f"refine_teacher_student_{optimizer}"
         if not (folder / "model.pt").exists():
