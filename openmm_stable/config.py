@@ -2,6 +2,8 @@
 
 Each stage has a dataclass config validated in its ``__post_init__``; this module only
 turns mappings into those dataclasses, rejecting unknown keys instead of ignoring them.
+`load_config` is the one rule for pretrain, simulate and refine: explicit flags over the
+YAML file over the defaults, and a flag that was not given (None) never wins.
 """
 from __future__ import annotations
 
@@ -57,11 +59,39 @@ def read_yaml_mapping(path) -> dict:
     return values
 
 
+def merge_settings(base: Optional[dict], overrides: Optional[dict]) -> dict:
+    """`base` updated with `overrides`, the one rule of every stage: a None override means
+    "not given" and never wins; nested mappings (e.g. ``engine``) merge key by key."""
+    out = dict(base or {})
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            nested = merge_settings(out.get(key) if isinstance(out.get(key), dict) else {}, value)
+            if nested or key in out:
+                out[key] = nested
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(cls: type[T], path=None, overrides: Optional[dict] = None) -> T:
+    """A stage's config: defaults, then the YAML file at `path` (if any), then the
+    non-None `overrides` (command-line flags); see `merge_settings`.
+
+    A config class with a ``from_dict`` classmethod (`PretrainConfig`, `SimulationConfig`)
+    builds itself from the merged mapping; any other goes through `config_from_dict`."""
+    values = merge_settings(read_yaml_mapping(path) if path is not None else {}, overrides)
+    from_dict = getattr(cls, "from_dict", None)
+    if from_dict is not None:
+        return from_dict(values)
+    return config_from_dict(cls, values, None if path is None else str(path))
+
+
 def config_from_yaml(cls: type[T], path, overrides: Optional[dict] = None) -> T:
-    """Read a YAML mapping of `cls` fields; non-None `overrides` win over the file."""
-    values = read_yaml_mapping(path)
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return config_from_dict(cls, values, str(path))
+    """Read a YAML mapping of `cls` fields; non-None `overrides` win over the file
+    (`load_config` with a file)."""
+    return load_config(cls, path, overrides)
 
 
 def config_to_dict(config) -> dict:

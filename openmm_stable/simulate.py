@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from openmm_stable.config import config_from_dict, load_config
 from openmm_stable.errors import InputError
 from openmm_stable.data.dataset import QMDataset, hill_formula
 from openmm_stable.engine import EngineConfig, ReplicaEngine, masses_amu
@@ -40,6 +41,9 @@ from openmm_stable.stability import (EVALUATION_BOND_THRESHOLD, STABILITY_KINDS,
 
 @dataclasses.dataclass
 class SimulationConfig:
+    """Every `simulate` setting. `from_dict` / `from_yaml` build it from plain data (the
+    ``simulate --config FILE`` form); ``vacf_interval_ps`` 0 or None turns the VACF off."""
+
     n_replicas: int = 16
     time_ps: float = 10.0
     check_interval_ps: float = 0.1  # stability check and frame saving interval
@@ -62,12 +66,29 @@ class SimulationConfig:
     def __post_init__(self) -> None:
         if isinstance(self.engine, dict):
             self.engine = EngineConfig(**self.engine)
+        if self.vacf_interval_ps == 0:
+            self.vacf_interval_ps = None
         if self.n_replicas < 1 or self.time_ps <= 0 or self.check_interval_ps <= 0:
             raise InputError("n_replicas, time_ps and check_interval_ps must be positive")
         if self.stability not in STABILITY_KINDS:
             raise InputError(f"unknown stability criterion {self.stability!r}; known: {', '.join(STABILITY_KINDS)}")
         if self.vacf_interval_ps is not None and not (self.vacf_interval_ps > 0 and self.vacf_max_lag_ps > 0):
             raise InputError("vacf_interval_ps (or None) and vacf_max_lag_ps must be positive")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "SimulationConfig":
+        """Build from a mapping (YAML); unknown keys are an error. The engine's seed follows
+        ``seed`` unless the mapping sets ``engine.seed``, as on the command line."""
+        values = dict(values)
+        if "seed" in values and "seed" not in (values.get("engine") or {}):
+            values["engine"] = {**(values.get("engine") or {}), "seed": values["seed"]}
+        return config_from_dict(cls, values, "simulate config")
+
+    @classmethod
+    def from_yaml(cls, path, **overrides) -> "SimulationConfig":
+        """Read a YAML mapping of field names; `overrides` that are not None win over the
+        file (`openmm_stable.config.load_config`)."""
+        return load_config(cls, path, overrides)
 
     @property
     def steps_per_check(self) -> int:

@@ -73,10 +73,9 @@ def register(subparsers) -> None:
 
 def config_from_args(args) -> PretrainConfig:
     """YAML file (if any), then the flags that were given."""
-    overrides = {field: getattr(args, flag) for flag, field in _FLAG_FIELDS.items() if getattr(args, flag) is not None}
-    if args.config:
-        return PretrainConfig.from_yaml(args.config, **overrides)
-    return PretrainConfig.from_dict(overrides)
+    from openmm_stable.config import load_config
+
+    return load_config(PretrainConfig, args.config or None, {field: getattr(args, flag) for flag, field in _FLAG_FIELDS.items()})
 
 
 def run(args) -> int:

@@ -2,6 +2,11 @@
 
     openmm-stable simulate model.pt --data aspirin_xtb.npz --replicas 16 --time 10 --out sim/
     openmm-stable simulate model.pt --data water.npz --reference water_traj.npz --out sim/   # at water.npz's 300 K
+    openmm-stable simulate model.pt --data aspirin_xtb.npz --config simulate.yaml --replicas 32 --out sim/
+
+``--config FILE`` reads a YAML mapping of `SimulationConfig` fields (``engine:`` a mapping
+of `EngineConfig` fields); flags given on the command line override it, as for pretrain
+and refine (`openmm_stable.config.load_config`).
 """
 from __future__ import annotations
 
@@ -15,44 +20,63 @@ def register(subparsers) -> None:
     p.add_argument("--data", required=True, help="dataset: starting frames, bonds and reference h(r)")
     p.add_argument("--reference", default=None, help="reference dataset for h(r) (default: --data)")
     p.add_argument("--test-data", default=None, help="labelled dataset: also report energy/force MAE on it")
-    p.add_argument("--replicas", type=int, default=16)
-    p.add_argument("--time", type=float, default=10.0, help="ps per replica (default 10)")
-    p.add_argument("--check-interval", type=float, default=0.1, help="ps between stability checks (default 0.1)")
-    p.add_argument("--stability", choices=STABILITY_KINDS, default="auto",
+    p.add_argument("--config", default=None, help="YAML file of SimulationConfig fields (flags override it)")
+    p.add_argument("--replicas", type=int, default=None)
+    p.add_argument("--time", type=float, default=None, help="ps per replica (default 10)")
+    p.add_argument("--check-interval", type=float, default=None, help="ps between stability checks (default 0.1)")
+    p.add_argument("--stability", choices=STABILITY_KINDS, default=None,
                    help="stability criterion: bond-length deviation, minimum intermolecular distance, minimum "
                         "non-bonded distance (also inside molecules), or auto (min_distance for periodic data, "
                         "bonds otherwise; default)")
-    p.add_argument("--bond-threshold", type=float, default=0.5, help="A (default 0.5)")
-    p.add_argument("--min-distance-threshold", type=float, default=WATER_MIN_DISTANCE_THRESHOLD,
+    p.add_argument("--bond-threshold", type=float, default=None, help="A (default 0.5)")
+    p.add_argument("--min-distance-threshold", type=float, default=None,
                    help=f"A (default {WATER_MIN_DISTANCE_THRESHOLD})")
-    p.add_argument("--vacf-interval", type=float, default=0.0025,
+    p.add_argument("--vacf-interval", type=float, default=None,
                    help="ps between saved velocities for the VACF (default 0.0025; 0: no VACF)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
     p.add_argument("--trajectories", action="store_true", help="write one DCD per replica")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--no-progress", action="store_true")
-    add_engine_arguments(p)
+    add_engine_arguments(p, defaults_from_config=True)
     p.set_defaults(func=run)
+
+
+# Command-line flag (argparse dest) -> SimulationConfig field.
+_FLAG_FIELDS = {
+    "replicas": "n_replicas",
+    "time": "time_ps",
+    "check_interval": "check_interval_ps",
+    "stability": "stability",
+    "bond_threshold": "bond_threshold",
+    "min_distance_threshold": "min_distance_threshold",
+    "vacf_interval": "vacf_interval_ps",
+    "seed": "seed",
+    "reference_temperature": "reference_temperature_K",
+}
+
+
+def config_from_args(args):
+    """`SimulationConfig` defaults, then the YAML file (if any), then the flags that were given."""
+    from openmm_stable.config import load_config
+    from openmm_stable.simulate import SimulationConfig
+
+    overrides = {field: getattr(args, flag) for flag, field in _FLAG_FIELDS.items()}
+    overrides["write_trajectories"] = True if args.trajectories else None
+    overrides["engine"] = {**engine_overrides(args), "seed": args.seed}
+    return load_config(SimulationConfig, args.config or None, overrides)
 
 
 def run(args) -> int:
     from openmm_stable.data import load_dataset
-    from openmm_stable.engine import EngineConfig
     from openmm_stable.models import load_model
-    from openmm_stable.simulate import SimulationConfig, simulate, summary
+    from openmm_stable.simulate import simulate, summary
 
     model = load_model(args.model)
     dataset = load_dataset(args.data)
     reference = load_dataset(args.reference) if args.reference else dataset
     check_model_matches(args.model, dataset, reference)
     test_set = load_dataset(args.test_data) if args.test_data else None
-    config = SimulationConfig(n_replicas=args.replicas, time_ps=args.time, check_interval_ps=args.check_interval,
-                              stability=args.stability, bond_threshold=args.bond_threshold,
-                              min_distance_threshold=args.min_distance_threshold, seed=args.seed,
-                              vacf_interval_ps=args.vacf_interval or None,
-                              write_trajectories=args.trajectories,
-                              reference_temperature_K=args.reference_temperature,
-                              engine=EngineConfig(seed=args.seed, **engine_overrides(args)))
+    config = config_from_args(args)
     metrics = simulate(model, dataset, config, args.out, reference=reference, test_set=test_set,
                        progress=not args.no_progress)
     print(summary(metrics))

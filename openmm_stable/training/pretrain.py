@@ -47,7 +47,7 @@ from openmm_stable.data.splits import parse_size, split_indices
 from openmm_stable.temperature import recorded_temperature
 from openmm_stable.models import ARCHITECTURES, PRESETS, create_model, load_model, save_model
 from openmm_stable.models.base import MAX_Z, NNIP, check_cutoff_fits_box
-from openmm_stable.config import config_from_dict, read_yaml_mapping
+from openmm_stable.config import config_from_dict, load_config
 from openmm_stable.io import atomic_write_text, get_rng_state, set_rng_state, write_csv
 from openmm_stable.training.batching import FrameTensors, energy_force_loss, evaluate, loss_from_metrics, refit_energy_shift
 
@@ -183,10 +183,9 @@ class PretrainConfig:
 
     @classmethod
     def from_yaml(cls, path: Union[str, os.PathLike], **overrides) -> "PretrainConfig":
-        """Read a YAML mapping of field names; `overrides` win over the file (None included)."""
-        values = read_yaml_mapping(path)
-        values.update(overrides)
-        return cls.from_dict(values)
+        """Read a YAML mapping of field names; `overrides` that are not None win over the
+        file (`openmm_stable.config.load_config`; ``test="rest"`` asks for the rest)."""
+        return load_config(cls, path, overrides)
 
 
 
