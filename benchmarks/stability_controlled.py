@@ -41,6 +41,19 @@ from _stages import StageTimings, stage  # noqa: E402
 
 EXPERIMENTS = ("teacher_student", "fragile", "rare")
 ARMS = ("pretrained", "stable", "energy_force_only", "large_data")
+# Extra StABlE arms (settings changed from the recipe), run for the experiments in --variants:
+# what each change of the learning phase does to the split-half cosine and to the result.
+VARIANTS = {
+    # The paper code's failure handling: a failed replica goes back to the start of the
+    # epoch in which it failed, learning re-runs that window until no replica fails (at
+    # most 10 epochs), a fresh optimizer per learning phase, 5 % random resets, and the
+    # energy/force gradient over the whole training set.
+    "stable_paper_failure_handling": dict(failure_reset="epoch_start", learning_restart="last_window",
+                                          until_stable=True, learning_epochs=10, new_optimizer_per_phase=True,
+                                          random_reset_fraction=0.05, qm_batch_size=None),
+    # Only the frames of replicas that failed in the window feed the estimator.
+    "stable_unstable_samples": dict(samples_from="unstable"),
+}
 
 
 def parse_args(argv=None):
@@ -63,6 +76,8 @@ def parse_args(argv=None):
     p.add_argument("--teacher-steps", type=int, default=30, help="learning steps of the teacher-student refinement")
     p.add_argument("--optimizers", nargs="+", default=["adam", "sgd"], help="teacher-student optimiser arms")
     p.add_argument("--experiments", nargs="+", choices=EXPERIMENTS, default=list(EXPERIMENTS))
+    p.add_argument("--variants", nargs="*", choices=["fragile", "rare"], default=["rare"],
+                   help=f"experiments that also run the StABlE variants ({', '.join(VARIANTS)})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every stage")
@@ -180,6 +195,12 @@ def run_arms(exp: str, start, large, train, pool, starts, test, horizon_ps: floa
         stable_recipe(args, observable_weight=0.0, max_learning_steps=steps, max_epochs=10 * args.refine_epochs),
         work))
     models = {"pretrained": start, "stable": stable_model, "energy_force_only": ef_model, "large_data": large}
+    variant_steps = {}
+    for variant, overrides in (VARIANTS.items() if exp in args.variants else ()):
+        stage(f"{exp}: StABlE variant {variant}")
+        models[variant], summary = timings(f"{exp}_refine_{variant}", lambda o=overrides, v=variant: refined(
+            start, f"{exp}_{v}", train, pool, stable_recipe(args, **o), work))
+        variant_steps[variant] = int(summary["learning_steps"])
     arms = {}
     for arm, model in models.items():
         stage(f"{exp}: evaluate {arm}")
@@ -191,6 +212,11 @@ def run_arms(exp: str, start, large, train, pool, starts, test, horizon_ps: floa
         values["median_interval_ps"] = bootstrap_median_interval(values["stable_time_ps"], horizon_ps, seed=args.seed)
     arms["stable"]["learning_steps"] = steps
     arms["energy_force_only"]["learning_steps"] = int(ef_summary["learning_steps"])
+    for variant, n_steps in variant_steps.items():
+        arms[variant]["learning_steps"] = n_steps
+        arms[variant]["logrank_p_vs_pretrained"] = logrank_p(arms[variant]["stable_time_ps"],
+                                                             arms["pretrained"]["stable_time_ps"], horizon_ps)
+        arms[variant]["signal"] = signal_summary(work / f"refine_{exp}_{variant}")
     p = lambda a, b: logrank_p(arms[a]["stable_time_ps"], arms[b]["stable_time_ps"], horizon_ps)  # noqa: E731
     return {"horizon_ps": horizon_ps, "n_train_frames": len(train), "arms": arms,
             "logrank_p": {"stable_vs_pretrained": p("stable", "pretrained"),
