@@ -6,8 +6,8 @@ Usage::
     model, metrics = pretrain(dataset, PretrainConfig(preset="small"), "runs/aspirin")
 """
 from openmm_stable.training.batching import Batch, FrameTensors, energy_force_loss, evaluate, loss_from_metrics
+from openmm_stable.training.ema import EMA
 from openmm_stable.training.pretrain import (
-    EMA,
     PretrainConfig,
     TrainingDivergedError,
     fit_atom_energies,

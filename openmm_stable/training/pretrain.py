@@ -11,6 +11,9 @@ Usage::
     model, metrics = pretrain(dataset, config, "runs/aspirin")    # resume=True after a crash
     print(metrics["force_mae_meV_per_A"])
 
+`pretrain` is the entry point; the run is a `Pretrainer` (state, one method per phase,
+checkpoints written and read in one place each), the shape `StableTrainer` has for refine.
+
 Files in ``out_dir``: ``model.pt`` (best model, `openmm_stable.models.load_model` reads it
 and both checkpoints), ``checkpoint_last.pt`` / ``checkpoint_best.pt``, ``log.csv`` (one row
 per epoch), ``learning_curve.png``, ``metrics.json`` (test-split errors) and ``config.yaml``.
@@ -49,6 +52,7 @@ from openmm_stable.models import ARCHITECTURES, PRESETS, create_model, load_mode
 from openmm_stable.models.base import MAX_Z, NNIP, check_cutoff_fits_box
 from openmm_stable.config import config_from_dict, load_config
 from openmm_stable.io import atomic_write_text, get_rng_state, set_rng_state, write_csv
+from openmm_stable.training.ema import EMA
 from openmm_stable.training.batching import FrameTensors, energy_force_loss, evaluate, loss_from_metrics, refit_energy_shift
 
 SizeLike = Union[int, float, str]
@@ -229,47 +233,6 @@ def fit_energy_scale(dataset: QMDataset, atom_energies: np.ndarray) -> float:
     return scale if scale > 1e-12 and math.isfinite(scale) else 1.0
 
 
-# --- EMA ------------------------------------------------------------------------------------------
-class EMA:
-    """Exponential moving average of a model's floating-point state (weights and buffers).
-
-    The decay ramps up as ``min(decay, (1 + n) / (10 + n))`` over the first updates, so the
-    average is not dominated by the random initial weights.
-    """
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = float(decay)
-        self.n_updates = 0
-        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        self.n_updates += 1
-        decay = min(self.decay, (1.0 + self.n_updates) / (10.0 + self.n_updates))
-        for name, value in model.state_dict().items():
-            if name in self.shadow:
-                self.shadow[name].mul_(decay).add_(value.detach(), alpha=1.0 - decay)
-
-    @contextlib.contextmanager
-    def applied(self, model: nn.Module):
-        """Temporarily load the averaged weights into `model`."""
-        backup = {k: v.detach().clone() for k, v in model.state_dict().items() if k in self.shadow}
-        model.load_state_dict(self.shadow, strict=False)
-        try:
-            yield model
-        finally:
-            model.load_state_dict(backup, strict=False)
-
-    def state_dict(self) -> dict:
-        return {"decay": self.decay, "n_updates": self.n_updates, "shadow": self.shadow}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.n_updates = int(state["n_updates"])
-        for name, value in state["shadow"].items():
-            if name in self.shadow:
-                self.shadow[name].copy_(value)
-
-
 # --- the run ----------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class _RunState:
@@ -306,197 +269,280 @@ def pretrain(
     limits such as ``max_epochs``, ``patience`` and ``time_budget_min`` come from `config`,
     so a finished run can be extended). Without it, an existing run in `out_dir` is an error
     unless ``overwrite=True``. Ctrl-C leaves the last completed epoch's checkpoint intact.
+    The run itself is a `Pretrainer`.
     """
     if not isinstance(dataset, QMDataset):
         from openmm_stable.data.formats import load_dataset
 
         dataset = load_dataset(dataset)
-    config.validate()
-    if dataset.energies is None or (config.force_weight > 0 and dataset.forces is None):
-        raise InputError(f"{dataset.source}: pre-training needs energies and forces (forces only if force_weight > 0)")
-    out_dir = Path(out_dir)
-    last_path, best_path = out_dir / "checkpoint_last.pt", out_dir / "checkpoint_best.pt"
-    if resume and not last_path.exists():
-        raise FileNotFoundError(f"{last_path}: nothing to resume (no checkpoint_last.pt in {out_dir})")
-    if not resume and not overwrite and last_path.exists():
-        raise InputError(
-            f"{out_dir} already holds a pre-training run; pass resume=True (--resume) to continue it, "
-            "overwrite=True (--overwrite) to start over, or use another directory"
-        )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(str(config.device))
-    if config.keep_freed_memory and device.type == "cpu":
-        keep_freed_memory()
+    trainer = Pretrainer(dataset, config, out_dir, resume=resume, overwrite=overwrite, progress=progress)
+    trainer.fit()
+    return trainer.finish()
 
-    fingerprint = dataset.fingerprint()
-    parts = split_indices(len(dataset), *split_sizes(config, len(dataset)), mode=config.split_mode, seed=config.seed)
-    if len(parts[0]) == 0 or len(parts[1]) == 0:
-        raise InputError(f"split: train ({len(parts[0])}) and val ({len(parts[1])}) need at least one frame each")
-    train_ds, val_ds = dataset.subset(parts[0]), dataset.subset(parts[1])
-    test_ds = dataset.subset(parts[2]) if len(parts[2]) else None
-    split = {name: [int(i) for i in idx] for name, idx in zip(("train", "val", "test"), parts)}
 
-    state = _RunState()
-    if resume:
-        payload = torch.load(last_path, map_location="cpu", weights_only=False)
-        _check_resumable(payload, last_path, fingerprint, split, config)
-        model = load_model(last_path).to(device)
-        state = _RunState(**payload["run_state"])
-    else:
+class Pretrainer:
+    """Owns the split, model, optimizer, scheduler, EMA and loop state of one pre-training
+    run (the shape of `StableTrainer`). Construction checks the inputs and the output
+    folder, splits the data and either starts a new model (`start`) or restores the last
+    checkpoint (`load_checkpoint`); `fit` runs epochs (`run_epoch`: `train_epoch`, then
+    `validate`) until a stopping rule holds; `finish` writes the best model and the test
+    metrics. Checkpoints are written only by `save_checkpoint` and read only by
+    `load_checkpoint`."""
+
+    def __init__(self, dataset: QMDataset, config: PretrainConfig, out_dir: Union[str, os.PathLike],
+                 resume: bool = False, overwrite: bool = False, progress: bool = True):
+        config.validate()
+        if dataset.energies is None or (config.force_weight > 0 and dataset.forces is None):
+            raise InputError(f"{dataset.source}: pre-training needs energies and forces (forces only if force_weight > 0)")
+        self.config, self.dataset, self.progress = config, dataset, progress
+        self.out = Path(out_dir)
+        self.last_path, self.best_path = self.out / "checkpoint_last.pt", self.out / "checkpoint_best.pt"
+        if resume and not self.last_path.exists():
+            raise FileNotFoundError(f"{self.last_path}: nothing to resume (no checkpoint_last.pt in {self.out})")
+        if not resume and not overwrite and self.last_path.exists():
+            raise InputError(
+                f"{self.out} already holds a pre-training run; pass resume=True (--resume) to continue it, "
+                "overwrite=True (--overwrite) to start over, or use another directory"
+            )
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.device = resolve_device(str(config.device))
+        if config.keep_freed_memory and self.device.type == "cpu":
+            keep_freed_memory()
+        self.fingerprint = dataset.fingerprint()
+        self.parts = split_indices(len(dataset), *split_sizes(config, len(dataset)), mode=config.split_mode,
+                                   seed=config.seed)
+        if len(self.parts[0]) == 0 or len(self.parts[1]) == 0:
+            raise InputError(f"split: train ({len(self.parts[0])}) and val ({len(self.parts[1])}) need at least one "
+                             "frame each")
+        self.train_set, self.val_set = dataset.subset(self.parts[0]), dataset.subset(self.parts[1])
+        self.test_set = dataset.subset(self.parts[2]) if len(self.parts[2]) else None
+        self.split = {name: [int(i) for i in idx] for name, idx in zip(("train", "val", "test"), self.parts)}
+        self.state = _RunState()
+        self.stop_reason: Optional[str] = None
+        if resume:
+            self.load_checkpoint()
+        else:
+            self.start()
+        atomic_write_text(self.out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        dtype = next(iter(self.model.parameters())).dtype
+        self.scale = float(self.model.energy_scale)
+        self._budget_s, self._time_before, self._started, self._last_plot = math.inf, 0.0, time.perf_counter(), 0.0
+        self.train_tensors = FrameTensors(self.train_set, device=self.device, dtype=dtype)
+        self.val_tensors = FrameTensors(self.val_set, device=self.device, dtype=dtype)
+
+    # --- setup and checkpoints ----------------------------------------------------------------
+    def start(self) -> None:
+        """A new model with energy offsets and scale fitted to the training frames."""
+        config = self.config
         torch.manual_seed(config.seed)
         model = create_model(config.architecture, config.preset,
                              **({} if config.cutoff is None else {"cutoff": float(config.cutoff)}))
-        check_cutoff_fits_box(model, dataset.box)
-        atom_energies = fit_atom_energies([dataset.atomic_numbers] * len(train_ds), train_ds.energies)
+        check_cutoff_fits_box(model, self.dataset.box)
+        atom_energies = fit_atom_energies([self.dataset.atomic_numbers] * len(self.train_set), self.train_set.energies)
         with torch.no_grad():
             model.atom_energies.copy_(torch.from_numpy(atom_energies))
-            model.energy_scale.fill_(fit_energy_scale(train_ds, atom_energies))
-        model = model.to(device)
-        for path in (last_path, best_path, out_dir / "model.pt", out_dir / "metrics.json"):
+            model.energy_scale.fill_(fit_energy_scale(self.train_set, atom_energies))
+        self.model = model.to(self.device)
+        for path in (self.last_path, self.best_path, self.out / "model.pt", self.out / "metrics.json"):
             path.unlink(missing_ok=True)  # stale files from an overwritten run
-    dtype = next(iter(model.parameters())).dtype
-    scale = float(model.energy_scale)
+        self._new_optimizer()
 
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="min", factor=config.lr_factor, patience=config.lr_patience, min_lr=config.min_lr
-    )
-    ema = EMA(model, config.ema_decay) if config.ema_decay else None
-    if resume:
-        optimizer.load_state_dict(payload["optimizer"])
-        scheduler.load_state_dict(payload["scheduler"])
-        if ema is not None and payload.get("ema") is not None:
-            ema.load_state_dict(payload["ema"])
+    def _new_optimizer(self) -> None:
+        config = self.config
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, mode="min", factor=config.lr_factor, patience=config.lr_patience, min_lr=config.min_lr
+        )
+        self.ema = EMA(self.model, config.ema_decay) if config.ema_decay else None
+
+    @property
+    def _record(self) -> dict:
+        """What every file of the run records besides the weights."""
+        return dict(config=self.config.to_dict(), dataset_fingerprint=self.fingerprint,
+                    dataset_source=str(self.dataset.source), split=self.split,
+                    atomic_numbers=self.dataset.atomic_numbers,
+                    training_temperature_K=recorded_temperature(self.dataset))
+
+    def save_checkpoint(self, improved: bool, val_loss: float) -> None:
+        """checkpoint_best.pt (the averaged weights under EMA) when the epoch improved, then
+        checkpoint_last.pt with everything a resume needs."""
+        epoch = self.state.epoch
+        # Best before last: a crash in between leaves a 'last' whose best_val_loss matches 'best'.
+        if improved:
+            with self._averaged():
+                save_model(self.model, self.best_path, kind="checkpoint_best", epoch=epoch, val_loss=val_loss,
+                           **self._record)
+        save_model(
+            self.model, self.last_path, kind="checkpoint_last", epoch=epoch,
+            optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+            ema=None if self.ema is None else self.ema.state_dict(), run_state=dataclasses.asdict(self.state),
+            rng=get_rng_state(), **self._record,
+        )
+
+    def load_checkpoint(self) -> None:
+        """Model, optimizer, scheduler, EMA, loop state and RNG state from checkpoint_last.pt."""
+        payload = torch.load(self.last_path, map_location="cpu", weights_only=False)
+        _check_resumable(payload, self.last_path, self.fingerprint, self.split, self.config)
+        self.model = load_model(self.last_path).to(self.device)
+        self.state = _RunState(**payload["run_state"])
+        self._new_optimizer()
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+        if self.ema is not None and payload.get("ema") is not None:
+            self.ema.load_state_dict(payload["ema"])
         set_rng_state(payload["rng"])
-        del payload
-    atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
 
-    frames_train = FrameTensors(train_ds, device=device, dtype=dtype)
-    frames_val = FrameTensors(val_ds, device=device, dtype=dtype)
-    budget_s = math.inf if config.time_budget_min is None else 60.0 * config.time_budget_min
-    time_before, started = state.train_time_s, time.perf_counter()
-    elapsed = lambda: time_before + time.perf_counter() - started  # noqa: E731
-    common = dict(config=config.to_dict(), dataset_fingerprint=fingerprint, dataset_source=str(dataset.source),
-                  split=split, atomic_numbers=dataset.atomic_numbers,
-                  training_temperature_K=recorded_temperature(dataset))
+    def _averaged(self):
+        """Context in which the model holds the EMA weights (a no-op without EMA)."""
+        return self.ema.applied(self.model) if self.ema is not None else contextlib.nullcontext()
 
-    from tqdm.auto import tqdm
+    # --- the loop -----------------------------------------------------------------------------
+    def _elapsed(self) -> float:
+        return self._time_before + time.perf_counter() - self._started
 
-    bar = tqdm(total=config.max_epochs, initial=min(state.epoch, config.max_epochs), desc="pretrain",
-               unit="epoch", disable=not progress, dynamic_ncols=True)
-    last_plot = time.perf_counter()
-    stop_reason = None
-    try:
-        while True:
-            if state.epoch >= config.max_epochs:
-                stop_reason = "max_epochs"
-            elif state.bad_epochs >= config.patience:
-                stop_reason = "early_stopping"
-            elif elapsed() >= budget_s and state.epoch > 0:  # always at least one (partial) epoch
-                stop_reason = "time_budget"
-            if stop_reason:
-                break
-            epoch = state.epoch + 1
-            model.train()
-            totals = {"loss": 0.0, "energy_mae_meV": 0.0, "force_mae_meV_per_A": 0.0}
-            n_seen = 0
-            rng = np.random.default_rng([config.seed, epoch])  # per-epoch order: identical after a resume
-            for batch in frames_train.batches(config.batch_size, shuffle=True, rng=rng):
-                optimizer.zero_grad(set_to_none=True)
-                loss, batch_metrics = energy_force_loss(model, batch, config.energy_weight, config.force_weight)
-                if not torch.isfinite(loss):
-                    raise TrainingDivergedError(
-                        f"non-finite loss at epoch {epoch}; lower lr (now {optimizer.param_groups[0]['lr']:g}) or grad_clip"
-                    )
-                loss.backward()
-                if config.grad_clip is not None:
-                    nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                optimizer.step()
-                if ema is not None:
-                    ema.update(model)
-                b = batch.n_structures
-                n_seen += b
-                for key in totals:
-                    totals[key] += b * batch_metrics.get(key, 0.0)
-                if elapsed() >= budget_s:
-                    break
-            refit_energy_shift(model, frames_train)
-            with (ema.applied(model) if ema is not None else contextlib.nullcontext()):
-                val = evaluate(model, frames_val, batch_size=max(64, config.batch_size))
-            val_loss = loss_from_metrics(val, scale, config.energy_weight, config.force_weight)
-            lr = optimizer.param_groups[0]["lr"]
-            scheduler.step(val_loss)
-            state.epoch = epoch
-            improved = val_loss < state.best_val_loss
-            if improved:
-                state.best_val_loss, state.best_epoch, state.bad_epochs = val_loss, epoch, 0
-            else:
-                state.bad_epochs += 1
-            state.train_time_s = elapsed()
-            state.history.append({
-                "epoch": epoch, "lr": lr,
-                "train_loss": totals["loss"] / n_seen,
-                "train_energy_mae_meV": totals["energy_mae_meV"] / n_seen,
-                "train_force_mae_meV_per_A": totals["force_mae_meV_per_A"] / n_seen if config.force_weight > 0 else None,
-                "val_loss": val_loss,
-                "val_energy_mae_meV": val["energy_mae_meV"],
-                "val_force_mae_meV_per_A": val["force_mae_meV_per_A"],
-                "time_s": state.train_time_s,
-            })
-            # Best before last: a crash in between leaves a 'last' whose best_val_loss matches 'best'.
-            if improved:
-                with (ema.applied(model) if ema is not None else contextlib.nullcontext()):
-                    save_model(model, best_path, kind="checkpoint_best", epoch=epoch, val_loss=val_loss, **common)
-            save_model(
-                model, last_path, kind="checkpoint_last", epoch=epoch,
-                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                ema=None if ema is None else ema.state_dict(), run_state=dataclasses.asdict(state),
-                rng=get_rng_state(), **common,
-            )
-            write_csv(out_dir / "log.csv", state.history, LOG_COLUMNS)
-            if time.perf_counter() - last_plot > 30.0:
-                _plot_learning_curve(state.history, out_dir / "learning_curve.png")
-                last_plot = time.perf_counter()
-            bar.update(1)
-            bar.set_postfix(loss=f"{state.history[-1]['train_loss']:.3g}", val_E=f"{val['energy_mae_meV']:.1f}meV",
-                            val_F=f"{val['force_mae_meV_per_A'] or float('nan'):.1f}meV/A", lr=f"{lr:.1e}")
-    except KeyboardInterrupt:
+    def _stop(self) -> Optional[str]:
+        """The stopping rule that holds, if any (checked before every epoch)."""
+        config, state = self.config, self.state
+        if state.epoch >= config.max_epochs:
+            return "max_epochs"
+        if state.bad_epochs >= config.patience:
+            return "early_stopping"
+        if self._elapsed() >= self._budget_s and state.epoch > 0:  # always at least one (partial) epoch
+            return "time_budget"
+        return None
+
+    def fit(self) -> str:
+        """Run epochs until a stopping rule holds; returns its name (also `stop_reason`)."""
+        from tqdm.auto import tqdm
+
+        config = self.config
+        self._budget_s = math.inf if config.time_budget_min is None else 60.0 * config.time_budget_min
+        self._time_before, self._started = self.state.train_time_s, time.perf_counter()
+        bar = tqdm(total=config.max_epochs, initial=min(self.state.epoch, config.max_epochs), desc="pretrain",
+                   unit="epoch", disable=not self.progress, dynamic_ncols=True)
+        self._last_plot = time.perf_counter()
+        try:
+            while (reason := self._stop()) is None:
+                row = self.run_epoch()
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['train_loss']:.3g}", val_E=f"{row['val_energy_mae_meV']:.1f}meV",
+                                val_F=f"{row['val_force_mae_meV_per_A'] or float('nan'):.1f}meV/A",
+                                lr=f"{row['lr']:.1e}")
+        except KeyboardInterrupt:
+            bar.close()
+            print(f"\npretrain interrupted after epoch {self.state.epoch}; continue with resume=True (--resume)",
+                  file=sys.stderr)
+            raise
         bar.close()
-        print(f"\npretrain interrupted after epoch {state.epoch}; continue with resume=True (--resume)", file=sys.stderr)
-        raise
-    bar.close()
+        self.stop_reason = reason
+        return reason
 
-    # Final model: the best validation epoch (EMA weights if EMA is on).
-    if best_path.exists():
-        model.load_state_dict(torch.load(best_path, map_location=device, weights_only=False)["state_dict"])
-    model.eval()
-    val_metrics = evaluate(model, frames_val, batch_size=max(64, config.batch_size))
-    test_metrics = evaluate(model, test_ds, batch_size=max(64, config.batch_size)) if test_ds is not None else None
-    metrics = {
-        "architecture": config.architecture,
-        "preset": config.preset,
-        "n_train": len(parts[0]), "n_val": len(parts[1]), "n_test": len(parts[2]),
-        "energy_mae_meV": test_metrics and test_metrics["energy_mae_meV"],
-        "energy_rmse_meV": test_metrics and test_metrics["energy_rmse_meV"],
-        "force_mae_meV_per_A": test_metrics and test_metrics["force_mae_meV_per_A"],
-        "force_rmse_meV_per_A": test_metrics and test_metrics["force_rmse_meV_per_A"],
-        "val": val_metrics,
-        "train_time_s": state.train_time_s,
-        "epochs": state.epoch,
-        "best_epoch": state.best_epoch,
-        "best_val_loss": state.best_val_loss,
-        "stopped_reason": stop_reason,
-        "n_parameters": sum(p.numel() for p in model.parameters()),
-        "energy_scale": scale,
-        "device": str(device),
-        "dataset_fingerprint": fingerprint,
-        "dataset_source": str(dataset.source),
-    }
-    save_model(model, out_dir / "model.pt", kind="model", epoch=state.best_epoch, metrics=metrics, **common)
-    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    write_csv(out_dir / "log.csv", state.history, LOG_COLUMNS)
-    _plot_learning_curve(state.history, out_dir / "learning_curve.png")
-    return model, metrics
+    def run_epoch(self) -> dict:
+        """One epoch: train, validate, step the scheduler, checkpoint, log; returns its log row."""
+        config, state = self.config, self.state
+        epoch = state.epoch + 1
+        train = self.train_epoch(epoch)
+        val_loss, val = self.validate()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step(val_loss)
+        state.epoch = epoch
+        improved = val_loss < state.best_val_loss
+        if improved:
+            state.best_val_loss, state.best_epoch, state.bad_epochs = val_loss, epoch, 0
+        else:
+            state.bad_epochs += 1
+        state.train_time_s = self._elapsed()
+        state.history.append({
+            "epoch": epoch, "lr": lr,
+            "train_loss": train["loss"],
+            "train_energy_mae_meV": train["energy_mae_meV"],
+            "train_force_mae_meV_per_A": train["force_mae_meV_per_A"] if config.force_weight > 0 else None,
+            "val_loss": val_loss,
+            "val_energy_mae_meV": val["energy_mae_meV"],
+            "val_force_mae_meV_per_A": val["force_mae_meV_per_A"],
+            "time_s": state.train_time_s,
+        })
+        self.save_checkpoint(improved, val_loss)
+        write_csv(self.out / "log.csv", state.history, LOG_COLUMNS)
+        if time.perf_counter() - self._last_plot > 30.0:
+            _plot_learning_curve(state.history, self.out / "learning_curve.png")
+            self._last_plot = time.perf_counter()
+        return state.history[-1]
+
+    def train_epoch(self, epoch: int) -> dict:
+        """One pass over the training frames (stops early at the time budget); the mean loss
+        and MAEs over the structures seen."""
+        config, model = self.config, self.model
+        model.train()
+        totals = {"loss": 0.0, "energy_mae_meV": 0.0, "force_mae_meV_per_A": 0.0}
+        n_seen = 0
+        rng = np.random.default_rng([config.seed, epoch])  # per-epoch order: identical after a resume
+        for batch in self.train_tensors.batches(config.batch_size, shuffle=True, rng=rng):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss, batch_metrics = energy_force_loss(model, batch, config.energy_weight, config.force_weight)
+            if not torch.isfinite(loss):
+                raise TrainingDivergedError(
+                    f"non-finite loss at epoch {epoch}; lower lr (now {self.optimizer.param_groups[0]['lr']:g}) "
+                    "or grad_clip"
+                )
+            loss.backward()
+            if config.grad_clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update(model)
+            b = batch.n_structures
+            n_seen += b
+            for key in totals:
+                totals[key] += b * batch_metrics.get(key, 0.0)
+            if self._elapsed() >= self._budget_s:
+                break
+        return {key: value / n_seen for key, value in totals.items()}
+
+    def validate(self) -> tuple[float, dict]:
+        """Refit the energy shift, then the validation loss and metrics (EMA weights if on)."""
+        config = self.config
+        refit_energy_shift(self.model, self.train_tensors)
+        with self._averaged():
+            val = evaluate(self.model, self.val_tensors, batch_size=max(64, config.batch_size))
+        return loss_from_metrics(val, self.scale, config.energy_weight, config.force_weight), val
+
+    # --- the result ---------------------------------------------------------------------------
+    def finish(self) -> tuple[NNIP, dict]:
+        """Load the best validation epoch (EMA weights if EMA is on), evaluate it on the test
+        split and write model.pt, metrics.json, log.csv and learning_curve.png."""
+        config, state, model = self.config, self.state, self.model
+        if self.best_path.exists():
+            model.load_state_dict(torch.load(self.best_path, map_location=self.device, weights_only=False)["state_dict"])
+        model.eval()
+        batch_size = max(64, config.batch_size)
+        val_metrics = evaluate(model, self.val_tensors, batch_size=batch_size)
+        test = evaluate(model, self.test_set, batch_size=batch_size) if self.test_set is not None else None
+        metrics = {
+            "architecture": config.architecture,
+            "preset": config.preset,
+            "n_train": len(self.parts[0]), "n_val": len(self.parts[1]), "n_test": len(self.parts[2]),
+            "energy_mae_meV": test and test["energy_mae_meV"],
+            "energy_rmse_meV": test and test["energy_rmse_meV"],
+            "force_mae_meV_per_A": test and test["force_mae_meV_per_A"],
+            "force_rmse_meV_per_A": test and test["force_rmse_meV_per_A"],
+            "val": val_metrics,
+            "train_time_s": state.train_time_s,
+            "epochs": state.epoch,
+            "best_epoch": state.best_epoch,
+            "best_val_loss": state.best_val_loss,
+            "stopped_reason": self.stop_reason,
+            "n_parameters": sum(p.numel() for p in model.parameters()),
+            "energy_scale": self.scale,
+            "device": str(self.device),
+            "dataset_fingerprint": self.fingerprint,
+            "dataset_source": str(self.dataset.source),
+        }
+        save_model(model, self.out / "model.pt", kind="model", epoch=state.best_epoch, metrics=metrics, **self._record)
+        atomic_write_text(self.out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        write_csv(self.out / "log.csv", state.history, LOG_COLUMNS)
+        _plot_learning_curve(state.history, self.out / "learning_curve.png")
+        return model, metrics
 
 
 def _check_resumable(payload: dict, path: Path, fingerprint: str, split: dict, config: PretrainConfig) -> None:
@@ -544,4 +590,5 @@ def _plot_learning_curve(history: list, path: Path) -> None:
     tmp.replace(path)
 
 
-__all__ = ["EMA", "PretrainConfig", "TrainingDivergedError", "fit_atom_energies", "fit_energy_scale", "pretrain", "resolve_device"]
+__all__ = ["EMA", "PretrainConfig", "Pretrainer", "TrainingDivergedError", "fit_atom_energies", "fit_energy_scale", "pretrain",
+           "resolve_device"]
