@@ -87,6 +87,10 @@ def generate_xtb_dataset(
     positions, energy, forces, velocities and time (for monitoring; raising from it stops
     the run like Ctrl-C does). See the module docstring for the
     partial files and ``resume``.
+
+    Long on purpose: the ASE imports, the MD loop and the ``finally`` that saves whatever
+    frames were done (on Ctrl-C too) belong to one try/finally; the settings, the resume
+    check and the saving are helpers.
     """
     import ase
     import ase.units
@@ -108,32 +112,9 @@ def generate_xtb_dataset(
     frames_path, settings_path = partial_paths(out_path)
     molecule_info = resolve_molecule(molecule)
     z, positions0 = build_molecule(molecule)
-    settings = {
-        "generator": "openmm_stable.data.generate.generate_xtb_dataset",
-        "molecule": molecule_info,
-        "method": method,
-        "temperature_K": float(temperature),
-        "timestep_fs": float(timestep_fs),
-        "stride": int(stride),
-        "equilibration_steps": int(equilibration_steps),
-        "seed": int(seed),
-        "friction_per_fs": float(friction_per_fs),
-        "thermostat": "ase.md.langevin.Langevin",
-        "atomic_numbers": z.tolist(),
-        "versions": {"tblite": _package_version("tblite"), "ase": ase.__version__},
-        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-    # Frames already on disk (resume) or a fresh start.
-    done: list[dict] = []
-    if frames_path.exists() and frames_path.stat().st_size > 0 and not resume:
-        raise InputError(
-            f"{frames_path} exists (an interrupted run); continue it with resume=True (--resume) or delete it"
-        )
-    if resume and frames_path.exists() and frames_path.stat().st_size > 0:
-        done = _read_partial(frames_path, settings_path, settings)
-    elif resume and out_path.exists():
-        raise InputError(f"nothing to resume: {frames_path} does not exist and {out_path} does (a finished run?)")
+    settings = _run_settings(molecule_info, method, temperature, timestep_fs, stride, equilibration_steps, seed,
+                             friction_per_fs, z)
+    done = _frames_to_resume(frames_path, settings_path, out_path, settings, resume)
 
     atoms = ase.Atoms(numbers=z, positions=positions0)
     # Remove centre-of-mass drift with a constraint (ASE's recommended replacement for
@@ -194,17 +175,62 @@ def generate_xtb_dataset(
         bar.close()
         elapsed = time.perf_counter() - t_start
         if done:
-            ds = _to_dataset(done, z, settings, str(out_path), complete=complete)
-            ds.metadata["timing"] = {
-                "wall_seconds_this_run": elapsed,
-                "frames_this_run": len(done) - n_done,
-                "frames_per_second": (len(done) - n_done) / elapsed if elapsed > 0 else None,
-                "ms_per_step": 1000.0 * elapsed / max(1, (len(done) - n_done) * stride),
-            }
-            save_dataset(ds, out_path)
+            ds = _save_run(done, n_done, z, settings, out_path, complete, elapsed, stride)
         if complete:
             frames_path.unlink(missing_ok=True)
             settings_path.unlink(missing_ok=True)
+    return ds
+
+
+def _run_settings(molecule_info: dict, method: str, temperature: float, timestep_fs: float, stride: int,
+                  equilibration_steps: int, seed: int, friction_per_fs: float, z: np.ndarray) -> dict:
+    """The settings of a generation run, as the partial files and the dataset record them."""
+    import ase
+
+    return {
+        "generator": "openmm_stable.data.generate.generate_xtb_dataset",
+        "molecule": molecule_info,
+        "method": method,
+        "temperature_K": float(temperature),
+        "timestep_fs": float(timestep_fs),
+        "stride": int(stride),
+        "equilibration_steps": int(equilibration_steps),
+        "seed": int(seed),
+        "friction_per_fs": float(friction_per_fs),
+        "thermostat": "ase.md.langevin.Langevin",
+        "atomic_numbers": z.tolist(),
+        "versions": {"tblite": _package_version("tblite"), "ase": ase.__version__},
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _frames_to_resume(frames_path: Path, settings_path: Path, out_path: Path, settings: dict,
+                      resume: bool) -> list[dict]:
+    """Frames already on disk (resume) or none (a fresh start); refuses to overwrite an
+    interrupted run or to resume a finished one."""
+    done: list[dict] = []
+    if frames_path.exists() and frames_path.stat().st_size > 0 and not resume:
+        raise InputError(
+            f"{frames_path} exists (an interrupted run); continue it with resume=True (--resume) or delete it"
+        )
+    if resume and frames_path.exists() and frames_path.stat().st_size > 0:
+        done = _read_partial(frames_path, settings_path, settings)
+    elif resume and out_path.exists():
+        raise InputError(f"nothing to resume: {frames_path} does not exist and {out_path} does (a finished run?)")
+    return done
+
+
+def _save_run(done: list[dict], n_done: int, z: np.ndarray, settings: dict, out_path: Path, complete: bool,
+              elapsed: float, stride: int) -> QMDataset:
+    """Save the frames so far (all of them, or a partial run) with this run's timing."""
+    ds = _to_dataset(done, z, settings, str(out_path), complete=complete)
+    ds.metadata["timing"] = {
+        "wall_seconds_this_run": elapsed,
+        "frames_this_run": len(done) - n_done,
+        "frames_per_second": (len(done) - n_done) / elapsed if elapsed > 0 else None,
+        "ms_per_step": 1000.0 * elapsed / max(1, (len(done) - n_done) * stride),
+    }
+    save_dataset(ds, out_path)
     return ds
 
 
