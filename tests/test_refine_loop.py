@@ -90,3 +90,17 @@ def test_bad_settings_are_refused_before_any_simulation():
                 {"observable_weight": -1.0}, {"bond_threshold": -0.1}):
         with pytest.raises(InputError):
             _config(**bad)
+
+
+def test_noisy_windows_are_accumulated_before_a_step(xtb_ethanol, pretrained_ethanol_model, tmp_path):
+    # A cosine threshold of 1 is never cleared by two different halves: every step waits
+    # until `max_accumulated_windows` windows are pooled.
+    config = _config(bond_threshold=1e-6, unstable_fraction=0.1, max_epochs=5, min_split_half_cosine=1.0,
+                     max_accumulated_windows=2)
+    trainer = StableTrainer(copy.deepcopy(pretrained_ethanol_model), xtb_ethanol, config, tmp_path, progress=False)
+    trainer.fit()
+    learning = [r for r in trainer.state.history if r["phase"] == "learning"]
+    assert [r["accumulated_windows"] for r in learning] == [1, 2, 1, 2]
+    assert [("grad_norm" in r) for r in learning] == [False, True, False, True]
+    assert learning[1]["n_samples"] == learning[0]["n_samples"] + config.n_replicas * config.frames_per_epoch
+    assert trainer.state.learning_steps == 2

@@ -33,138 +33,22 @@ from openmm_stable.errors import InputError
 from openmm_stable.config import config_to_dict
 from openmm_stable.data.dataset import QMDataset
 from openmm_stable.data.splits import split_dataset
-from openmm_stable.engine import EngineConfig, ReplicaEngine
+from openmm_stable.engine import ReplicaEngine
 from openmm_stable.io import atomic_torch_save, atomic_write_json, get_rng_state, set_rng_state, write_csv
 from openmm_stable.models import NNIP, load_model, save_model
 from openmm_stable.geometry import half_box_width
 from openmm_stable.observables import element_pair_list, make_observable, reference_from_dataset
 from openmm_stable.temperature import dataset_temperature, with_sampling_temperature
-from openmm_stable.stability import (STABILITY_KINDS, TRAINING_BOND_THRESHOLD, WATER_MIN_DISTANCE_THRESHOLD,
-                                     make_criterion, molecule_ids)
+from openmm_stable.stability import make_criterion, molecule_ids
 from openmm_stable.training.batching import FrameTensors, energy_force_loss, evaluate, refit_energy_shift
 from openmm_stable.training.estimator import (ObservableLoss, boltzmann_coefficients, local_boltzmann_coefficients,
                                               model_atom_energy_fn, model_energy_fn, surrogate_backward)
+from openmm_stable.training.stable_config import StableConfig
 
-SAMPLE_SOURCES = ("all", "stable", "unstable")
-LEARNING_RESTARTS = ("initial", "last_window")
-FAILURE_RESETS = ("last_stable", "epoch_start")
-OPTIMIZERS = ("adam", "sgd")
 LOG_COLUMNS = ["epoch", "cycle", "phase", "observable_loss", "val_energy_mae_meV", "val_force_mae_meV_per_A",
                "unstable_fraction", "lr", "grad_norm", "observable_grad_norm", "energy_force_grad_norm",
-               "split_half_cosine", "predicted_loss_change", "realised_loss_change",
+               "split_half_cosine", "accumulated_windows", "predicted_loss_change", "realised_loss_change",
                "n_samples", "n_local_samples", "sim_time_s", "grad_time_s"]
-
-
-@dataclasses.dataclass
-class StableConfig:
-    """Every refinement setting; defaults follow the paper where they fit a CPU."""
-
-    n_replicas: int = 16
-    epoch_ps: float = 1.0  # simulated time per replica per epoch
-    frame_interval_ps: float = 0.05  # stability checks and estimator samples
-    equilibration_ps: float = 0.1  # learning phase: frames before this are not samples
-    stability: str = "auto"  # "bonds", "min_distance", "min_nonbonded_distance"; "auto": min_distance if periodic
-    bond_threshold: float = TRAINING_BOND_THRESHOLD
-    min_distance_threshold: float = WATER_MIN_DISTANCE_THRESHOLD
-    unstable_fraction: float = 0.75  # fraction of failed replicas that starts learning
-    learning_epochs: int = 5  # epochs per learning phase (the most, with until_stable)
-    # Where every learning epoch starts: "initial" = the replicas' dataset frames with fresh
-    # velocities; "last_window" = the states at the start of the simulation epoch in which
-    # the unstable fraction was reached, so each learning epoch re-runs the window where the
-    # instabilities happened (the paper's code does this).
-    learning_restart: str = "initial"
-    until_stable: bool = False  # end a learning phase early once an epoch has no failing replica
-    # Simulation phase: where a replica that crossed the threshold goes back to. "last_stable":
-    # its last stable frame (under deterministic dynamics it re-fails at once and parks);
-    # "epoch_start": its state at the start of the epoch in which it failed (the paper's code),
-    # so a learning window that starts there holds the whole approach to failure.
-    failure_reset: str = "last_stable"
-    random_reset_fraction: float = 0.0  # simulation epochs: this fraction of stable replicas restart (paper: 0.05)
-    new_optimizer_per_phase: bool = False  # the paper's code makes a new optimizer for each learning phase
-    max_epochs: int = 20
-    max_learning_steps: Optional[int] = None  # stop after this many optimizer steps (controls match a run's count)
-    observable: dict = dataclasses.field(default_factory=lambda: {"name": "hr"})
-    observable_loss: str = "mse"
-    local_neighbourhoods: bool = False  # periodic RDF: every atom's environment is a sample (needs per-atom energies)
-    neighbourhood_radius: Optional[float] = None  # A; default: the RDF's r_max
-    samples_from: str = "all"
-    observable_weight: float = 1.0
-    energy_force_weight: float = 10.0
-    # True: each loss divided by its value at the start (weights are relative); False: the
-    # plain weighted sum, as the paper's code adds the energy/force gradient unnormalised.
-    normalize_losses: bool = True
-    energy_weight: float = 1.0  # inside the energy/force loss, as in pre-training
-    force_weight: float = 100.0
-    qm_batch_size: Optional[int] = 32  # None: the energy/force gradient over the whole training set
-    optimizer: str = "adam"
-    lr: float = 1e-4
-    grad_clip: Optional[float] = 1.0
-    warmup_steps: int = 5  # learning rate ramps up over the first steps (Adam's first steps are large)
-    lr_factor: float = 0.5
-    lr_patience: int = 3
-    max_lr_reductions: int = 3  # training stops after this many reductions
-    estimator_minibatch: int = 256
-    # Signal diagnostics per learning step: the cosine between the estimator gradients of two
-    # disjoint halves of the replicas (near 0: the step is noise) and the first-order
-    # predicted change of the observable loss (costs two extra backward passes).
-    log_signal: bool = True
-    val_fraction: float = 0.1
-    seed: int = 0
-    # K at which the reference frames were sampled when the file records none (MD17: 500);
-    # None: as recorded, else the run temperature (`openmm_stable.temperature`).
-    reference_temperature_K: Optional[float] = None
-    engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.engine, dict):
-            self.engine = EngineConfig(**self.engine)
-
-        def fail(field, message):
-            raise InputError(f"refine config: {field}: {message}")
-
-        if self.warmup_steps < 0:
-            fail("warmup_steps", "must be >= 0")
-        for name in ("n_replicas", "learning_epochs", "max_epochs", "estimator_minibatch"):
-            if int(getattr(self, name)) < 1:
-                fail(name, "must be >= 1")
-        if self.qm_batch_size is not None and int(self.qm_batch_size) < 1:
-            fail("qm_batch_size", "must be >= 1 (or unset: the whole training set)")
-        if self.failure_reset not in FAILURE_RESETS:
-            fail("failure_reset", f"must be one of {', '.join(FAILURE_RESETS)}")
-        if not 0 <= self.random_reset_fraction < 1:
-            fail("random_reset_fraction", "must be in [0, 1)")
-        if self.observable_weight < 0 or self.energy_force_weight < 0:
-            fail("observable_weight" if self.observable_weight < 0 else "energy_force_weight", "must be >= 0")
-        for name in ("epoch_ps", "frame_interval_ps", "bond_threshold", "min_distance_threshold", "lr"):
-            if not getattr(self, name) > 0:
-                fail(name, "must be > 0")
-        if not 0 <= self.equilibration_ps < self.epoch_ps:
-            fail("equilibration_ps", "must be >= 0 and shorter than epoch_ps")
-        if not 0 < self.unstable_fraction <= 1:
-            fail("unstable_fraction", "must be in (0, 1]")
-        if self.stability not in STABILITY_KINDS:
-            fail("stability", f"must be one of {', '.join(STABILITY_KINDS)}")
-        if self.learning_restart not in LEARNING_RESTARTS:
-            fail("learning_restart", f"must be one of {', '.join(LEARNING_RESTARTS)}")
-        if self.samples_from not in SAMPLE_SOURCES:
-            fail("samples_from", f"must be one of {', '.join(SAMPLE_SOURCES)}")
-        if self.optimizer not in OPTIMIZERS:
-            fail("optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
-        if not isinstance(self.observable, dict) or "name" not in self.observable:
-            fail("observable", "must be a mapping with a 'name' (hr, rdf, bond_lengths, adf, min_distance) and its settings")
-        if not 0 < self.val_fraction < 1:
-            fail("val_fraction", "must be in (0, 1)")
-        if self.neighbourhood_radius is not None and not self.neighbourhood_radius > 0:
-            fail("neighbourhood_radius", "must be > 0 (or unset: the RDF's r_max)")
-        ObservableLoss(torch.zeros(1), self.observable_loss)  # validates the loss name
-
-    @property
-    def steps_per_frame(self) -> int:
-        return max(1, round(self.frame_interval_ps / self.engine.timestep_ps))
-
-    @property
-    def frames_per_epoch(self) -> int:
-        return max(1, round(self.epoch_ps / self.frame_interval_ps))
 
 
 def observable_settings(observable: dict, dataset: QMDataset) -> dict:
@@ -207,6 +91,9 @@ class LoopState:
     window_velocities: Optional[np.ndarray] = None
     learning_positions: Optional[np.ndarray] = None  # learning_restart="last_window": where learning epochs start
     learning_velocities: Optional[np.ndarray] = None
+    pending_samples: Optional[np.ndarray] = None  # frames of windows kept for the next step (min_split_half_cosine)
+    pending_replicas: Optional[np.ndarray] = None
+    pending_windows: int = 0
     predicted_loss_change: Optional[float] = None  # of the last learning step, first order
     last_learning_loss: Optional[float] = None  # observable loss that step was computed from
     history: list = dataclasses.field(default_factory=list)
@@ -366,6 +253,15 @@ class StableTrainer:
         if cfg.log_signal and not cfg.local_neighbourhoods and replica_of_sample is not None:
             row.update(self._signal_diagnostics(x, replica_of_sample))
             self.optimizer.zero_grad(set_to_none=False)
+            row["accumulated_windows"] = st.pending_windows + 1
+            cosine = row.get("split_half_cosine")
+            if (cfg.min_split_half_cosine is not None and cosine is not None and cosine < cfg.min_split_half_cosine
+                    and st.pending_windows + 1 < cfg.max_accumulated_windows):
+                st.pending_samples, st.pending_replicas = samples, replica_of_sample
+                st.pending_windows += 1
+                return {**row, "n_samples": int(len(samples))}  # no step: the gradient is still noise
+        st.pending_samples = st.pending_replicas = None
+        st.pending_windows = 0
         result = self._observable_backward(x, row)
         if st.last_learning_loss is not None and st.predicted_loss_change is not None:
             row["realised_loss_change"] = result.loss - st.last_learning_loss
@@ -496,6 +392,9 @@ class StableTrainer:
         t1 = time.perf_counter()
         if st.phase == "learning":
             samples, replica_of_sample = self._select_samples(frames, flags)
+            if st.pending_samples is not None:  # earlier windows whose gradient was noise
+                samples = np.concatenate([st.pending_samples, samples])
+                replica_of_sample = np.concatenate([st.pending_replicas, replica_of_sample])
             if len(samples) >= 2:
                 row.update(self._learning_step(samples, replica_of_sample))
             st.learning_epochs_done += 1

@@ -1,0 +1,143 @@
+"""`StableConfig`: every setting of a refinement run, validated once on construction.
+
+Kept apart from the loop (`openmm_stable.training.stable`) so the loop module reads as the
+algorithm; YAML files and `refine --config` map onto these fields one to one.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+from openmm_stable.engine import EngineConfig
+from openmm_stable.errors import InputError
+from openmm_stable.stability import STABILITY_KINDS, TRAINING_BOND_THRESHOLD, WATER_MIN_DISTANCE_THRESHOLD
+from openmm_stable.training.estimator import ObservableLoss
+
+SAMPLE_SOURCES = ("all", "stable", "unstable")
+LEARNING_RESTARTS = ("initial", "last_window")
+FAILURE_RESETS = ("last_stable", "epoch_start")
+OPTIMIZERS = ("adam", "sgd")
+
+@dataclasses.dataclass
+class StableConfig:
+    """Every refinement setting; defaults follow the paper where they fit a CPU."""
+
+    n_replicas: int = 16
+    epoch_ps: float = 1.0  # simulated time per replica per epoch
+    frame_interval_ps: float = 0.05  # stability checks and estimator samples
+    equilibration_ps: float = 0.1  # learning phase: frames before this are not samples
+    stability: str = "auto"  # "bonds", "min_distance", "min_nonbonded_distance"; "auto": min_distance if periodic
+    bond_threshold: float = TRAINING_BOND_THRESHOLD
+    min_distance_threshold: float = WATER_MIN_DISTANCE_THRESHOLD
+    unstable_fraction: float = 0.75  # fraction of failed replicas that starts learning
+    learning_epochs: int = 5  # epochs per learning phase (the most, with until_stable)
+    # Where every learning epoch starts: "initial" = the replicas' dataset frames with fresh
+    # velocities; "last_window" = the states at the start of the simulation epoch in which
+    # the unstable fraction was reached, so each learning epoch re-runs the window where the
+    # instabilities happened (the paper's code does this).
+    learning_restart: str = "initial"
+    until_stable: bool = False  # end a learning phase early once an epoch has no failing replica
+    # Simulation phase: where a replica that crossed the threshold goes back to. "last_stable":
+    # its last stable frame (under deterministic dynamics it re-fails at once and parks);
+    # "epoch_start": its state at the start of the epoch in which it failed (the paper's code),
+    # so a learning window that starts there holds the whole approach to failure.
+    failure_reset: str = "last_stable"
+    random_reset_fraction: float = 0.0  # simulation epochs: this fraction of stable replicas restart (paper: 0.05)
+    new_optimizer_per_phase: bool = False  # the paper's code makes a new optimizer for each learning phase
+    max_epochs: int = 20
+    max_learning_steps: Optional[int] = None  # stop after this many optimizer steps (controls match a run's count)
+    observable: dict = dataclasses.field(default_factory=lambda: {"name": "hr"})
+    observable_loss: str = "mse"
+    local_neighbourhoods: bool = False  # periodic RDF: every atom's environment is a sample (needs per-atom energies)
+    neighbourhood_radius: Optional[float] = None  # A; default: the RDF's r_max
+    samples_from: str = "all"
+    observable_weight: float = 1.0
+    energy_force_weight: float = 10.0
+    # True: each loss divided by its value at the start (weights are relative); False: the
+    # plain weighted sum, as the paper's code adds the energy/force gradient unnormalised.
+    normalize_losses: bool = True
+    energy_weight: float = 1.0  # inside the energy/force loss, as in pre-training
+    force_weight: float = 100.0
+    qm_batch_size: Optional[int] = 32  # None: the energy/force gradient over the whole training set
+    optimizer: str = "adam"
+    lr: float = 1e-4
+    grad_clip: Optional[float] = 1.0
+    warmup_steps: int = 5  # learning rate ramps up over the first steps (Adam's first steps are large)
+    lr_factor: float = 0.5
+    lr_patience: int = 3
+    max_lr_reductions: int = 3  # training stops after this many reductions
+    estimator_minibatch: int = 256
+    # Signal diagnostics per learning step: the cosine between the estimator gradients of two
+    # disjoint halves of the replicas (near 0: the step is noise) and the first-order
+    # predicted change of the observable loss (costs two extra backward passes).
+    log_signal: bool = True
+    # With a threshold: a learning epoch whose split-half cosine is below it takes no step;
+    # its frames are kept and the next epoch's are added (the model has not changed, so they
+    # sample the same ensemble), up to `max_accumulated_windows` windows per step.
+    min_split_half_cosine: Optional[float] = None
+    max_accumulated_windows: int = 4
+    val_fraction: float = 0.1
+    seed: int = 0
+    # K at which the reference frames were sampled when the file records none (MD17: 500);
+    # None: as recorded, else the run temperature (`openmm_stable.temperature`).
+    reference_temperature_K: Optional[float] = None
+    engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.engine, dict):
+            self.engine = EngineConfig(**self.engine)
+
+        def fail(field, message):
+            raise InputError(f"refine config: {field}: {message}")
+
+        if self.warmup_steps < 0:
+            fail("warmup_steps", "must be >= 0")
+        for name in ("n_replicas", "learning_epochs", "max_epochs", "estimator_minibatch"):
+            if int(getattr(self, name)) < 1:
+                fail(name, "must be >= 1")
+        if self.min_split_half_cosine is not None and not -1 <= self.min_split_half_cosine <= 1:
+            fail("min_split_half_cosine", "must be in [-1, 1] (or unset)")
+        if self.min_split_half_cosine is not None and not self.log_signal:
+            fail("min_split_half_cosine", "needs log_signal: true (the cosine is measured there)")
+        if self.max_accumulated_windows < 1:
+            fail("max_accumulated_windows", "must be >= 1")
+        if self.qm_batch_size is not None and int(self.qm_batch_size) < 1:
+            fail("qm_batch_size", "must be >= 1 (or unset: the whole training set)")
+        if self.failure_reset not in FAILURE_RESETS:
+            fail("failure_reset", f"must be one of {', '.join(FAILURE_RESETS)}")
+        if not 0 <= self.random_reset_fraction < 1:
+            fail("random_reset_fraction", "must be in [0, 1)")
+        if self.observable_weight < 0 or self.energy_force_weight < 0:
+            fail("observable_weight" if self.observable_weight < 0 else "energy_force_weight", "must be >= 0")
+        for name in ("epoch_ps", "frame_interval_ps", "bond_threshold", "min_distance_threshold", "lr"):
+            if not getattr(self, name) > 0:
+                fail(name, "must be > 0")
+        if not 0 <= self.equilibration_ps < self.epoch_ps:
+            fail("equilibration_ps", "must be >= 0 and shorter than epoch_ps")
+        if not 0 < self.unstable_fraction <= 1:
+            fail("unstable_fraction", "must be in (0, 1]")
+        if self.stability not in STABILITY_KINDS:
+            fail("stability", f"must be one of {', '.join(STABILITY_KINDS)}")
+        if self.learning_restart not in LEARNING_RESTARTS:
+            fail("learning_restart", f"must be one of {', '.join(LEARNING_RESTARTS)}")
+        if self.samples_from not in SAMPLE_SOURCES:
+            fail("samples_from", f"must be one of {', '.join(SAMPLE_SOURCES)}")
+        if self.optimizer not in OPTIMIZERS:
+            fail("optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
+        if not isinstance(self.observable, dict) or "name" not in self.observable:
+            fail("observable", "must be a mapping with a 'name' (hr, rdf, bond_lengths, adf, min_distance) and its settings")
+        if not 0 < self.val_fraction < 1:
+            fail("val_fraction", "must be in (0, 1)")
+        if self.neighbourhood_radius is not None and not self.neighbourhood_radius > 0:
+            fail("neighbourhood_radius", "must be > 0 (or unset: the RDF's r_max)")
+        ObservableLoss(torch.zeros(1), self.observable_loss)  # validates the loss name
+
+    @property
+    def steps_per_frame(self) -> int:
+        return max(1, round(self.frame_interval_ps / self.engine.timestep_ps))
+
+    @property
+    def frames_per_epoch(self) -> int:
+        return max(1, round(self.epoch_ps / self.frame_interval_ps))
