@@ -12,7 +12,7 @@ set -euo pipefail
 OUT=${OUT:-demo_output}
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPLICAS=${REPLICAS:-64}
-SIM_PS=${SIM_PS:-2}
+SIM_PS=${SIM_PS:-4}
 mkdir -p "$OUT"
 
 step() { printf '\n=== %s\n' "$*"; }
