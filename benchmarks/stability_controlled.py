@@ -210,8 +210,10 @@ def run_arms(exp: str, start, large, train, pool, starts, test, horizon_ps: floa
     arms = {}
     for arm, model in models.items():
         stage(f"{exp}: evaluate {arm}")
-        arms[arm] = timings(f"{exp}_eval_{arm}", lambda m=model, a=arm: evaluate_arm(
-            m, f"{exp}_{a}", starts, pool, test, horizon_ps, work, args))
+        # The large-data model is the same in every experiment: one evaluation per horizon.
+        folder = f"large_data_{horizon_ps:g}ps" if arm == "large_data" else f"{exp}_{arm}"
+        arms[arm] = timings(f"{exp}_eval_{arm}", lambda m=model, f=folder: evaluate_arm(
+            m, f, starts, pool, test, horizon_ps, work, args))
     for arm, values in arms.items():
         median = km_median(values["stable_time_ps"], horizon_ps)
         values["median_stable_time_ps"] = median  # None: more than half outlived the horizon
