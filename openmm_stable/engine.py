@@ -18,7 +18,7 @@ from openmm_stable.allocator import keep_freed_memory
 from openmm_stable.errors import InputError
 from openmm_stable.export import make_torch_force, script_force_module
 from openmm_stable.models.base import check_cutoff_fits_box
-from openmm_stable.temperature import FALLBACK_TEMPERATURE_K, dataset_temperature  # noqa: F401 (re-exported)
+from openmm_stable.temperature import FALLBACK_TEMPERATURE_K
 from openmm_stable.units import BOLTZMANN_EV_PER_K, EV_IN_KJ_PER_MOL, NM_IN_ANGSTROM
 
 INTEGRATORS = ("langevin", "nose-hoover")

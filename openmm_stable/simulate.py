@@ -34,7 +34,7 @@ from openmm_stable.dynamics import (A2_PER_PS_IN_CM2_PER_S, VACF_MAX_REFERENCE_I
 from openmm_stable.geometry import half_box_width, molecule_ids
 from openmm_stable.observables import (HrObservable, RdfObservable, element_pair_list, pair_label,
                                        reference_from_dataset)
-from openmm_stable.temperature import dataset_temperature, with_sampling_temperature
+from openmm_stable.temperature import settle_temperatures
 from openmm_stable.stability import (EVALUATION_BOND_THRESHOLD, STABILITY_KINDS, WATER_MIN_DISTANCE_THRESHOLD,
                                      StabilityCriterion, first_instability_time, make_criterion, resolve_stability)
 
@@ -302,15 +302,14 @@ def check_molecules(dataset: QMDataset, reference: Optional[QMDataset] = None,
     """Raise ValueError when the reference data (h(r) is only comparable for the same
     molecule) or the molecule a model file records it was trained on has another
     composition than the dataset (atom order may differ: both are permutation invariant)."""
-    formula = hill_formula
     z = np.asarray(dataset.atomic_numbers)
-    here = f"the dataset {dataset.source} ({len(z)} atoms, {formula(z)})"
-    if reference is not None and formula(reference.atomic_numbers) != formula(z):
-        raise InputError(f"reference {reference.source} ({reference.n_atoms} atoms, {formula(reference.atomic_numbers)}) "
+    here = f"the dataset {dataset.source} ({len(z)} atoms, {hill_formula(z)})"
+    if reference is not None and hill_formula(reference.atomic_numbers) != hill_formula(z):
+        raise InputError(f"reference {reference.source} ({reference.n_atoms} atoms, {hill_formula(reference.atomic_numbers)}) "
                          f"is another molecule than {here}; h(r) can only be compared for the same molecule")
-    if model_atomic_numbers is not None and formula(model_atomic_numbers) != formula(z):
+    if model_atomic_numbers is not None and hill_formula(model_atomic_numbers) != hill_formula(z):
         zm = np.asarray(model_atomic_numbers).reshape(-1)
-        raise InputError(f"the model was trained on {len(zm)} atoms ({formula(zm)}), another molecule than {here}")
+        raise InputError(f"the model was trained on {len(zm)} atoms ({hill_formula(zm)}), another molecule than {here}")
 
 
 def simulate(model: nn.Module, dataset: QMDataset, config: SimulationConfig, out_dir,
@@ -323,10 +322,8 @@ def simulate(model: nn.Module, dataset: QMDataset, config: SimulationConfig, out
     from openmm_stable import report
 
     check_molecules(dataset, reference)
-    run_K = dataset_temperature(dataset, config.engine.temperature_K)
-    config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, temperature_K=run_K))
-    if reference is not None:
-        reference = with_sampling_temperature(reference, run_K, config.reference_temperature_K)
+    engine, reference = settle_temperatures(config.engine, dataset, reference, config.reference_temperature_K)
+    config = dataclasses.replace(config, engine=engine)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     kind = resolve_stability(config.stability, dataset)

@@ -78,3 +78,13 @@ def with_sampling_temperature(reference, run_temperature_K: float, reference_tem
     if getattr(reference, "temperature", None) == value:
         return reference
     return dataclasses.replace(reference, temperature=value)
+
+
+def settle_temperatures(engine, dataset, reference=None, reference_temperature_K: Optional[float] = None, log=None):
+    """(`engine` config with its run temperature set, `reference` with its sampling
+    temperature set or None): the two rules above, as `simulate` and `refine` apply them."""
+    run_K = dataset_temperature(dataset, engine.temperature_K, log)
+    engine = dataclasses.replace(engine, temperature_K=run_K)
+    if reference is not None:
+        reference = with_sampling_temperature(reference, run_K, reference_temperature_K, log)
+    return engine, reference

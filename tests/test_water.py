@@ -484,7 +484,7 @@ def test_simulate_and_refine_cli_on_water(water_files, water_model_file, tmp_pat
 def test_default_temperature_from_the_dataset(water, capsys):
     """The sampling temperature the file records; else metadata (older files); else 500 K
     with a line saying so. An explicit --temperature is tested with the CLI."""
-    from openmm_stable.engine import dataset_temperature
+    from openmm_stable.temperature import dataset_temperature
 
     assert dataset_temperature(water) == 300.0
     old = QMDataset(water.atomic_numbers, water.positions[:2], box=water.box, metadata={"temperature_K": 310.0},

@@ -38,7 +38,7 @@ from openmm_stable.io import atomic_torch_save, atomic_write_json, get_rng_state
 from openmm_stable.models import NNIP, load_model, save_model
 from openmm_stable.geometry import half_box_width
 from openmm_stable.observables import element_pair_list, make_observable, reference_from_dataset
-from openmm_stable.temperature import dataset_temperature, with_sampling_temperature
+from openmm_stable.temperature import settle_temperatures
 from openmm_stable.stability import make_criterion, molecule_ids
 from openmm_stable.training.batching import FrameTensors, energy_force_loss, evaluate, refit_energy_shift
 from openmm_stable.training.estimator import (ObservableLoss, boltzmann_coefficients, local_boltzmann_coefficients,
@@ -486,10 +486,9 @@ def refine(model, dataset: QMDataset, config: StableConfig, out_dir, reference: 
     # Train a copy: the caller's model stays the pre-trained one (a benchmark that
     # refined in place silently compared the refined model with itself).
     model = load_model(model) if isinstance(model, (str, Path)) else copy.deepcopy(model)
-    run_K = dataset_temperature(dataset, config.engine.temperature_K)
-    config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, temperature_K=run_K))
-    reference = with_sampling_temperature(reference if reference is not None else dataset, run_K,
-                                          config.reference_temperature_K)
+    engine, reference = settle_temperatures(config.engine, dataset, reference if reference is not None else dataset,
+                                            config.reference_temperature_K)
+    config = dataclasses.replace(config, engine=engine)
     trainer = StableTrainer(model, dataset, config, out_dir, reference=reference, progress=progress)
     (Path(out_dir) / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
     summary = trainer.fit(resume=resume)
