@@ -41,8 +41,14 @@ class EngineConfig:
     # On CPU platforms, keep freed memory in the process (`openmm_stable.allocator`):
     # page faults otherwise take 30-50 % of a step.
     keep_freed_memory: bool = True
+    # Replicas split over this many Ray worker processes (`openmm_stable.distributed`);
+    # 1: one engine in this process. `ray_address` joins an existing Ray cluster.
+    workers: int = 1
+    ray_address: Optional[str] = None
 
     def __post_init__(self) -> None:
+        if int(self.workers) < 1:
+            raise InputError(f"engine workers must be >= 1, got {self.workers!r}")
         if self.integrator not in INTEGRATORS:
             raise InputError(f"unknown integrator {self.integrator!r}; known: {', '.join(INTEGRATORS)}")
         if self.layout not in LAYOUTS:
@@ -97,6 +103,18 @@ class CheckedFrame:
     velocities: np.ndarray
     deviations: np.ndarray
     unstable: np.ndarray
+
+
+def create_engine(model: nn.Module, atomic_numbers: Sequence[int], n_replicas: int,
+                  config: Optional["EngineConfig"] = None, box_angstrom: Optional[np.ndarray] = None):
+    """The engine `simulate` and `refine` run on: a `ReplicaEngine` in this process, or, with
+    ``config.workers > 1`` or a ``config.ray_address``, the same interface over Ray workers."""
+    config = config or EngineConfig()
+    if int(config.workers) > 1 or config.ray_address:
+        from openmm_stable.distributed import DistributedReplicaEngine
+
+        return DistributedReplicaEngine(model, atomic_numbers, n_replicas, config, box_angstrom)
+    return ReplicaEngine(model, atomic_numbers, n_replicas, config, box_angstrom)
 
 
 class ReplicaEngine:

@@ -27,7 +27,7 @@ from torch import nn
 from openmm_stable.config import config_from_dict, load_config
 from openmm_stable.errors import InputError
 from openmm_stable.data.dataset import QMDataset, hill_formula
-from openmm_stable.engine import EngineConfig, ReplicaEngine, masses_amu
+from openmm_stable.engine import EngineConfig, create_engine, masses_amu
 from openmm_stable.dynamics import (A2_PER_PS_IN_CM2_PER_S, VACF_MAX_REFERENCE_INTERVAL_PS, first_minimum,
                                     green_kubo_diffusivity, molecular_diffusivity, molecular_velocities,
                                     regular_time_step, vacf_over_segments)
@@ -141,7 +141,7 @@ def run_replicas(model: nn.Module, dataset: QMDataset, config: SimulationConfig,
     criterion = criterion or make_criterion(dataset, config.stability, config.bond_threshold,
                                             config.min_distance_threshold)
     start = dataset.positions[initial_frames(dataset, config.n_replicas, config.seed)]
-    engine = ReplicaEngine(model, dataset.atomic_numbers, config.n_replicas, config.engine, dataset.box)
+    engine = create_engine(model, dataset.atomic_numbers, config.n_replicas, config.engine, dataset.box)
     engine.set_states(start)
     n_checks, steps = config.n_checks, config.steps_per_check
     R = config.n_replicas

@@ -33,7 +33,7 @@ from openmm_stable.errors import InputError
 from openmm_stable.config import config_to_dict
 from openmm_stable.data.dataset import QMDataset
 from openmm_stable.data.splits import split_dataset
-from openmm_stable.engine import ReplicaEngine
+from openmm_stable.engine import create_engine
 from openmm_stable.io import atomic_torch_save, atomic_write_json, get_rng_state, set_rng_state, write_csv
 from openmm_stable.models import NNIP, load_model, save_model
 from openmm_stable.geometry import half_box_width
@@ -136,7 +136,7 @@ class StableTrainer:
         self.rng = np.random.default_rng(config.seed)
         start = self.rng.choice(len(dataset), size=config.n_replicas, replace=len(dataset) < config.n_replicas)
         self.initial_positions = dataset.positions[start]
-        self.engine = ReplicaEngine(model, self.z, config.n_replicas, config.engine, dataset.box)
+        self.engine = create_engine(model, self.z, config.n_replicas, config.engine, dataset.box)
         self.state = LoopState()
 
     def _new_optimizer(self) -> None:
