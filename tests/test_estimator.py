@@ -58,9 +58,11 @@ def test_matches_per_sample_jacobian_on_a_neural_potential(ethanol):
     assert num / scale < 1e-5
 
 
-def test_matches_finite_difference_of_reweighted_average(ethanol):
-    """Reweighting the same samples to theta + eps*v gives <O>(eps); its derivative at 0
-    must equal the estimator's directional derivative exactly (same samples)."""
+@pytest.mark.parametrize("per_frame", [False, True], ids=["ensemble", "per_frame"])
+def test_matches_finite_difference_of_reweighted_average(ethanol, per_frame):
+    """Reweighting the same samples to theta + eps*v gives <O>(eps) (and <L(O)>(eps)); the
+    derivative at 0 of L(<O>) (or of <L(O)>, per frame) must equal the estimator's
+    directional derivative exactly (same samples)."""
     torch.manual_seed(1)
     z, pos = ethanol
     model = create_model("schnet", "tiny").double()
@@ -72,7 +74,7 @@ def test_matches_finite_difference_of_reweighted_average(ethanol):
     T = 500.0
     beta = 1 / kT_eV(T)
     model.zero_grad()
-    boltzmann_gradient(energy, frames, values, loss, T)
+    boltzmann_gradient(energy, frames, values, loss, T, per_frame=per_frame)
     direction = [torch.randn_like(p) for p in model.parameters()]
     analytic = sum(float((p.grad * d).sum()) for p, d in zip(model.parameters(), direction))
     with torch.no_grad():
@@ -86,11 +88,29 @@ def test_matches_finite_difference_of_reweighted_average(ethanol):
             for p, d in zip(model.parameters(), direction):
                 p.sub_(eps * d)
             w = torch.softmax(-beta * (u - u0), 0)
+            if per_frame:
+                return float((w * loss(values)).sum())
             return float(loss((w[:, None] * values).sum(0)))
 
     eps = 1e-6
     numeric = (reweighted_loss(eps) - reweighted_loss(-eps)) / (2 * eps)
+    assert abs(analytic) > 1e-8  # a direction the loss depends on
     assert numeric == pytest.approx(analytic, rel=1e-4, abs=1e-10)
+
+
+def test_per_frame_objective_scores_each_frame():
+    """<L(O)> differs from L(<O>) by the spread of O (MSE: the mean variance), and frames
+    scored worse than average get negative coefficients (their energy is pushed up)."""
+    values = torch.tensor([[0.0, 1.0], [2.0, 1.0], [1.0, 4.0]], dtype=torch.float64)
+    loss = ObservableLoss(torch.tensor([1.0, 2.0]), "mse")
+    ensemble = boltzmann_coefficients(values, loss, 300.0)
+    per_frame = boltzmann_coefficients(values, loss, 300.0, per_frame=True)
+    spread = float(((values - values.mean(0)) ** 2).mean())
+    assert per_frame.loss == pytest.approx(ensemble.loss + spread)
+    frame_losses = ((values - torch.tensor([1.0, 2.0])) ** 2).mean(1)  # 1, 1, 2.5
+    worst = int(frame_losses.argmax())
+    assert float(per_frame.coefficients[worst]) < 0 < float(per_frame.coefficients[0])
+    assert float(per_frame.coefficients.sum()) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_losses_and_errors():

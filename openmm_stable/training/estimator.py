@@ -12,6 +12,19 @@ the frames, no per-sample Jacobian and no backpropagation through the trajectory
 We keep beta = 1/kT (in 1/eV, as U is in eV), so the gradient is the true derivative of
 the loss; the paper's reference code drops beta and folds it into the learning rate.
 
+Two objectives (``per_frame``). The ensemble objective above, L(<O>), matches the average
+and cares about a single frame only through its small share of <O>. The per-frame
+objective, <L(O(x))> (the paper's code without its ``use_mse_gradient``), scores every
+frame against the target on its own: its gradient is the same formula with a.O(x_k)
+replaced by the frame's loss l_k = L(O(x_k)),
+
+    d<l>/dtheta = beta / K * sum_k (<l> - l_k) * dU_theta(x_k)/dtheta,
+
+so a frame far from the reference (a stretched bond, a collision) raises its own energy
+in proportion to how wrong it is. Since <l> = L(<O>) + <|O - <O>|^2> for the MSE, it also
+narrows the fluctuations of O: a pull towards stiffer models, which the energy/force
+regulariser holds in check.
+
 Local-neighbourhood samples (the paper's option for liquids, where a few whole-box frames
 are few samples): every (frame k, centre atom c) is one sample, with the observable of c's
 environment O_kc and the energy U_kc = sum of the per-atom energies of the atoms in the
@@ -55,36 +68,44 @@ class ObservableLoss:
         self.target = torch.as_tensor(self.target, dtype=torch.float64)
 
     def __call__(self, mean: Tensor) -> Tensor:
+        """The loss of an observable vector (d,), or of each row of (K, d) (per-frame losses)."""
         diff = mean.to(torch.float64) - self.target.to(mean.device)
         if self.kind == "mse":
-            return (diff**2).mean()
+            return (diff**2).mean(-1)
         if self.kind == "mae":
-            return diff.abs().mean()
+            return diff.abs().mean(-1)
         if self.kind == "hinge_above":
-            return (torch.relu(diff) ** 2).mean()
-        return (torch.relu(-diff) ** 2).mean()
+            return (torch.relu(diff) ** 2).mean(-1)
+        return (torch.relu(-diff) ** 2).mean(-1)
 
 
 # --- the estimator ---------------------------------------------------------------------------
 @dataclasses.dataclass
 class EstimatorResult:
-    loss: float  # L(<O>)
+    loss: float  # the objective: L(<O>), or <L(O(x))> per frame
     mean: Tensor  # <O> (d,)
     coefficients: Tensor  # c_k (K,)
 
 
-def boltzmann_coefficients(values: Tensor, loss_fn: Callable[[Tensor], Tensor], temperature_K: float) -> EstimatorResult:
-    """c_k = beta (<a.O> - a.O(x_k)) / K from per-frame observables `values` (K, d)."""
+def boltzmann_coefficients(values: Tensor, loss_fn: Callable[[Tensor], Tensor], temperature_K: float,
+                           per_frame: bool = False) -> EstimatorResult:
+    """c_k = beta (<s> - s_k) / K from per-frame observables `values` (K, d), with the
+    frame score s_k = a.O(x_k) for L(<O>), or s_k = L(O(x_k)) for ``per_frame`` (module doc)."""
     values = values.detach().to(torch.float64)
     K = values.shape[0]
     if K < 2:
         raise InputError("the Boltzmann estimator needs at least two frames")
-    mean = values.mean(0).requires_grad_(True)
-    loss = loss_fn(mean)
-    (a,) = torch.autograd.grad(loss, mean)
-    projected = values @ a  # a.O(x_k)
+    mean = values.mean(0)
+    if per_frame:
+        scores = loss_fn(values)  # l_k
+        loss = scores.mean()
+    else:
+        mean.requires_grad_(True)
+        loss = loss_fn(mean)
+        (a,) = torch.autograd.grad(loss, mean)
+        scores = values @ a  # a.O(x_k)
     beta = 1.0 / kT_eV(temperature_K)
-    coefficients = beta * (projected.mean() - projected) / K
+    coefficients = beta * (scores.mean() - scores) / K
     return EstimatorResult(float(loss.detach()), mean.detach(), coefficients)
 
 
@@ -102,9 +123,10 @@ def surrogate_backward(energy_fn: EnergyFn, frames: Tensor, coefficients: Tensor
 
 
 def boltzmann_gradient(energy_fn: EnergyFn, frames: Tensor, values: Tensor, loss_fn: Callable[[Tensor], Tensor],
-                       temperature_K: float, minibatch: Optional[int] = None) -> EstimatorResult:
-    """Gradient of L(<O>) w.r.t. the parameters behind `energy_fn`, accumulated into .grad."""
-    result = boltzmann_coefficients(values, loss_fn, temperature_K)
+                       temperature_K: float, minibatch: Optional[int] = None, per_frame: bool = False) -> EstimatorResult:
+    """Gradient of L(<O>) (or of <L(O(x))>, ``per_frame``) w.r.t. the parameters behind
+    `energy_fn`, accumulated into .grad."""
+    result = boltzmann_coefficients(values, loss_fn, temperature_K, per_frame)
     surrogate_backward(energy_fn, frames, result.coefficients, minibatch)
     return result
 

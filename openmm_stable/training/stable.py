@@ -307,7 +307,7 @@ class StableTrainer:
                                minibatch=cfg.estimator_minibatch)
         else:
             values = self.observable(x, self.z, self.dataset.box)
-            result = boltzmann_coefficients(values, self.loss_fn, cfg.engine.temperature_K)
+            result = boltzmann_coefficients(values, self.loss_fn, cfg.engine.temperature_K, self.per_frame)
             surrogate_backward(model_energy_fn(self.model, self.z, self.box), x, result.coefficients,
                                minibatch=cfg.estimator_minibatch)
         return result
@@ -373,9 +373,14 @@ class StableTrainer:
             total += float(loss.detach()) * len(idx[start:start + 64])
         return max(total / len(idx), 1e-12)
 
+    @property
+    def per_frame(self) -> bool:
+        return self.config.observable_objective == "per_frame"
+
     def observable_loss_of(self, frames: np.ndarray) -> float:
+        """The training objective on `frames`: L(<O>), or <L(O(x))> with ``per_frame``."""
         values = self.observable(torch.as_tensor(frames, dtype=torch.float64), self.z, self.dataset.box)
-        return float(self.loss_fn(values.mean(0)))
+        return float(self.loss_fn(values).mean() if self.per_frame else self.loss_fn(values.mean(0)))
 
     def run_epoch(self) -> dict:
         cfg, st = self.config, self.state

@@ -19,6 +19,7 @@ SAMPLE_SOURCES = ("all", "stable", "unstable")
 LEARNING_RESTARTS = ("initial", "last_window")
 FAILURE_RESETS = ("last_stable", "epoch_start")
 OPTIMIZERS = ("adam", "sgd")
+OBJECTIVES = ("ensemble", "per_frame")
 
 @dataclasses.dataclass
 class StableConfig:
@@ -52,6 +53,10 @@ class StableConfig:
     max_learning_steps: Optional[int] = None  # stop after this many optimizer steps (controls match a run's count)
     observable: dict = dataclasses.field(default_factory=lambda: {"name": "hr"})
     observable_loss: str = "mse"
+    # "ensemble": L(<O>), match the average; "per_frame": <L(O(x))>, score every frame
+    # against the target, so frames far from it (the failures) raise their own energy
+    # (`openmm_stable.training.estimator`; the paper's code offers both).
+    observable_objective: str = "ensemble"
     local_neighbourhoods: bool = False  # periodic RDF: every atom's environment is a sample (needs per-atom energies)
     neighbourhood_radius: Optional[float] = None  # A; default: the RDF's r_max
     samples_from: str = "all"
@@ -124,6 +129,10 @@ class StableConfig:
             fail("stability", f"must be one of {', '.join(STABILITY_KINDS)}")
         if self.learning_restart not in LEARNING_RESTARTS:
             fail("learning_restart", f"must be one of {', '.join(LEARNING_RESTARTS)}")
+        if self.observable_objective not in OBJECTIVES:
+            fail("observable_objective", f"must be one of {', '.join(OBJECTIVES)}")
+        if self.observable_objective == "per_frame" and self.local_neighbourhoods:
+            fail("observable_objective", "per_frame is not available with local_neighbourhoods")
         if self.samples_from not in SAMPLE_SOURCES:
             fail("samples_from", f"must be one of {', '.join(SAMPLE_SOURCES)}")
         if self.optimizer not in OPTIMIZERS:
