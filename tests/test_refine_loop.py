@@ -87,7 +87,7 @@ def test_bad_settings_are_refused_before_any_simulation():
     from openmm_stable.errors import InputError
 
     for bad in ({"failure_reset": "somewhere"}, {"random_reset_fraction": 1.5}, {"qm_batch_size": 0},
-                {"observable_weight": -1.0}, {"bond_threshold": -0.1}):
+                {"observable_weight": -1.0}, {"bond_threshold": -0.1}, {"observable_objective": "median"}):
         with pytest.raises(InputError):
             _config(**bad)
 
@@ -104,3 +104,21 @@ def test_noisy_windows_are_accumulated_before_a_step(xtb_ethanol, pretrained_eth
     assert [("grad_norm" in r) for r in learning] == [False, True, False, True]
     assert learning[1]["n_samples"] == learning[0]["n_samples"] + config.n_replicas * config.frames_per_epoch
     assert trainer.state.learning_steps == 2
+
+
+def test_per_frame_objective_is_the_mean_loss_of_the_frames(xtb_ethanol, pretrained_ethanol_model, tmp_path):
+    """With observable_objective per_frame the step is taken on <L(O(x))>, which the log
+    reports; on the same frames it exceeds L(<O>) by the spread of O (MSE)."""
+    frames = xtb_ethanol.positions[:12]
+    replica = np.repeat([0, 1, 2, 3], 3)
+    losses = {}
+    for objective in ("ensemble", "per_frame"):
+        trainer = StableTrainer(copy.deepcopy(pretrained_ethanol_model), xtb_ethanol,
+                                _config(observable_objective=objective), tmp_path / objective, progress=False)
+        values = trainer.observable(torch.as_tensor(frames), trainer.z, None)
+        row = trainer._learning_step(frames, replica)
+        losses[objective] = row["observable_loss"]
+        expected = trainer.loss_fn(values).mean() if objective == "per_frame" else trainer.loss_fn(values.mean(0))
+        assert row["observable_loss"] == pytest.approx(float(expected), rel=1e-9)
+        assert trainer.observable_loss_of(frames) == pytest.approx(float(expected), rel=1e-9)
+    assert losses["per_frame"] > losses["ensemble"]

@@ -5,13 +5,16 @@ Phases, one epoch at a time:
 
 * simulation: replicas run ``epoch_ps``; a replica that crosses the training threshold
   (bond deviation 0.25 A for molecules; for periodic boxes, ``stability: auto``, a minimum
-  intermolecular distance below 1.2 A) is reset to its last stable state. Once the fraction of replicas
-  that failed in this cycle reaches ``unstable_fraction`` (0.75), learning starts.
-* learning: every replica restarts from its initial frame, runs ``epoch_ps``, and the
-  frames after ``equilibration_ps`` give the observable-loss gradient (Boltzmann
-  estimator, beta = 1/kT) plus ``energy_force_weight`` times the energy/force loss
-  gradient on a QM minibatch; clip, step, re-export into the running Context. After
-  ``learning_epochs`` epochs a new cycle starts in the simulation phase.
+  intermolecular distance below 1.2 A) goes back to the state it had at the start of the
+  epoch (``failure_reset``), and a few stable ones restart from their initial frames
+  (``random_reset_fraction``). Once the fraction of replicas that failed in this cycle
+  reaches ``unstable_fraction``, learning starts.
+* learning: every learning epoch re-runs the window in which that happened
+  (``learning_restart``), and the frames after ``equilibration_ps`` give the gradient of
+  the observable objective (Boltzmann estimator, beta = 1/kT; L(<O>) or, per frame,
+  <L(O(x))>) plus ``energy_force_weight`` times the energy/force loss gradient on the QM
+  data; clip, step, re-export into the running Context. The phase ends when a re-run has
+  no failing replica (``until_stable``) or after ``learning_epochs``; a new cycle starts.
 
 Every epoch ends with an atomic checkpoint (model, optimizer, scheduler, replica states,
 RNG states, phase and cycle), so ``refine(..., resume=True)`` continues after a kill.
