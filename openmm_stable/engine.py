@@ -105,6 +105,14 @@ class CheckedFrame:
     unstable: np.ndarray
 
 
+def checked_frame(index: int, positions: np.ndarray, velocities: np.ndarray, criterion) -> CheckedFrame:
+    """Frame `index` with the criterion applied (a non-finite position counts as unstable);
+    one rule for every engine's `run_checked`."""
+    deviations = criterion(torch.as_tensor(positions))
+    unstable = criterion.unstable(deviations).numpy() | ~np.isfinite(positions).all(axis=(1, 2))
+    return CheckedFrame(index, positions, velocities, deviations.numpy(), unstable)
+
+
 def create_engine(model: nn.Module, atomic_numbers: Sequence[int], n_replicas: int,
                   config: Optional["EngineConfig"] = None, box_angstrom: Optional[np.ndarray] = None):
     """The engine `simulate` and `refine` run on: a `ReplicaEngine` in this process, or, with
@@ -290,9 +298,7 @@ class ReplicaEngine:
             else:
                 self.step(steps_per_frame)
                 positions, velocities = self.get_states()
-            deviations = criterion(torch.as_tensor(positions))
-            unstable = criterion.unstable(deviations).numpy() | ~np.isfinite(positions).all(axis=(1, 2))
-            on_frame(CheckedFrame(index, positions, velocities, deviations.numpy(), unstable))
+            on_frame(checked_frame(index, positions, velocities, criterion))
 
     @property
     def time_ps(self) -> float:
