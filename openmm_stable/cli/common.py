@@ -26,12 +26,20 @@ def add_engine_arguments(parser, defaults_from_config: bool = False) -> None:
     parser.add_argument("--platform", default=None, help="OpenMM platform (default: CUDA if present, else CPU)")
     parser.add_argument("--layout", choices=LAYOUTS, default=default(d.layout),
                         help="all replicas in one Context (batched) or one Context each")
+    parser.add_argument("--workers", type=int, default=default(d.workers),
+                        help="split the replicas over N Ray worker processes (one GPU each on GPU machines, a "
+                             "share of the cores otherwise); N > 1 starts a local Ray cluster unless --ray-address "
+                             f"is given (default {d.workers}: this process; needs the 'distributed' extra)")
+    parser.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                        help="join the Ray cluster at ADDRESS (HEAD:6379, after `ray start --head` on the head node "
+                             "and `ray start --address=HEAD:6379` on the others) and run the workers there")
 
 
 def engine_overrides(args) -> dict:
     """The engine settings given on the command line (None: not given)."""
     return {"temperature_K": args.temperature, "timestep_fs": args.timestep, "integrator": args.integrator,
-            "friction_per_ps": args.friction, "platform": args.platform, "layout": args.layout}
+            "friction_per_ps": args.friction, "platform": args.platform, "layout": args.layout,
+            "workers": args.workers, "ray_address": args.ray_address}
 
 
 def check_model_matches(model_path, dataset, reference=None) -> None:

@@ -52,6 +52,11 @@ def register(subparsers) -> None:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--out", required=True, help="output file (project format, .npz)")
     gen.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.partial.extxyz")
+    gen.add_argument("--workers", type=int, default=1,
+                     help="--molecule: run N independent xTB chains (different seeds) on N Ray workers and write "
+                          "them as one file, chain after chain (default 1; needs the 'distributed' extra)")
+    gen.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                     help="with --workers: join the Ray cluster at ADDRESS instead of starting one here")
     water = gen.add_argument_group("periodic water (--system water)")
     water.add_argument("--molecules", type=int, default=64, help="water molecules in the box (default 64)")
     water.add_argument("--density", type=float, default=None, help="g/cm^3 (default 0.997)")
@@ -131,6 +136,10 @@ def describe(ds: QMDataset) -> list[str]:
             lines.append(f"{key:<11} {ds.metadata[key]}")
     if "molecule" in ds.metadata:
         lines.append(f"molecule    {ds.metadata['molecule'].get('spec')}")
+    if "chains" in ds.metadata:
+        chains = ds.metadata["chains"]
+        lines.append(f"chains      {len(chains)} independent, one after another (frames per chain "
+                     f"{', '.join(str(c['frames']) for c in chains)}; seeds {', '.join(str(c['seed']) for c in chains)})")
     if "system" in ds.metadata:
         lines.append(f"system      {ds.metadata['system']}, {ds.metadata.get('n_molecules', '?')} molecules"
                      f" ({ds.metadata.get('kind', 'frames')})")
@@ -191,11 +200,22 @@ def cmd_generate(args) -> int:
     from openmm_stable.data import generate
 
     if args.system == "water":
+        if args.workers != 1 or args.ray_address:
+            print("openmm-stable data generate: error: --workers/--ray-address are for --molecule runs",
+                  file=sys.stderr)
+            return 2
         return cmd_generate_water(args)
+    if args.workers > 1 or args.ray_address:
+        from openmm_stable.distributed.generate import generate_xtb_chains
+
+        def run(**kwargs):
+            return generate_xtb_chains(workers=args.workers, ray_address=args.ray_address, **kwargs)
+    else:
+        run = generate.generate_xtb_dataset
     try:
-        ds = generate.generate_xtb_dataset(
-            args.molecule,
-            args.out,
+        ds = run(
+            molecule=args.molecule,
+            out_path=args.out,
             n_frames=args.frames,
             temperature=500.0 if args.temperature is None else args.temperature,
             timestep_fs=args.timestep,
@@ -210,14 +230,14 @@ def cmd_generate(args) -> int:
             resume=args.resume,
         )
     except KeyboardInterrupt:
-        print(
-            f"\ninterrupted: frames so far are in {args.out} and {generate.partial_paths(args.out)[0]}; "
-            f"rerun the same command with --resume to continue",
-            file=sys.stderr,
-        )
+        where = (f"{args.out} and {generate.partial_paths(args.out)[0]}" if args.workers <= 1
+                 else f"the chain files next to {args.out} (*.chainC-of-{args.workers}.*)")
+        print(f"\ninterrupted: frames so far are in {where}; rerun the same command with --resume to continue",
+              file=sys.stderr)
         return 130
     rate = ds.metadata.get("timing", {}).get("frames_per_second")
-    print(f"wrote {len(ds)} frames to {args.out}" + (f" ({rate:.1f} frames/s)" if rate else ""))
+    chains = f" from {len(ds.metadata['chains'])} chains" if "chains" in ds.metadata else ""
+    print(f"wrote {len(ds)} frames{chains} to {args.out}" + (f" ({rate:.1f} frames/s)" if rate else ""))
     return 0
 
 

@@ -69,7 +69,10 @@ class DistributedReplicaEngine:
     garbage-collected)."""
 
     def __init__(self, model: nn.Module, atomic_numbers: Sequence[int], n_replicas: int,
-                 config: Optional[EngineConfig] = None, box_angstrom: Optional[np.ndarray] = None):
+                 config: Optional[EngineConfig] = None, box_angstrom: Optional[np.ndarray] = None,
+                 threads_per_worker: Optional[int] = None):
+        """`threads_per_worker`: CPU threads (and cores asked of Ray) per worker on a CPU
+        platform; default: an equal share of the cluster's cores."""
         import dataclasses
 
         self.config = config or EngineConfig()
@@ -90,6 +93,9 @@ class DistributedReplicaEngine:
         self.ray = connect(self.config.ray_address)
         self.platform_name, options, self.threads_per_worker = worker_resources(self.ray, self.workers,
                                                                                 self.config.platform)
+        if threads_per_worker is not None and "num_gpus" not in options:
+            self.threads_per_worker = int(threads_per_worker)
+            options = {"num_cpus": self.threads_per_worker}
         self._model_type = type(model)
         self._model_keys = list(model.state_dict())
         # Once for all workers, and kept here: a worker started again after a fault reads it too.

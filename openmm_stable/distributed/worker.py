@@ -34,7 +34,10 @@ class ReplicaWorker:
         try:
             self._start(model, atomic_numbers, n_replicas, config, box_angstrom, threads)
         except Exception as err:  # noqa: BLE001 - reported by ready(); the driver raises it
-            self.error = f"{type(err).__name__}: {err}".strip()
+            text = str(err).split("\ntraceback:")[0].strip()  # Ray's own errors append a traceback
+            self.error = f"{type(err).__name__}: {text}"
+            if "No module named" in text:
+                self.error += " (is the model's code installed on every node of the cluster?)"
 
     def _start(self, model, atomic_numbers, n_replicas, config, box_angstrom, threads) -> None:
         if isinstance(model, list):
