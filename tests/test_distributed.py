@@ -113,6 +113,8 @@ def test_two_workers_follow_the_one_process_trajectories(two_workers, pretrained
         engine.set_states(pos, vel)
         engine.step(200)
     assert_same_states(local.get_states(), two_workers.get_states())
+    arrays = 2 * 4 * len(z) * 3 * 8  # positions and velocities, float64; then the thermostat chains
+    assert arrays < two_workers.last_gather_bytes < arrays + 4 * 2000
 
     for engine in (local, two_workers):  # drawn velocities: replica k's stream, whatever the split
         engine.set_states(pos, seed=5)
@@ -177,18 +179,20 @@ def test_a_killed_worker_is_replaced_and_the_run_goes_on_unchanged(two_workers, 
         if frame.index in (1, 2):
             _kill(pids[2 - frame.index])  # worker 1 at frame 1, worker 0 at frame 2
 
-    got = run_frames(two_workers, criterion, n_frames=4, reset_at=1, hook=kill_during)
-    assert two_workers.restarts == restarts + 2
-    assert not set(two_workers.worker_pids()) & set(pids)
-    for (pa, va, fa, _), (pb, vb, fb, _) in zip(expected, got):
-        assert_same_states((pa, va), (pb, vb))
-        np.testing.assert_array_equal(fa, fb)
+    try:
+        got = run_frames(two_workers, criterion, n_frames=4, reset_at=1, hook=kill_during)
+        assert two_workers.restarts == restarts + 2
+        assert not set(two_workers.worker_pids()) & set(pids)
+        for (pa, va, fa, _), (pb, vb, fb, _) in zip(expected, got):
+            assert_same_states((pa, va), (pb, vb))
+            np.testing.assert_array_equal(fa, fb)
 
-    monkeypatch.setattr(distributed_engine, "MAX_RESTARTS", 1)  # worker 1 has had its one restart
-    _kill(two_workers.worker_pids()[1])
-    with pytest.raises(WorkerLostError, match="worker 1 \\(replicas 2-3\\) died .*refine ... --resume"):
-        two_workers.step(10)
-    two_workers.close()  # what is left of it: frees worker 0's core for the tests below
+        monkeypatch.setattr(distributed_engine, "MAX_RESTARTS", 1)  # worker 1 has had its one restart
+        _kill(two_workers.worker_pids()[1])
+        with pytest.raises(WorkerLostError, match="worker 1 \\(replicas 2-3\\) died .*refine ... --resume"):
+            two_workers.step(10)
+    finally:
+        two_workers.close()  # frees both cores for the tests below, whatever happened here
 
 
 class UnusableModel(nn.Module):
@@ -258,7 +262,11 @@ def test_refine_on_two_workers_takes_the_same_learning_steps_with_workers_killed
         if workers == 2:
             assert isinstance(trainer.engine, DistributedReplicaEngine)
             trainer.criterion = KillingCriterion(trainer.criterion, trainer.engine, {3: 1, 13: 0})
-        trainer.fit()
+        try:
+            trainer.fit()
+        finally:
+            if workers == 2:
+                trainer.engine.close()  # its cores are free for the tests below
         runs[workers] = trainer
     one, two = runs[1], runs[2]
     assert two.engine.restarts == 2 and two.criterion.calls == 15

@@ -90,6 +90,7 @@ class DistributedReplicaEngine:
         self.shares = replica_shares(self.n_replicas, self.workers)
         self.steps_done = 0
         self.restarts = 0  # workers brought back after a fault
+        self.last_gather_bytes = 0  # what the last frame or get_states brought back (arrays and chains)
         self.ray = connect(self.config.ray_address)
         self.platform_name, options, self.threads_per_worker = worker_resources(self.ray, self.workers,
                                                                                 self.config.platform)
@@ -248,6 +249,7 @@ class DistributedReplicaEngine:
         snapshots = self._all("snapshot", replay=False)
         for i, (pos, vel, thermostats) in enumerate(snapshots):
             self._snapshot(i, pos, vel, thermostats)
+        self.last_gather_bytes = sum(_nbytes(s) for s in snapshots)
         return np.concatenate([s[0] for s in snapshots]), np.concatenate([s[1] for s in snapshots])
 
     def reset_replicas(self, replicas: Sequence[int], positions: np.ndarray,
@@ -287,6 +289,7 @@ class DistributedReplicaEngine:
             self.steps_done += int(steps_per_frame)
             for i, (pos, vel, thermostats, _) in enumerate(parts):
                 self._snapshot(i, pos, vel, thermostats)
+            self.last_gather_bytes = sum(_nbytes(p) for p in parts)
             if velocity_steps:
                 for k in range(steps_per_frame // velocity_steps):
                     on_velocities(np.concatenate([p[3][k] for p in parts]))
@@ -334,6 +337,17 @@ def weights_payload(model: nn.Module) -> dict:
         except TypeError:  # a dtype NumPy lacks (bfloat16): the tensor as it is
             out[key] = value
     return out
+
+
+def _nbytes(value) -> int:
+    """Bytes of the arrays and strings in a worker's answer (what crossed the wire, less framing)."""
+    if isinstance(value, np.ndarray):
+        return int(value.nbytes)
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    return 0
 
 
 def _cause(err: Exception) -> str:
