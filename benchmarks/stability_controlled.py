@@ -73,20 +73,26 @@ def parse_args(argv=None):
                    help="K, of the xTB data and of every simulation (at 500 K ethanol models trained on 10-40 "
                         "frames kept a median stable time above 2 ps; at 700 K the 40-frame model's is about 2 ps)")
     p.add_argument("--refine-epochs", type=int, default=36)
+    p.add_argument("--refine-seeds", type=int, default=4,
+                   help="independent refinements per refined arm; the evaluation replicas are split among them "
+                        "(refinement is chaotic: two runs of one config diverge within a few steps, so one "
+                        "refined model is a sample of one)")
     p.add_argument("--teacher-steps", type=int, default=30, help="learning steps of the teacher-student refinement")
     p.add_argument("--optimizers", nargs="+", default=["adam", "sgd"], help="teacher-student optimiser arms")
     p.add_argument("--experiments", nargs="+", choices=EXPERIMENTS, default=list(EXPERIMENTS))
-    p.add_argument("--variants", nargs="*", choices=["fragile", "rare"], default=["rare"],
+    p.add_argument("--variants", nargs="*", choices=["fragile", "rare"], default=[],
                    help=f"experiments that also run the StABlE variants ({', '.join(VARIANTS)})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every stage")
     args = p.parse_args(argv)
+    if args.refine_seeds < 1 or args.replicas % args.refine_seeds:
+        p.error(f"--replicas ({args.replicas}) must be a multiple of --refine-seeds ({args.refine_seeds})")
     args.sample_threshold = 0.5  # A: teacher-student frames come from replicas before this bond deviation
     if args.quick:
         args.frames, args.eval_frames, args.fragile_frames, args.rare_frames, args.large_frames = 120, 30, 20, 40, 80
         args.pretrain_min, args.replicas, args.horizon_ps = (0.05, 0.05, 0.05), 4, (0.1, 0.1)
-        args.refine_epochs, args.teacher_steps, args.optimizers = 2, 2, ["adam"]
+        args.refine_epochs, args.teacher_steps, args.optimizers, args.refine_seeds = 2, 2, ["adam"], 2
         # Seconds-old models fail within femtoseconds: the smoke run keeps every finite frame.
         args.temperature, args.sample_threshold = 500.0, 1e3
     return args
@@ -132,17 +138,41 @@ def eval_config(args, horizon_ps: float):
                                                 friction_per_ps=1.0, seed=args.seed))
 
 
-def evaluate_arm(model, name: str, starts, pool, test, horizon_ps: float, work: Path, args) -> dict:
-    """Stable times (64 replicas, same starts and seeds for every arm), h(r) MAE of stable
-    frames against the whole pool, test force MAE."""
+def evaluation_groups(starts, args) -> list:
+    """The evaluation replicas as `--refine-seeds` groups: (start frames, seed) per group.
+    Every arm is evaluated on the same groups (the same starts and seeds); a refined arm's
+    k-th refinement is evaluated on group k, an unrefined model on all of them."""
+    k = args.refine_seeds
+    if k == 1:
+        return [(starts, args.seed)]
+    size = args.replicas // k
+    chosen = np.random.default_rng(args.seed).choice(len(starts), size=args.replicas, replace=False)
+    return [(starts.subset(np.sort(chosen[g * size:(g + 1) * size])), args.seed + g) for g in range(k)]
+
+
+def evaluate_arm(models: list, name: str, starts, pool, test, horizon_ps: float, work: Path, args) -> dict:
+    """Stable times (the same replicas for every arm: `evaluation_groups`), h(r) MAE of
+    stable frames against the whole pool, test force MAE (means over the groups' models)."""
+    import dataclasses
+
     from openmm_stable.simulate import simulate
 
-    out = work / f"eval_{name}"
-    if not (out / "metrics.json").exists():
-        simulate(model, starts, eval_config(args, horizon_ps), out, reference=pool, test_set=test, progress=True)
-    m = json.loads((out / "metrics.json").read_text())
-    return {"stable_time_ps": m["stable_time_ps"], "stable_fraction": m["stable_fraction"],
-            "hr_mae": m.get("hr_mae"), "force_mae_meV_per_A": m["force_mae_meV_per_A"]}
+    groups = evaluation_groups(starts, args)
+    per_group = []
+    for g, (model, (group_starts, seed)) in enumerate(zip(models, groups)):
+        out = work / (f"eval_{name}" if len(groups) == 1 else f"eval_{name}_g{g}of{len(groups)}")
+        if not (out / "metrics.json").exists():
+            config = eval_config(args, horizon_ps)
+            config = dataclasses.replace(config, n_replicas=args.replicas // len(groups), seed=seed,
+                                         engine=dataclasses.replace(config.engine, seed=seed))
+            simulate(model, group_starts, config, out, reference=pool, test_set=test, progress=True)
+        per_group.append(json.loads((out / "metrics.json").read_text()))
+    times = [t for m in per_group for t in m["stable_time_ps"]]
+    hr = [m["hr_mae"] for m in per_group if m.get("hr_mae") is not None]
+    forces = [m["force_mae_meV_per_A"] for m in per_group]
+    return {"stable_time_ps": times, "stable_fraction": float(np.mean([t >= horizon_ps - 1e-9 for t in times])),
+            "hr_mae": float(np.mean(hr)) if hr else None, "force_mae_meV_per_A": float(np.mean(forces)),
+            "force_mae_per_refinement": forces}
 
 
 # --- refinement arms -------------------------------------------------------------------------
@@ -187,51 +217,65 @@ def signal_summary(folder: Path) -> dict:
             "realised_loss_change": column("realised_loss_change")}
 
 
+def refinements(start, name: str, train, pool, config_of_seed, work: Path, args) -> list:
+    """`--refine-seeds` independent refinements of `start`: [(model, summary)], the k-th with
+    refinement seed args.seed + k (folder refine_NAME, then refine_NAME_seedK)."""
+    import dataclasses
+
+    runs = []
+    for k in range(args.refine_seeds):
+        config = dataclasses.replace(config_of_seed(k), seed=args.seed + k)
+        runs.append(refined(start, name if k == 0 else f"{name}_seed{k}", train, pool, config, work))
+    return runs
+
+
 def run_arms(exp: str, start, large, train, pool, starts, test, horizon_ps: float, work: Path, timings, args) -> dict:
     """The four arms of a stability experiment and their statistics."""
     from openmm_stable.statistics import bootstrap_median_interval, km_median, logrank_p
 
-    stage(f"{exp}: StABlE refinement")
-    stable_model, stable_summary = timings(f"{exp}_refine_stable", lambda: refined(
-        start, f"{exp}_stable", train, pool, stable_recipe(args), work))
-    steps = int(stable_summary["learning_steps"])
-    stage(f"{exp}: energy/force-only control ({steps} optimizer steps, as StABlE took)")
-    ef_model, ef_summary = timings(f"{exp}_refine_ef", lambda: refined(
+    stage(f"{exp}: StABlE refinement ({args.refine_seeds} seeds)")
+    stable_runs = timings(f"{exp}_refine_stable", lambda: refinements(
+        start, f"{exp}_stable", train, pool, lambda k: stable_recipe(args), work, args))
+    steps = [int(summary["learning_steps"]) for _, summary in stable_runs]
+    stage(f"{exp}: energy/force-only control ({steps} optimizer steps, as StABlE took with each seed)")
+    ef_runs = timings(f"{exp}_refine_ef", lambda: refinements(
         start, f"{exp}_energy_force_only", train, pool,
-        stable_recipe(args, observable_weight=0.0, max_learning_steps=steps, max_epochs=10 * args.refine_epochs),
-        work))
-    models = {"pretrained": start, "stable": stable_model, "energy_force_only": ef_model, "large_data": large}
-    variant_steps = {}
+        lambda k: stable_recipe(args, observable_weight=0.0, max_learning_steps=steps[k],
+                                max_epochs=10 * args.refine_epochs), work, args))
+    K = args.refine_seeds
+    models = {"pretrained": [start] * K, "stable": [m for m, _ in stable_runs],
+              "energy_force_only": [m for m, _ in ef_runs], "large_data": [large] * K}
+    run_steps = {"stable": steps, "energy_force_only": [int(summary["learning_steps"]) for _, summary in ef_runs]}
     for variant, overrides in (VARIANTS.items() if exp in args.variants else ()):
         stage(f"{exp}: StABlE variant {variant}")
-        models[variant], summary = timings(f"{exp}_refine_{variant}", lambda o=overrides, v=variant: refined(
-            start, f"{exp}_{v}", train, pool, stable_recipe(args, **o), work))
-        variant_steps[variant] = int(summary["learning_steps"])
+        runs = timings(f"{exp}_refine_{variant}", lambda o=overrides, v=variant: refinements(
+            start, f"{exp}_{v}", train, pool, lambda k: stable_recipe(args, **o), work, args))
+        models[variant] = [m for m, _ in runs]
+        run_steps[variant] = [int(summary["learning_steps"]) for _, summary in runs]
     arms = {}
-    for arm, model in models.items():
+    for arm, arm_models in models.items():
         stage(f"{exp}: evaluate {arm}")
         # The large-data model is the same in every experiment: one evaluation per horizon.
         folder = f"large_data_{horizon_ps:g}ps" if arm == "large_data" else f"{exp}_{arm}"
-        arms[arm] = timings(f"{exp}_eval_{arm}", lambda m=model, f=folder: evaluate_arm(
+        arms[arm] = timings(f"{exp}_eval_{arm}", lambda m=arm_models, f=folder: evaluate_arm(
             m, f, starts, pool, test, horizon_ps, work, args))
     for arm, values in arms.items():
         median = km_median(values["stable_time_ps"], horizon_ps)
         values["median_stable_time_ps"] = median  # None: more than half outlived the horizon
         values["median_interval_ps"] = bootstrap_median_interval(values["stable_time_ps"], horizon_ps, seed=args.seed)
-    arms["stable"]["learning_steps"] = steps
-    arms["energy_force_only"]["learning_steps"] = int(ef_summary["learning_steps"])
-    for variant, n_steps in variant_steps.items():
-        arms[variant]["learning_steps"] = n_steps
-        arms[variant]["logrank_p_vs_pretrained"] = logrank_p(arms[variant]["stable_time_ps"],
-                                                             arms["pretrained"]["stable_time_ps"], horizon_ps)
-        arms[variant]["signal"] = signal_summary(work / f"refine_{exp}_{variant}")
+        if arm in run_steps:
+            values["learning_steps"] = run_steps[arm]
     p = lambda a, b: logrank_p(arms[a]["stable_time_ps"], arms[b]["stable_time_ps"], horizon_ps)  # noqa: E731
-    return {"horizon_ps": horizon_ps, "n_train_frames": len(train), "arms": arms,
+    for variant in run_steps.keys() - {"stable", "energy_force_only"}:
+        arms[variant]["logrank_p_vs_pretrained"] = p(variant, "pretrained")
+        arms[variant]["signal"] = signal_summary(work / f"refine_{exp}_{variant}")
+    return {"horizon_ps": horizon_ps, "n_train_frames": len(train), "refine_seeds": K, "arms": arms,
             "logrank_p": {"stable_vs_pretrained": p("stable", "pretrained"),
                           "stable_vs_energy_force_only": p("stable", "energy_force_only"),
                           "energy_force_only_vs_pretrained": p("energy_force_only", "pretrained"),
                           "stable_vs_large_data": p("stable", "large_data")},
-            "signal": signal_summary(work / f"refine_{exp}_stable")}
+            "signal": [signal_summary(work / (f"refine_{exp}_stable" + (f"_seed{k}" if k else "")))
+                       for k in range(K)]}
 
 
 # --- teacher-student ---------------------------------------------------------------------------
