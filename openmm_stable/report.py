@@ -89,8 +89,12 @@ def plot_csv_columns(csv_path, columns: Sequence[str], path, x: str = "epoch", l
     with open(csv_path) as fh:
         rows = list(csv.DictReader(fh))
     present = [c for c in columns if rows and c in rows[0]]
-    fig, axes = plt.subplots(1, max(len(present), 1), figsize=(3.2 * max(len(present), 1), 3))
-    axes = np.atleast_1d(axes)
+    n_cols = min(4, max(len(present), 1))
+    n_rows = max(1, -(-len(present) // n_cols))
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(3.2 * n_cols, 3 * n_rows), squeeze=False)
+    axes = axes.ravel()
+    for ax in axes[len(present):]:
+        ax.set_visible(False)
     for ax, column in zip(axes, present):
         xs = [float(r[x]) for r in rows if r.get(column) not in ("", None)]
         ys = [float(r[column]) for r in rows if r.get(column) not in ("", None)]

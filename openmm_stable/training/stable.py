@@ -456,9 +456,13 @@ class StableTrainer:
         bar.close()
         save_model(self.model, self.out / "model.pt", atomic_numbers=self.z, kind="refined",
                    training_temperature_K=cfg.engine.temperature_K, dataset_fingerprint=self.dataset.fingerprint())
+        # The signal diagnostics sit beside the losses: a split-half cosine near 0 says the
+        # steps were noise, and the two gradient norms say which loss drove them.
         report.plot_csv_columns(self.out / "log.csv", ["observable_loss", "val_force_mae_meV_per_A",
-                                                       "unstable_fraction", "lr"], self.out / "learning_curves.png",
-                                logy=["observable_loss"])
+                                                       "unstable_fraction", "lr", "split_half_cosine",
+                                                       "observable_grad_norm", "energy_force_grad_norm"],
+                                self.out / "learning_curves.png",
+                                logy=["observable_loss", "observable_grad_norm", "energy_force_grad_norm"])
         losses = [r["observable_loss"] for r in self.state.history if r.get("observable_loss") is not None
                   and r["phase"] == "learning"]
         summary = {
