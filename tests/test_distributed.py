@@ -241,11 +241,11 @@ class KillingCriterion:
         return self.criterion.unstable(deviations)
 
 
-def test_refine_on_two_workers_takes_the_same_learning_steps_with_workers_killed_mid_epoch(
+def test_refine_on_two_workers_takes_the_same_learning_steps_with_a_worker_killed_mid_epoch(
         cluster, xtb_ethanol, pretrained_ethanol_model, tmp_path):
     """Three epochs (simulation, then two learning steps), Nose-Hoover, plain SGD: on two
-    workers, with worker 1 killed in the middle of the first epoch and worker 0 in the middle
-    of the third (after a weight update), the log and the weights equal the one-process run.
+    workers, with worker 1 killed in the middle of the third epoch (after a weight update),
+    the log and the weights equal the one-process run.
 
     Tolerances: these steps come from a 0.02 A threshold and a sharp observable, so the
     gradient amplifies frame differences; the per-replica layout against the batched one
@@ -261,7 +261,7 @@ def test_refine_on_two_workers_takes_the_same_learning_steps_with_workers_killed
                                 progress=False)
         if workers == 2:
             assert isinstance(trainer.engine, DistributedReplicaEngine)
-            trainer.criterion = KillingCriterion(trainer.criterion, trainer.engine, {3: 1, 13: 0})
+            trainer.criterion = KillingCriterion(trainer.criterion, trainer.engine, {13: 1})
         try:
             trainer.fit()
         finally:
@@ -269,7 +269,7 @@ def test_refine_on_two_workers_takes_the_same_learning_steps_with_workers_killed
                 trainer.engine.close()  # its cores are free for the tests below
         runs[workers] = trainer
     one, two = runs[1], runs[2]
-    assert two.engine.restarts == 2 and two.criterion.calls == 15
+    assert two.engine.restarts == 1 and two.criterion.calls == 15
     assert [r["phase"] for r in two.state.history] == ["simulation", "learning", "learning"]
     for a, b in zip(one.state.history, two.state.history):
         for key in ("unstable_fraction", "observable_loss", "grad_norm", "observable_grad_norm", "n_samples"):
@@ -277,9 +277,10 @@ def test_refine_on_two_workers_takes_the_same_learning_steps_with_workers_killed
                 assert b.get(key) is None, (key, a["epoch"])
             else:
                 assert b.get(key) == pytest.approx(a[key], rel=1e-4), (key, a["epoch"])
-    start = list(pretrained_ethanol_model.parameters())
-    step = max(float((p1 - p0).abs().max()) for p1, p0 in zip(one.model.parameters(), start))
-    apart = max(float((p1 - p2).abs().max()) for p1, p2 in zip(one.model.parameters(), two.model.parameters()))
+    start = [p.detach() for p in pretrained_ethanol_model.parameters()]
+    first, second = [p.detach() for p in one.model.parameters()], [p.detach() for p in two.model.parameters()]
+    step = max(float((p1 - p0).abs().max()) for p1, p0 in zip(first, start))
+    apart = max(float((p1 - p2).abs().max()) for p1, p2 in zip(first, second))
     assert step > 1e-6 and apart < 1e-3 * step, (apart, step)
 
 
@@ -360,6 +361,10 @@ def test_distributed_benchmark_quick(tmp_path):
         assert np.isfinite(payload["ratios"][key]) and payload["ratios"][key] > 0
     for row in payload["overhead"]:
         assert row["gather_bytes"] > 0 and row["broadcast_bytes"] > 0 and row["gather_ms"] > 0
-    fractions = [row["communication_fraction"] for row in payload["cost_model"]["rows"]]
-    assert fractions and all(0 < f < 1 for f in fractions)
+    rows = payload["cost_model"]["rows"]
+    assert {(r["layout"], r["replicas"]) for r in rows} == {(layout, n) for n in (128, 1024) for layout in
+                                                           ("1 GPU", "8 GPUs, 1 node", "4 nodes x 8 GPUs")}
+    for row in rows:  # one GPU is one process: nothing to communicate
+        assert (row["communication_fraction"] == 0) if row["gpus"] == 1 else (0 < row["communication_fraction"] < 1)
+        assert row["epoch_s"] > 0 and row["speedup_vs_1_gpu"] > 0
     assert "2 workers / 1 worker" in proc.stdout
