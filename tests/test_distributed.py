@@ -128,13 +128,22 @@ def test_two_workers_follow_the_one_process_trajectories(two_workers, pretrained
         np.testing.assert_array_equal(fa, fb)
         np.testing.assert_allclose(da, db, atol=POS_TOL)
 
+    series = {}  # velocities every 10 steps within the frames (simulate's VACF), in time order
+    for name, engine in (("local", local), ("two", two_workers)):
+        series[name] = []
+        engine.run_checked(2, 50, criterion, lambda frame: None, velocity_steps=10,
+                           on_velocities=series[name].append)
+    assert len(series["two"]) == len(series["local"]) == 10
+    for a, b in zip(series["local"], series["two"]):
+        assert float(np.abs(a - b).max()) < VEL_TOL
+
     new_model = perturbed(pretrained_ethanol_model)
     for engine in (local, two_workers):
         engine.update_model(new_model)
         engine.step(100)
     after = local.get_states()
     assert_same_states(after, two_workers.get_states())
-    assert two_workers.steps_done == local.steps_done == 450 and two_workers.time_ps == pytest.approx(local.time_ps)
+    assert two_workers.steps_done == local.steps_done == 550 and two_workers.time_ps == pytest.approx(local.time_ps)
     energies = two_workers.potential_energies()  # one per worker's Context
     assert energies.shape == (2,) and energies.sum() == pytest.approx(float(local.potential_energies().sum()),
                                                                       rel=1e-5)

@@ -47,9 +47,17 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None):
             raise InputError(f"cannot join the Ray cluster at {address!r} ({err}); start it with `ray start --head` "
                              "on the head node and `ray start --address=HEAD:PORT` on the others") from err
         return ray
-    ray.init(num_cpus=int(num_cpus or os.cpu_count() or 1), include_dashboard=False, log_to_driver=True,
+    ray.init(num_cpus=int(num_cpus or _usable_cores()), include_dashboard=False, log_to_driver=True,
              configure_logging=False)
     return ray
+
+
+def _usable_cores() -> int:
+    """The cores this process may run on (a container's CPU set, not the host's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def replica_shares(n_replicas: int, workers: int) -> list[slice]:
