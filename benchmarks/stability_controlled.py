@@ -21,7 +21,7 @@ Kaplan-Meier survival curves, the log-rank test, medians with bootstrap interval
 force MAE, and the h(r) MAE of stable frames. Every stage writes to --workdir and is
 skipped when its output exists, so a run can span sessions:
 
-    python benchmarks/stability_controlled.py --workdir runs/controlled           # full (about 1.5 h, 2 cores)
+    python benchmarks/stability_controlled.py --workdir runs/controlled           # full (about 3 h, 2 cores)
     python benchmarks/stability_controlled.py --workdir runs/controlled_q --quick # a smoke run of every stage
 """
 from __future__ import annotations
