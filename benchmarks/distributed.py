@@ -1,7 +1,7 @@
 """Benchmark 6: the distributed engine (Ray) against one process, and a cost model for clusters.
 
     python benchmarks/distributed.py                 # about 10 min on 2 cores
-    python benchmarks/distributed.py --quick --out /tmp/q   # smoke test (default test suite)
+    python benchmarks/distributed.py --quick --out runs/q     # smoke test (default test suite)
     python benchmarks/distributed.py --resume        # skip the parts already in the results file
 
 Measured here (CPU, 2 cores, aspirin, an untrained SchNet-small with fixed seed):

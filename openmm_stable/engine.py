@@ -125,6 +125,30 @@ def create_engine(model: nn.Module, atomic_numbers: Sequence[int], n_replicas: i
     return ReplicaEngine(model, atomic_numbers, n_replicas, config, box_angstrom)
 
 
+def kinetic_temperature(masses_amu_: np.ndarray, velocities: np.ndarray) -> np.ndarray:
+    """Instantaneous kinetic temperature (K) per replica from (R, N, 3) Angstrom/ps."""
+    v_nm = np.asarray(velocities) / NM_IN_ANGSTROM
+    ke_kj = 0.5 * (masses_amu_[None, :, None] * v_nm**2).sum(axis=(1, 2))
+    return 2 * ke_kj / (3 * masses_amu_.size * BOLTZMANN_EV_PER_K * EV_IN_KJ_PER_MOL)
+
+
+def set_replica_system(engine, model: nn.Module, atomic_numbers: Sequence[int], n_replicas: int,
+                       config: Optional[EngineConfig], box_angstrom: Optional[np.ndarray]) -> None:
+    """The settings every engine (this one and the distributed one) checks and keeps the same
+    way: config (None temperature -> the fallback), atomic numbers, replica count, box, masses."""
+    engine.config = config or EngineConfig()
+    if engine.config.temperature_K is None:
+        engine.config = dataclasses.replace(engine.config, temperature_K=FALLBACK_TEMPERATURE_K)
+    engine.atomic_numbers = np.asarray(atomic_numbers, dtype=np.int64)
+    engine.n_atoms = int(engine.atomic_numbers.size)
+    engine.n_replicas = int(n_replicas)
+    if engine.n_replicas < 1:
+        raise InputError("n_replicas must be at least 1")
+    engine.box_angstrom = None if box_angstrom is None else np.asarray(box_angstrom, dtype=float)
+    check_cutoff_fits_box(model, engine.box_angstrom)
+    engine.masses = masses_amu(engine.atomic_numbers)
+
+
 class ReplicaEngine:
     """Runs R replicas of a model through OpenMM and hands states back as arrays.
 
@@ -138,17 +162,7 @@ class ReplicaEngine:
                  config: Optional[EngineConfig] = None, box_angstrom: Optional[np.ndarray] = None):
         import openmm
 
-        self.config = config or EngineConfig()
-        if self.config.temperature_K is None:
-            self.config = dataclasses.replace(self.config, temperature_K=FALLBACK_TEMPERATURE_K)
-        self.atomic_numbers = np.asarray(atomic_numbers, dtype=np.int64)
-        self.n_atoms = int(self.atomic_numbers.size)
-        self.n_replicas = int(n_replicas)
-        if self.n_replicas < 1:
-            raise InputError("n_replicas must be at least 1")
-        self.box_angstrom = None if box_angstrom is None else np.asarray(box_angstrom, dtype=float)
-        check_cutoff_fits_box(model, self.box_angstrom)
-        self.masses = masses_amu(self.atomic_numbers)
+        set_replica_system(self, model, atomic_numbers, n_replicas, config, box_angstrom)
         self.platform_name = self.config.platform or default_platform_name()
         self.platform = openmm.Platform.getPlatformByName(self.platform_name)
         if self.config.keep_freed_memory and self.platform_name in ("CPU", "Reference"):
@@ -320,8 +334,4 @@ class ReplicaEngine:
                          for ctx in self._contexts])
 
     def kinetic_temperature(self, velocities: np.ndarray) -> np.ndarray:
-        """Instantaneous kinetic temperature (K) per replica from (R, N, 3) Angstrom/ps."""
-        v_nm = velocities / NM_IN_ANGSTROM
-        ke_kj = 0.5 * (self.masses[None, :, None] * v_nm**2).sum(axis=(1, 2))
-        dof = 3 * self.n_atoms
-        return 2 * ke_kj / (dof * BOLTZMANN_EV_PER_K * EV_IN_KJ_PER_MOL)
+        return kinetic_temperature(self.masses, velocities)

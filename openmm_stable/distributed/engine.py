@@ -46,11 +46,9 @@ from torch import nn
 
 from openmm_stable.distributed.cluster import connect, replica_shares, worker_resources
 from openmm_stable.distributed.worker import engine_config_dict, remote_worker_class
-from openmm_stable.engine import EngineConfig, checked_frame, masses_amu, maxwell_boltzmann
+from openmm_stable.engine import (EngineConfig, checked_frame, kinetic_temperature, maxwell_boltzmann,
+                                  set_replica_system)
 from openmm_stable.errors import InputError
-from openmm_stable.models.base import check_cutoff_fits_box
-from openmm_stable.temperature import FALLBACK_TEMPERATURE_K
-from openmm_stable.units import BOLTZMANN_EV_PER_K, EV_IN_KJ_PER_MOL, NM_IN_ANGSTROM
 
 MAX_RESTARTS = 3  # per worker: a dead worker is replaced this often, then the run stops
 START_TIMEOUT_S = 600.0  # workers import torch and OpenMM and build a Context: seconds, not minutes
@@ -73,19 +71,7 @@ class DistributedReplicaEngine:
                  threads_per_worker: Optional[int] = None):
         """`threads_per_worker`: CPU threads (and cores asked of Ray) per worker on a CPU
         platform; default: an equal share of the cluster's cores."""
-        import dataclasses
-
-        self.config = config or EngineConfig()
-        if self.config.temperature_K is None:
-            self.config = dataclasses.replace(self.config, temperature_K=FALLBACK_TEMPERATURE_K)
-        self.atomic_numbers = np.asarray(atomic_numbers, dtype=np.int64)
-        self.n_atoms = int(self.atomic_numbers.size)
-        self.n_replicas = int(n_replicas)
-        if self.n_replicas < 1:
-            raise InputError("n_replicas must be at least 1")
-        self.box_angstrom = None if box_angstrom is None else np.asarray(box_angstrom, dtype=float)
-        check_cutoff_fits_box(model, self.box_angstrom)
-        self.masses = masses_amu(self.atomic_numbers)
+        set_replica_system(self, model, atomic_numbers, n_replicas, config, box_angstrom)
         self.workers = int(self.config.workers)
         self.shares = replica_shares(self.n_replicas, self.workers)
         self.steps_done = 0
@@ -317,10 +303,7 @@ class DistributedReplicaEngine:
         return np.concatenate(self._all("potential_energies", replay=False))
 
     def kinetic_temperature(self, velocities: np.ndarray) -> np.ndarray:
-        """Instantaneous kinetic temperature (K) per replica from (R, N, 3) Angstrom/ps."""
-        v_nm = np.asarray(velocities) / NM_IN_ANGSTROM
-        ke_kj = 0.5 * (self.masses[None, :, None] * v_nm**2).sum(axis=(1, 2))
-        return 2 * ke_kj / (3 * self.n_atoms * BOLTZMANN_EV_PER_K * EV_IN_KJ_PER_MOL)
+        return kinetic_temperature(self.masses, velocities)
 
     def worker_pids(self) -> list[int]:
         """Process ids of the workers as they run now (e.g. to test a kill -9)."""
