@@ -56,6 +56,11 @@ VARIANTS = {
     # was more stable in a probe but raised the force MAE 1.33x; the recipe's 10 gives
     # 1.13x (README section 5). Does 30 keep the force MAE within 1.1x, and the gain?
     "stable_energy_force_weight_30": dict(energy_force_weight=30.0),
+    # Neither weight meets both criteria, yet two of the four weight-10 refinements did (1.03x
+    # and 1.07x force MAE, both stable): the force error drifts in some runs only. A trust
+    # region acts on the drift alone: energy/force-only steps whenever the training-set
+    # force MAE leaves 1.1x its start.
+    "stable_force_budget_1.1": dict(force_mae_budget=1.1),
 }
 
 def parse_args(argv=None):
@@ -88,6 +93,8 @@ def parse_args(argv=None):
                    help=f"experiments that also run the StABlE variants ({', '.join(VARIANTS)})")
     p.add_argument("--variant-names", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
                    help="which variants --variants runs")
+    p.add_argument("--hr-window-ps", type=float, default=1.0,
+                   help="also compare h(r) over stable frames of this first window, the same for every arm (0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every stage")
@@ -101,6 +108,7 @@ def parse_args(argv=None):
         args.refine_epochs, args.teacher_steps, args.optimizers, args.refine_seeds = 2, 2, ["adam"], 2
         # Seconds-old models fail within femtoseconds: the smoke run keeps every finite frame.
         args.temperature, args.sample_threshold = 500.0, 1e3
+        args.hr_window_ps = 0.05 if args.hr_window_ps else 0.0
     return args
 
 
@@ -252,6 +260,7 @@ def run_arms(exp: str, start, large, train, pool, starts, test, horizon_ps: floa
     models = {"pretrained": [start] * K, "stable": [m for m, _ in stable_runs],
               "energy_force_only": [m for m, _ in ef_runs], "large_data": [large] * K}
     run_steps = {"stable": steps, "energy_force_only": [int(summary["learning_steps"]) for _, summary in ef_runs]}
+    restore_steps = {}
     chosen = {name: VARIANTS[name] for name in args.variant_names} if exp in args.variants else {}
     for variant, overrides in chosen.items():
         stage(f"{exp}: StABlE variant {variant}")
@@ -259,6 +268,7 @@ def run_arms(exp: str, start, large, train, pool, starts, test, horizon_ps: floa
             start, f"{exp}_{v}", train, pool, lambda k: stable_recipe(args, **o), work, args))
         models[variant] = [m for m, _ in runs]
         run_steps[variant] = [int(summary["learning_steps"]) for _, summary in runs]
+        restore_steps[variant] = [int(summary.get("restore_steps", 0)) for _, summary in runs]
     arms = {}
     for arm, arm_models in models.items():
         stage(f"{exp}: evaluate {arm}")
@@ -266,12 +276,21 @@ def run_arms(exp: str, start, large, train, pool, starts, test, horizon_ps: floa
         folder = f"large_data_{horizon_ps:g}ps" if arm == "large_data" else f"{exp}_{arm}"
         arms[arm] = timings(f"{exp}_eval_{arm}", lambda m=arm_models, f=folder: evaluate_arm(
             m, f, starts, pool, test, horizon_ps, work, args))
+        if args.hr_window_ps:
+            # h(r) over one time window for every arm: each arm's own stable frames span
+            # different times (a fragile replica's first 1-2 ps, a refined one's 8 ps).
+            window = timings(f"{exp}_eval_{arm}_window", lambda m=arm_models, f=folder: evaluate_arm(
+                m, f"{f}_window{args.hr_window_ps:g}ps", starts, pool, test, args.hr_window_ps, work, args))
+            arms[arm]["hr_mae_window"] = window["hr_mae"]
+            arms[arm]["hr_window_ps"] = args.hr_window_ps
     for arm, values in arms.items():
         median = km_median(values["stable_time_ps"], horizon_ps)
         values["median_stable_time_ps"] = median  # None: more than half outlived the horizon
         values["median_interval_ps"] = bootstrap_median_interval(values["stable_time_ps"], horizon_ps, seed=args.seed)
         if arm in run_steps:
             values["learning_steps"] = run_steps[arm]
+        if arm in restore_steps:
+            values["restore_steps"] = restore_steps[arm]
     p = lambda a, b: logrank_p(arms[a]["stable_time_ps"], arms[b]["stable_time_ps"], horizon_ps)  # noqa: E731
     for variant in run_steps.keys() - {"stable", "energy_force_only"}:
         arms[variant]["logrank_p_vs_pretrained"] = p(variant, "pretrained")
@@ -400,18 +419,21 @@ def run_teacher_student(teacher, train, starts, test, work: Path, timings, args)
 
 
 # --- report -------------------------------------------------------------------------------------
-def verdict(result: dict) -> dict:
-    """The issue's pass criteria for a stability experiment, each with its measured values."""
+def verdict(result: dict, arm: str = "stable") -> dict:
+    """The issue's pass criteria for a refined arm of a stability experiment."""
+    from openmm_stable.statistics import logrank_p
+
     arms, horizon = result["arms"], result["horizon_ps"]
     median = lambda a: arms[a]["median_stable_time_ps"] if arms[a]["median_stable_time_ps"] is not None else horizon  # noqa: E731
-    pre_force, st_force = arms["pretrained"]["force_mae_meV_per_A"], arms["stable"]["force_mae_meV_per_A"]
-    pre_hr, st_hr = arms["pretrained"]["hr_mae"], arms["stable"]["hr_mae"]
-    return {"median_at_least_3x": median("stable") >= 3 * median("pretrained"),
-            "median_capped_by_horizon": arms["stable"]["median_stable_time_ps"] is None,
-            "beats_energy_force_only_p_lt_0.05": (result["logrank_p"]["stable_vs_energy_force_only"] < 0.05
-                                                  and median("stable") >= median("energy_force_only")),
-            "force_mae_within_1.1x": st_force <= 1.1 * pre_force,
-            "hr_mae_not_worse": pre_hr is not None and st_hr is not None and st_hr <= pre_hr}
+    p_control = logrank_p(arms[arm]["stable_time_ps"], arms["energy_force_only"]["stable_time_ps"], horizon)
+    not_worse = lambda key: (arms["pretrained"].get(key) is not None and arms[arm].get(key) is not None  # noqa: E731
+                             and arms[arm][key] <= arms["pretrained"][key])
+    return {"median_at_least_3x": median(arm) >= 3 * median("pretrained"),
+            "median_capped_by_horizon": arms[arm]["median_stable_time_ps"] is None,
+            "beats_energy_force_only_p_lt_0.05": p_control < 0.05 and median(arm) >= median("energy_force_only"),
+            "force_mae_within_1.1x": arms[arm]["force_mae_meV_per_A"] <= 1.1 * arms["pretrained"]["force_mae_meV_per_A"],
+            "hr_mae_not_worse": not_worse("hr_mae"),
+            "hr_mae_not_worse_same_window": not_worse("hr_mae_window")}
 
 
 def print_tables(payload: dict) -> None:
@@ -425,10 +447,12 @@ def print_tables(payload: dict) -> None:
             lo, hi = v["median_interval_ps"]
             rows.append([arm, f"{v['stable_fraction']:.2f}",
                          f">= {result['horizon_ps']:g}" if med is None else f"{med:.2f}", f"[{lo:.2f}, {hi:.2f}]",
-                         v["hr_mae"] if v["hr_mae"] is not None else float("nan"), v["force_mae_meV_per_A"]])
+                         v["hr_mae"] if v["hr_mae"] is not None else float("nan"),
+                         v["hr_mae_window"] if v.get("hr_mae_window") is not None else float("nan"),
+                         v["force_mae_meV_per_A"]])
         print(f"\n{exp}: {len(result['arms']['pretrained']['stable_time_ps'])} replicas, horizon {result['horizon_ps']:g} ps")
         print(format_table(["arm", f"stable at {result['horizon_ps']:g} ps", "median (ps)", "95% bootstrap",
-                            "h(r) MAE", "force MAE (meV/A)"], rows))
+                            "h(r) MAE", f"h(r) MAE, first {args_window(result)}", "force MAE (meV/A)"], rows))
         print("log-rank p: " + ", ".join(f"{k} {v:.2g}" for k, v in result["logrank_p"].items()))
         print("pass criteria: " + ", ".join(f"{k}={v}" for k, v in result["verdict"].items()))
     if "teacher_student" in payload:
@@ -440,6 +464,11 @@ def print_tables(payload: dict) -> None:
             cos = v["signal"]["split_half_cosine"]
             print(f"  {name}: h(r) MSE {v['hr_mse_refined']:.3g}, force ratio {v['force_ratio_refined']:.3f}, "
                   f"median split-half cosine {np.median(cos) if cos else float('nan'):.2f}")
+
+
+def args_window(result: dict) -> str:
+    windows = {v.get("hr_window_ps") for v in result["arms"].values()} - {None}
+    return f"{windows.pop():g} ps" if len(windows) == 1 else "window"
 
 
 def plot_survival(payload: dict, path: Path) -> None:
@@ -510,6 +539,8 @@ def main(argv=None) -> dict:
                                      else (rare, rare_train, args.horizon_ps[1]))
             payload[exp] = run_arms(exp, start, large, train, pool, held_out, held_out, horizon, work, timings, args)
             payload[exp]["verdict"] = verdict(payload[exp])
+            for variant in set(payload[exp]["arms"]) - set(ARMS):
+                payload[exp]["arms"][variant]["verdict"] = verdict(payload[exp], variant)
         payload["timings_s"] = timings.seconds
         write_json(results_path, payload)
     print_tables(payload)

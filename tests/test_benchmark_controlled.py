@@ -29,7 +29,8 @@ def test_stability_controlled_quick(tmp_path):
         assert {"pretrained", "stable", "energy_force_only", "large_data"} <= set(result["arms"])
         for arm in result["arms"].values():
             assert len(arm["stable_time_ps"]) == payload["n_eval_replicas"] == 4
-            assert {"median_stable_time_ps", "force_mae_meV_per_A", "hr_mae"} <= set(arm)
+            assert {"median_stable_time_ps", "force_mae_meV_per_A", "hr_mae", "hr_mae_window"} <= set(arm)
+            assert arm["hr_window_ps"] == 0.05  # every arm's h(r) over the same first window
         # Two refinements per refined arm (quick mode), each evaluated on its own half of the
         # replicas; each control run takes exactly as many optimizer steps as its StABlE run.
         assert result["refine_seeds"] == 2 and len(result["arms"]["stable"]["force_mae_per_refinement"]) == 2

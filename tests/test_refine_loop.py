@@ -87,7 +87,8 @@ def test_bad_settings_are_refused_before_any_simulation():
     from openmm_stable.errors import InputError
 
     for bad in ({"failure_reset": "somewhere"}, {"random_reset_fraction": 1.5}, {"qm_batch_size": 0},
-                {"observable_weight": -1.0}, {"bond_threshold": -0.1}, {"observable_objective": "median"}):
+                {"observable_weight": -1.0}, {"bond_threshold": -0.1}, {"observable_objective": "median"},
+                {"force_mae_budget": 0.9}, {"max_restore_steps": 0}):
         with pytest.raises(InputError):
             _config(**bad)
 
@@ -122,3 +123,45 @@ def test_per_frame_objective_is_the_mean_loss_of_the_frames(xtb_ethanol, pretrai
         assert row["observable_loss"] == pytest.approx(float(expected), rel=1e-9)
         assert trainer.observable_loss_of(frames) == pytest.approx(float(expected), rel=1e-9)
     assert losses["per_frame"] > losses["ensemble"]
+
+
+def test_force_budget_restores_the_qm_fit_after_a_step_that_broke_it(xtb_ethanol, pretrained_ethanol_model,
+                                                                     tmp_path):
+    """A model pushed off its QM fit (weights perturbed here, as a large observable step
+    would) takes energy/force-only steps until its training-set force MAE is back within
+    the budget or the step cap is reached; a model within the budget takes none."""
+    config = _config(force_mae_budget=1.05, max_restore_steps=5, lr=1e-3, energy_force_weight=0.0)
+    trainer = StableTrainer(copy.deepcopy(pretrained_ethanol_model), xtb_ethanol, config, tmp_path, progress=False)
+    start = trainer._budget_force_mae()
+    trainer.state.start_force_mae = start
+    untouched = [p.detach().clone() for p in trainer.model.parameters()]
+    assert trainer._keep_force_budget() == {"train_force_mae_meV_per_A": start, "restore_steps": 0}
+    for before, p in zip(untouched, trainer.model.parameters()):
+        assert torch.equal(before, p.detach())
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(0.05 * p.abs().mean() * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+    broken = trainer._budget_force_mae()
+    assert broken > 1.05 * start  # the input the guard needs
+    row = trainer._keep_force_budget()
+    assert 1 <= row["restore_steps"] <= 5 and trainer.state.restore_steps == row["restore_steps"]
+    assert row["train_force_mae_meV_per_A"] < broken
+    assert row["train_force_mae_meV_per_A"] <= 1.05 * start or row["restore_steps"] == 5
+    assert row["train_force_mae_meV_per_A"] == pytest.approx(trainer._budget_force_mae(), rel=1e-9)
+
+
+def test_force_budget_in_the_loop_is_logged_and_checkpointed(xtb_ethanol, pretrained_ethanol_model, tmp_path):
+    """With a budget of 1x every step that raises the training-set force MAE is followed by
+    restore steps; the log, the summary and the checkpointed loop state say how many."""
+    config = _config(bond_threshold=1e-6, unstable_fraction=0.1, max_learning_steps=2, max_epochs=10,
+                     force_mae_budget=1.0, max_restore_steps=2, lr=1e-3)
+    _, summary = refine(pretrained_ethanol_model, xtb_ethanol, config, tmp_path, progress=False)
+    import csv
+
+    rows = [r for r in csv.DictReader(open(tmp_path / "log.csv")) if r["grad_norm"]]
+    assert len(rows) == 2 and all(r["train_force_mae_meV_per_A"] and r["restore_steps"] for r in rows)
+    assert summary["restore_steps"] == sum(int(r["restore_steps"]) for r in rows)
+    payload = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert payload["loop"]["restore_steps"] == summary["restore_steps"]
+    assert payload["loop"]["start_force_mae"] > 0
