@@ -4,9 +4,13 @@ One long time-ordered GFN2-xTB trajectory at 500 K gives a small and a 50x large
 set (drawn from its first block) and a common test set (its last block). Three models of
 one architecture are compared: pre-trained on the small set, pre-trained on the large
 set, and StABlE-refined from the small model (h(r) of the whole reference trajectory as
-the observable, energy/force regulariser on the small set only). Each is simulated with
-Langevin at 500 K (0.5 fs) for a fixed horizon; reported: median stable time and stable
-fraction (bond-length deviation 0.5 A), h(r) MAE, test force MAE, and the compute spent.
+the observable, energy/force regulariser on the small set only). With --control a fourth
+model separates the method from plain extra training: the small model refined with the
+observable's weight at 0 for exactly as many optimizer steps as StABlE took. Each is
+simulated with Langevin at 500 K (0.5 fs) from the same test-set frames and seeds for a
+fixed horizon; reported: median stable time with a bootstrap interval and stable fraction
+(bond-length deviation 0.5 A), log-rank tests between the arms, h(r) MAE, test force MAE,
+and the compute spent.
 
 Every stage writes to --workdir and is skipped when its output exists (pretrain and
 refine resume from their checkpoints), so a long run can span sessions:
@@ -51,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--refine-epochs", type=int, default=30)
     p.add_argument("--replicas", type=int, default=16)
     p.add_argument("--horizon-ps", type=float, default=10.0)
+    p.add_argument("--control", action="store_true",
+                   help="add the energy/force-only control arm (observable weight 0, StABlE's step count)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's choice); set it when two runs share a machine")
@@ -147,13 +153,31 @@ def main(argv=None) -> dict:
         return refine(models["pretrained-small"], sets["small"], rconfig, refine_out, reference=traj,
                       resume=True, progress=False)[0]
     models["stable-small"] = timed("refine_s", run_refine)
+    refine_metrics = json.loads((refine_out / "metrics.json").read_text())
+    control_out = work / "refine_small_energy_force_only"
+    if args.control:
+        import dataclasses
+
+        stage(f"energy/force-only control: {refine_metrics['learning_steps']} optimizer steps, as StABlE took")
+        control_config = dataclasses.replace(rconfig, observable_weight=0.0,
+                                             max_learning_steps=max(1, refine_metrics["learning_steps"]),
+                                             max_epochs=10 * rconfig.max_epochs)
+
+        def run_control():
+            if refine_metrics["learning_steps"] == 0:
+                return models["pretrained-small"]  # StABlE took no step: nor does its control
+            if (control_out / "model.pt").exists() and (control_out / "metrics.json").exists():
+                return load_model(control_out / "model.pt")
+            return refine(models["pretrained-small"], sets["small"], control_config, control_out, reference=traj,
+                          resume=True, progress=False)[0]
+        models["energy-force-only-small"] = timed("refine_control_s", run_control)
     if args.stop_after == "refine":
         return {"stopped_after": "refine", "timings_s": timings}
 
     runs = {}
     for label, model in models.items():
         stage(f"simulate {label}: {args.replicas} replicas x {args.horizon_ps} ps")
-        if label == "stable-small" and same_parameters(model, models["pretrained-small"]):
+        if label != "pretrained-small" and same_parameters(model, models["pretrained-small"]):
             # Refinement took no learning step: the same model, seed and start frames give the same run.
             print("refinement left the small model unchanged; its simulation is the small model's")
             runs[label] = runs["pretrained-small"]
@@ -171,7 +195,6 @@ def main(argv=None) -> dict:
     table = compare_runs(runs, work / "compare")
     print(table)
     metrics = {label: json.loads((d / "metrics.json").read_text()) for label, d in runs.items()}
-    refine_metrics = json.loads((refine_out / "metrics.json").read_text())
     train_s = {name: json.loads((work / f"pretrain_{name}" / "metrics.json").read_text())["train_time_s"]
                for name in ("small", "large")}  # summed over resumes, unlike a stage's wall time
     compute = {
@@ -181,6 +204,13 @@ def main(argv=None) -> dict:
         "stable-small": {"qm_frames": args.small, "sim_steps": refine_metrics["replica_steps"],
                          "wall_s": train_s["small"] + refine_metrics["sim_time_s"] + refine_metrics["grad_time_s"]},
     }
+    if "energy-force-only-small" in metrics:
+        control_metrics = (json.loads((control_out / "metrics.json").read_text())
+                           if (control_out / "metrics.json").exists() else {"sim_time_s": 0, "grad_time_s": 0})
+        compute["energy-force-only-small"] = {
+            "qm_frames": args.small, "sim_steps": 0,
+            "wall_s": train_s["small"] + control_metrics["sim_time_s"] + control_metrics["grad_time_s"]}
+    statistics = survival_statistics(metrics, args.horizon_ps, args.seed)
     s, l, r = (metrics[k] for k in ("pretrained-small", "pretrained-large", "stable-small"))
     targets = {
         "refined median stable time >= 3x small": r["median_stable_time_ps"] >= 3 * s["median_stable_time_ps"],
@@ -189,25 +219,52 @@ def main(argv=None) -> dict:
             m.get("hr_mae") is None or r["hr_mae"] < m["hr_mae"] for m in (s, l))),
         "refined force MAE within 1.1x small": r["force_mae_meV_per_A"] <= 1.1 * s["force_mae_meV_per_A"],
     }
-    summary = {"settings": vars(args), "metrics": metrics, "compute": compute, "targets_met": targets,
+    if "energy-force-only-small" in metrics:
+        targets["refined beats the energy/force-only control (log-rank p < 0.05)"] = (
+            statistics["logrank_p"]["stable-small vs energy-force-only-small"] < 0.05
+            and r["median_stable_time_ps"] >= metrics["energy-force-only-small"]["median_stable_time_ps"])
+    summary = {"settings": vars(args), "metrics": metrics, "statistics": statistics, "compute": compute,
+               "refinement": {"learning_steps": refine_metrics["learning_steps"],
+                              "restore_steps": refine_metrics.get("restore_steps", 0)},
+               "targets_met": targets,
                "timings_s": timings, "machine": f"{os.cpu_count()} CPU cores"}
     results_base.with_suffix(".json").write_text(json.dumps(summary, indent=2))
     for png in ("survival.png", "hr.png"):
         src = work / "compare" / png
         if src.exists():
             (results_base.parent / f"{results_base.name}_{png}").write_bytes(src.read_bytes())
-    lines = ["| model | QM frames | median stable (ps) | stable fraction | h(r) MAE | test force MAE (meV/A) | sim steps | wall (s) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | QM frames | KM median stable (ps) | 95 % bootstrap | stable fraction | h(r) MAE | "
+             "test force MAE (meV/A) | sim steps | wall (s) |", "|---|---|---|---|---|---|---|---|---|"]
     for label, m in metrics.items():
-        c = compute[label]
+        c, st = compute[label], statistics["arms"][label]
         hr = f"{m['hr_mae']:.4f}" if m.get("hr_mae") is not None else "-"
-        lines.append(f"| {label} | {c['qm_frames']} | {m['median_stable_time_ps']:.2f} | {m['stable_fraction']:.2f} | "
+        median = f">= {args.horizon_ps:g}" if st["km_median_ps"] is None else f"{st['km_median_ps']:.2f}"
+        lo, hi = st["median_interval_ps"]
+        lines.append(f"| {label} | {c['qm_frames']} | {median} | [{lo:.2f}, {hi:.2f}] | {m['stable_fraction']:.2f} | "
                      f"{hr} | {m['force_mae_meV_per_A']:.1f} | {c['sim_steps']} | {c['wall_s'] or 0:.0f} |")
     lines.append("")
+    lines += [f"- log-rank p, {pair}: {p:.2g}" for pair, p in statistics["logrank_p"].items()]
     lines += [f"- {name}: {'met' if ok else 'missed'}" for name, ok in targets.items()]
     results_base.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return summary
+
+
+def survival_statistics(metrics: dict, horizon_ps: float, seed: int) -> dict:
+    """Kaplan-Meier medians with bootstrap intervals per arm, and log-rank tests of the
+    refined model against every other arm (all arms ran the same starts and seeds)."""
+    from openmm_stable.statistics import bootstrap_median_interval, km_median, logrank_p
+
+    times = {label: m["stable_time_ps"] for label, m in metrics.items()}
+    arms = {label: {"km_median_ps": km_median(t, horizon_ps),
+                    "median_interval_ps": bootstrap_median_interval(t, horizon_ps, seed=seed)}
+            for label, t in times.items()}
+    pairs = {f"stable-small vs {label}": logrank_p(times["stable-small"], t, horizon_ps)
+             for label, t in times.items() if label != "stable-small"}
+    if "energy-force-only-small" in times:
+        pairs["energy-force-only-small vs pretrained-small"] = logrank_p(
+            times["energy-force-only-small"], times["pretrained-small"], horizon_ps)
+    return {"arms": arms, "logrank_p": pairs}
 
 
 def run_pretrain(dataset, config, out: Path):

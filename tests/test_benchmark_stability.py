@@ -43,22 +43,29 @@ def test_stability_replication_quick(tmp_path, monkeypatch):
     else:
         assert second["small"] == first["small"]
 
-    # the rest: finished stages are loaded, not redone
-    monkeypatch.setattr(sys, "argv", argv)
+    # the rest, with the energy/force-only control: finished stages are loaded, not redone
+    monkeypatch.setattr(sys, "argv", argv + ["--control"])
     with pytest.raises(SystemExit) as done:
         runpy.run_path(str(script), run_name="__main__")
     assert done.value.code == 0
     timings = json.loads((work / "timings.json").read_text())
     assert {k: timings[k] for k in done_before} == done_before
     summary = json.loads(results.with_suffix(".json").read_text())
-    assert set(summary["metrics"]) == {"pretrained-small", "pretrained-large", "stable-small"}
+    assert set(summary["metrics"]) == {"pretrained-small", "pretrained-large", "stable-small",
+                                       "energy-force-only-small"}
     from openmm_stable.data import load_dataset
     from openmm_stable.models import load_model
     from openmm_stable.training.batching import evaluate
 
     test_set = load_dataset(work / "test.npz")
     model_files = {"pretrained-small": "pretrain_small", "pretrained-large": "pretrain_large",
-                   "stable-small": "refine_small"}
+                   "stable-small": "refine_small", "energy-force-only-small": "refine_small_energy_force_only"}
+    steps = summary["refinement"]["learning_steps"]
+    if steps == 0:  # no StABlE step, so no control step: the control is the pre-trained model
+        model_files["energy-force-only-small"] = "pretrain_small"
+    else:
+        control = json.loads((work / "refine_small_energy_force_only" / "metrics.json").read_text())
+        assert control["learning_steps"] == steps
     for label, metrics in summary["metrics"].items():
         assert metrics["n_replicas"] == 4
         # a replica that failed before the end is unstable; one whose stable time is the run
@@ -75,5 +82,9 @@ def test_stability_replication_quick(tmp_path, monkeypatch):
     assert summary["compute"]["stable-small"]["sim_steps"] > 0
     # compute spent on pre-training: the training time summed over both sessions
     assert summary["compute"]["pretrained-small"]["wall_s"] == second["small"]["train_time_s"]
-    assert len(summary["targets_met"]) == 4
+    assert len(summary["targets_met"]) == 5
+    # every pair with the refined model is tested, on the same replicas
+    assert set(summary["statistics"]["logrank_p"]) >= {"stable-small vs pretrained-small",
+                                                       "stable-small vs energy-force-only-small"}
+    assert all(0 <= p <= 1 for p in summary["statistics"]["logrank_p"].values())
     assert "| stable-small |" in results.with_suffix(".md").read_text()
