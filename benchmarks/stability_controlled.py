@@ -61,6 +61,10 @@ VARIANTS = {
     # region acts on the drift alone: energy/force-only steps whenever the training-set
     # force MAE leaves 1.1x its start.
     "stable_force_budget_1.1": dict(force_mae_budget=1.1),
+    # The training-set budget of 1.1 left the test force MAE at 1.02x and halved the gain; a
+    # looser budget on the training set (its MAE rose 1.03-1.29x where the test set's rose
+    # 1.03-1.22x) may keep both within the criteria.
+    "stable_force_budget_1.2": dict(force_mae_budget=1.2),
     # Where failures are rare (C3), 8 replicas reached the 50 % trigger once or twice in 36
     # epochs and the steps were noise: twice the replicas, a trigger at 25 % (4 failures),
     # and the force budget, which undoes the force-MAE cost of Adam's first steps (1.14x).
