@@ -66,7 +66,7 @@ VARIANTS = {
     # 1.03-1.22x) may keep both within the criteria.
     "stable_force_budget_1.2": dict(force_mae_budget=1.2),
     # Under the budget the model moves more slowly (1.1: 2.1x the median at 1.02x force MAE;
-    # 1.2: 2.3x at 1.09x): does twice the refinement reach 3x within the budget?
+    # 1.2: 2.3x at 1.08x): does twice the refinement reach 3x within the budget?
     "stable_force_budget_1.1_72_epochs": dict(force_mae_budget=1.1, max_epochs=72),
     # Where failures are rare (C3), 8 replicas reached the 50 % trigger once or twice in 36
     # epochs and the steps were noise: twice the replicas, a trigger at 25 % (4 failures),
