@@ -104,6 +104,8 @@ def parse_args(argv=None):
                    help=f"experiments that also run the StABlE variants ({', '.join(VARIANTS)})")
     p.add_argument("--variant-names", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
                    help="which variants --variants runs")
+    p.add_argument("--variant-controls", action="store_true",
+                   help="give every variant arm its own energy/force-only control with its step counts")
     p.add_argument("--hr-window-ps", type=float, default=1.0,
                    help="also compare h(r) over stable frames of this first window, the same for every arm (0: off)")
     p.add_argument("--seed", type=int, default=0)
@@ -280,6 +282,18 @@ def run_arms(exp: str, start, large, train, pool, starts, test, horizon_ps: floa
         models[variant] = [m for m, _ in runs]
         run_steps[variant] = [int(summary["learning_steps"]) for _, summary in runs]
         restore_steps[variant] = [int(summary.get("restore_steps", 0)) for _, summary in runs]
+        if args.variant_controls:
+            # Its own control: energy/force-only runs with as many optimizer steps as the
+            # variant's runs took, restore steps included.
+            total = [steps + restores for steps, restores in zip(run_steps[variant], restore_steps[variant])]
+            control = f"energy_force_only_{variant}"
+            stage(f"{exp}: energy/force-only control for {variant} ({total} optimizer steps)")
+            runs = timings(f"{exp}_refine_{control}", lambda t=total, c=control: refinements(
+                start, f"{exp}_{c}", train, pool,
+                lambda k: stable_recipe(args, observable_weight=0.0, max_learning_steps=max(1, t[k]),
+                                        max_epochs=20 * args.refine_epochs), work, args))
+            models[control] = [m for m, _ in runs]
+            run_steps[control] = [int(summary["learning_steps"]) for _, summary in runs]
     arms = {}
     for arm, arm_models in models.items():
         stage(f"{exp}: evaluate {arm}")
@@ -306,6 +320,8 @@ def run_arms(exp: str, start, large, train, pool, starts, test, horizon_ps: floa
     for variant in run_steps.keys() - {"stable", "energy_force_only"}:
         arms[variant]["logrank_p_vs_pretrained"] = p(variant, "pretrained")
         arms[variant]["signal"] = signal_summary(work / f"refine_{exp}_{variant}")
+        if f"energy_force_only_{variant}" in arms:
+            arms[variant]["logrank_p_vs_matched_control"] = p(variant, f"energy_force_only_{variant}")
     return {"horizon_ps": horizon_ps, "n_train_frames": len(train), "refine_seeds": K, "arms": arms,
             "logrank_p": {"stable_vs_pretrained": p("stable", "pretrained"),
                           "stable_vs_energy_force_only": p("stable", "energy_force_only"),
@@ -436,12 +452,13 @@ def verdict(result: dict, arm: str = "stable") -> dict:
 
     arms, horizon = result["arms"], result["horizon_ps"]
     median = lambda a: arms[a]["median_stable_time_ps"] if arms[a]["median_stable_time_ps"] is not None else horizon  # noqa: E731
-    p_control = logrank_p(arms[arm]["stable_time_ps"], arms["energy_force_only"]["stable_time_ps"], horizon)
+    control = f"energy_force_only_{arm}" if f"energy_force_only_{arm}" in arms else "energy_force_only"
+    p_control = logrank_p(arms[arm]["stable_time_ps"], arms[control]["stable_time_ps"], horizon)
     not_worse = lambda key: (arms["pretrained"].get(key) is not None and arms[arm].get(key) is not None  # noqa: E731
                              and arms[arm][key] <= arms["pretrained"][key])
     return {"median_at_least_3x": median(arm) >= 3 * median("pretrained"),
             "median_capped_by_horizon": arms[arm]["median_stable_time_ps"] is None,
-            "beats_energy_force_only_p_lt_0.05": p_control < 0.05 and median(arm) >= median("energy_force_only"),
+            "beats_energy_force_only_p_lt_0.05": p_control < 0.05 and median(arm) >= median(control),
             "force_mae_within_1.1x": arms[arm]["force_mae_meV_per_A"] <= 1.1 * arms["pretrained"]["force_mae_meV_per_A"],
             "hr_mae_not_worse": not_worse("hr_mae"),
             "hr_mae_not_worse_same_window": not_worse("hr_mae_window")}
@@ -551,7 +568,8 @@ def main(argv=None) -> dict:
             payload[exp] = run_arms(exp, start, large, train, pool, held_out, held_out, horizon, work, timings, args)
             payload[exp]["verdict"] = verdict(payload[exp])
             for variant in set(payload[exp]["arms"]) - set(ARMS):
-                payload[exp]["arms"][variant]["verdict"] = verdict(payload[exp], variant)
+                if not variant.startswith("energy_force_only_"):
+                    payload[exp]["arms"][variant]["verdict"] = verdict(payload[exp], variant)
         payload["timings_s"] = timings.seconds
         write_json(results_path, payload)
     print_tables(payload)
