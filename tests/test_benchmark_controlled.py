@@ -16,7 +16,9 @@ SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "stability_cont
 
 def test_stability_controlled_quick(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MPLBACKEND="Agg")
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--workdir", str(tmp_path)],
+    # One variant arm (the force budget) with its own control, on the fragile start.
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--workdir", str(tmp_path), "--variants", "fragile",
+                           "--variant-names", "stable_force_budget_1.1", "--variant-controls"],
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     payload = json.loads((tmp_path / "stability_controlled.json").read_text())
@@ -36,4 +38,11 @@ def test_stability_controlled_quick(tmp_path):
         assert result["refine_seeds"] == 2 and len(result["arms"]["stable"]["force_mae_per_refinement"]) == 2
         assert result["arms"]["energy_force_only"]["learning_steps"] == result["arms"]["stable"]["learning_steps"]
         assert {"stable_vs_pretrained", "stable_vs_energy_force_only"} <= set(result["logrank_p"])
+    fragile = payload["fragile"]["arms"]
+    variant, control = fragile["stable_force_budget_1.1"], fragile["energy_force_only_stable_force_budget_1.1"]
+    # The variant's control takes as many optimizer steps as the variant, restore steps included.
+    assert control["learning_steps"] == [max(1, s + r) for s, r in zip(variant["learning_steps"],
+                                                                      variant["restore_steps"])]
+    assert set(variant["verdict"]) >= {"median_at_least_3x", "force_mae_within_1.1x", "hr_mae_not_worse_same_window"}
+    assert 0 <= variant["logrank_p_vs_matched_control"] <= 1
     assert (tmp_path / "stability_controlled_survival.png").stat().st_size > 0
