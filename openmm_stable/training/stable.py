@@ -13,8 +13,10 @@ Phases, one epoch at a time:
   (``learning_restart``), and the frames after ``equilibration_ps`` give the gradient of
   the observable objective (Boltzmann estimator, beta = 1/kT; L(<O>) or, per frame,
   <L(O(x))>) plus ``energy_force_weight`` times the energy/force loss gradient on the QM
-  data; clip, step, re-export into the running Context. The phase ends when a re-run has
-  no failing replica (``until_stable``) or after ``learning_epochs``; a new cycle starts.
+  data; clip, step; with ``force_mae_budget``, energy/force-only steps until the
+  training-set force MAE is back within the budget; re-export into the running Context.
+  The phase ends when a re-run has no failing replica (``until_stable``) or after
+  ``learning_epochs``; a new cycle starts.
 
 Every epoch ends with an atomic checkpoint (model, optimizer, scheduler, replica states,
 RNG states, phase and cycle), so ``refine(..., resume=True)`` continues after a kill.
