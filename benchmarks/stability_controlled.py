@@ -284,14 +284,16 @@ def run_arms(exp: str, start, large, train, pool, starts, test, horizon_ps: floa
         restore_steps[variant] = [int(summary.get("restore_steps", 0)) for _, summary in runs]
         if args.variant_controls:
             # Its own control: energy/force-only runs with as many optimizer steps as the
-            # variant's runs took, restore steps included.
+            # variant's runs took, restore steps included. The learning-rate schedule follows
+            # the observable loss, which a control does not train: its stop rule is off, or
+            # the control would end early (it took 25-40 of 31-65 steps with it on).
             total = [steps + restores for steps, restores in zip(run_steps[variant], restore_steps[variant])]
             control = f"energy_force_only_{variant}"
             stage(f"{exp}: energy/force-only control for {variant} ({total} optimizer steps)")
             runs = timings(f"{exp}_refine_{control}", lambda t=total, c=control: refinements(
                 start, f"{exp}_{c}", train, pool,
                 lambda k: stable_recipe(args, observable_weight=0.0, max_learning_steps=max(1, t[k]),
-                                        max_epochs=20 * args.refine_epochs), work, args))
+                                        max_epochs=20 * args.refine_epochs, max_lr_reductions=10**6), work, args))
             models[control] = [m for m, _ in runs]
             run_steps[control] = [int(summary["learning_steps"]) for _, summary in runs]
     arms = {}
