@@ -512,7 +512,7 @@ def plot_survival(payload: dict, path: Path) -> None:
     exps = [e for e in ("fragile", "rare") if e in payload]
     if not exps:
         return
-    fig, axes = plt.subplots(1, len(exps), figsize=(5.5 * len(exps), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(exps), figsize=(6 * len(exps), 6), squeeze=False)
     for ax, exp in zip(axes[0], exps):
         result = payload[exp]
         for arm, v in result["arms"].items():
@@ -520,7 +520,8 @@ def plot_survival(payload: dict, path: Path) -> None:
             ax.step(t, s, where="post", label=arm)
         ax.set(title=f"{exp} start (p StABlE vs E/F-only {result['logrank_p']['stable_vs_energy_force_only']:.2g})",
                xlabel="time (ps)", ylabel="fraction stable", ylim=(0, 1.02))
-        ax.legend()
+        # Below the axes: with the variant arms the legend would hide the curves.
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
