@@ -256,6 +256,14 @@ def refinements(start, name: str, train, pool, config_of_seed, work: Path, args)
     return runs
 
 
+def energy_force_controls(start, name: str, train, pool, steps: list, work: Path, args, **overrides) -> list:
+    """Refinements with the observable's weight at 0, the k-th taking `steps[k]` optimizer
+    steps: plain extra training on the QM data, which a refined arm must beat."""
+    return refinements(start, name, train, pool,
+                       lambda k: stable_recipe(args, observable_weight=0.0, max_learning_steps=steps[k], **overrides),
+                       work, args)
+
+
 def run_arms(exp: str, start, large, train, pool, starts, test, horizon_ps: float, work: Path, timings, args) -> dict:
     """The four arms of a stability experiment and their statistics."""
     from openmm_stable.statistics import bootstrap_median_interval, km_median, logrank_p
@@ -265,10 +273,8 @@ def run_arms(exp: str, start, large, train, pool, starts, test, horizon_ps: floa
         start, f"{exp}_stable", train, pool, lambda k: stable_recipe(args), work, args))
     steps = [int(summary["learning_steps"]) for _, summary in stable_runs]
     stage(f"{exp}: energy/force-only control ({steps} optimizer steps, as StABlE took with each seed)")
-    ef_runs = timings(f"{exp}_refine_ef", lambda: refinements(
-        start, f"{exp}_energy_force_only", train, pool,
-        lambda k: stable_recipe(args, observable_weight=0.0, max_learning_steps=steps[k],
-                                max_epochs=10 * args.refine_epochs), work, args))
+    ef_runs = timings(f"{exp}_refine_ef", lambda: energy_force_controls(
+        start, f"{exp}_energy_force_only", train, pool, steps, work, args, max_epochs=10 * args.refine_epochs))
     K = args.refine_seeds
     models = {"pretrained": [start] * K, "stable": [m for m, _ in stable_runs],
               "energy_force_only": [m for m, _ in ef_runs], "large_data": [large] * K}
@@ -290,10 +296,9 @@ def run_arms(exp: str, start, large, train, pool, starts, test, horizon_ps: floa
             total = [steps + restores for steps, restores in zip(run_steps[variant], restore_steps[variant])]
             control = f"energy_force_only_{variant}"
             stage(f"{exp}: energy/force-only control for {variant} ({total} optimizer steps)")
-            runs = timings(f"{exp}_refine_{control}", lambda t=total, c=control: refinements(
-                start, f"{exp}_{c}", train, pool,
-                lambda k: stable_recipe(args, observable_weight=0.0, max_learning_steps=max(1, t[k]),
-                                        max_epochs=20 * args.refine_epochs, max_lr_reductions=10**6), work, args))
+            runs = timings(f"{exp}_refine_{control}", lambda t=total, c=control: energy_force_controls(
+                start, f"{exp}_{c}", train, pool, [max(1, n) for n in t], work, args,
+                max_epochs=20 * args.refine_epochs, max_lr_reductions=10**6))
             models[control] = [m for m, _ in runs]
             run_steps[control] = [int(summary["learning_steps"]) for _, summary in runs]
     arms = {}
@@ -482,7 +487,7 @@ def print_tables(payload: dict) -> None:
                          v["force_mae_meV_per_A"]])
         print(f"\n{exp}: {len(result['arms']['pretrained']['stable_time_ps'])} replicas, horizon {result['horizon_ps']:g} ps")
         print(format_table(["arm", f"stable at {result['horizon_ps']:g} ps", "median (ps)", "95% bootstrap",
-                            "h(r) MAE", f"h(r) MAE, first {args_window(result)}", "force MAE (meV/A)"], rows))
+                            "h(r) MAE", f"h(r) MAE, first {window_label(result)}", "force MAE (meV/A)"], rows))
         print("log-rank p: " + ", ".join(f"{k} {v:.2g}" for k, v in result["logrank_p"].items()))
         print("pass criteria: " + ", ".join(f"{k}={v}" for k, v in result["verdict"].items()))
     if "teacher_student" in payload:
@@ -496,7 +501,8 @@ def print_tables(payload: dict) -> None:
                   f"median split-half cosine {np.median(cos) if cos else float('nan'):.2f}")
 
 
-def args_window(result: dict) -> str:
+def window_label(result: dict) -> str:
+    """The common h(r) window of an experiment's arms, for a column header."""
     windows = {v.get("hr_window_ps") for v in result["arms"].values()} - {None}
     return f"{windows.pop():g} ps" if len(windows) == 1 else "window"
 

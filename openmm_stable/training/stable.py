@@ -126,11 +126,12 @@ class StableTrainer:
         dtype = next(iter(model.parameters())).dtype
         self.train_tensors = FrameTensors(self.train_set, dtype=dtype)
         self.val_tensors = FrameTensors(self.val_set, dtype=dtype)
-        # force_mae_budget is measured on a fixed subset (the same frames at every step).
-        budget_idx = np.sort(np.random.default_rng(config.seed).permutation(len(self.train_set))[:256])
-        self.budget_tensors = FrameTensors(self.train_set.subset(budget_idx), dtype=dtype)
-        if config.force_mae_budget is not None and dataset.forces is None:
-            raise InputError("refine config: force_mae_budget: the training data has no forces to measure it on")
+        if config.force_mae_budget is not None:
+            if dataset.forces is None:
+                raise InputError("refine config: force_mae_budget: the training data has no forces to measure it on")
+            # Measured on a fixed subset: the same frames at every step.
+            budget_idx = np.sort(np.random.default_rng(config.seed).permutation(len(self.train_set))[:256])
+            self.budget_tensors = FrameTensors(self.train_set.subset(budget_idx), dtype=dtype)
         self.criterion = make_criterion(dataset, config.stability, config.bond_threshold, config.min_distance_threshold)
         self.box = None if dataset.box is None else torch.as_tensor(dataset.box, dtype=dtype)
         self.observable_config = observable_settings(config.observable, dataset)
@@ -353,7 +354,8 @@ class StableTrainer:
         cfg, st = self.config, self.state
         if cfg.normalize_losses and st.energy_force_loss_scale is None:
             st.energy_force_loss_scale = self._energy_force_loss_on_train()
-        scale = (cfg.energy_force_weight if weight is None else weight) / (st.energy_force_loss_scale if cfg.normalize_losses else 1.0)
+        weight = cfg.energy_force_weight if weight is None else weight
+        scale = weight / (st.energy_force_loss_scale if cfg.normalize_losses else 1.0)
         n = len(self.train_tensors)
         if cfg.qm_batch_size is None or whole_training_set:
             chunks = [np.arange(k, min(k + 64, n)) for k in range(0, n, 64)]
