@@ -37,7 +37,6 @@ class EngineConfig:
     platform: Optional[str] = None  # None: CUDA when present, else CPU
     layout: str = "batched"
     dtype: str = "float32"
-    seed: int = 0
     # On CPU platforms, keep freed memory in the process (`openmm_stable.allocator`):
     # page faults otherwise take 30-50 % of a step.
     keep_freed_memory: bool = True
@@ -114,15 +113,19 @@ def checked_frame(index: int, positions: np.ndarray, velocities: np.ndarray, cri
 
 
 def create_engine(model: nn.Module, atomic_numbers: Sequence[int], n_replicas: int,
-                  config: Optional["EngineConfig"] = None, box_angstrom: Optional[np.ndarray] = None):
+                  config: Optional["EngineConfig"] = None, box_angstrom: Optional[np.ndarray] = None,
+                  seed: int = 0):
     """The engine `simulate` and `refine` run on: a `ReplicaEngine` in this process, or, with
-    ``config.workers > 1`` or a ``config.ray_address``, the same interface over Ray workers."""
+    ``config.workers > 1`` or a ``config.ray_address``, the same interface over Ray workers.
+
+    `seed` is the run's one seed (``SimulationConfig.seed`` / ``StableConfig.seed``): it
+    seeds the thermostat's random stream and the velocities drawn when none are given."""
     config = config or EngineConfig()
     if int(config.workers) > 1 or config.ray_address:
         from openmm_stable.distributed import DistributedReplicaEngine
 
-        return DistributedReplicaEngine(model, atomic_numbers, n_replicas, config, box_angstrom)
-    return ReplicaEngine(model, atomic_numbers, n_replicas, config, box_angstrom)
+        return DistributedReplicaEngine(model, atomic_numbers, n_replicas, config, box_angstrom, seed=seed)
+    return ReplicaEngine(model, atomic_numbers, n_replicas, config, box_angstrom, seed=seed)
 
 
 def kinetic_temperature(masses_amu_: np.ndarray, velocities: np.ndarray) -> np.ndarray:
@@ -159,10 +162,12 @@ class ReplicaEngine:
     """
 
     def __init__(self, model: nn.Module, atomic_numbers: Sequence[int], n_replicas: int,
-                 config: Optional[EngineConfig] = None, box_angstrom: Optional[np.ndarray] = None):
+                 config: Optional[EngineConfig] = None, box_angstrom: Optional[np.ndarray] = None,
+                 seed: int = 0):
         import openmm
 
         set_replica_system(self, model, atomic_numbers, n_replicas, config, box_angstrom)
+        self.seed = int(seed)
         self.platform_name = self.config.platform or default_platform_name()
         self.platform = openmm.Platform.getPlatformByName(self.platform_name)
         if self.config.keep_freed_memory and self.platform_name in ("CPU", "Reference"):
@@ -176,7 +181,7 @@ class ReplicaEngine:
         module = self._script(model)
         for block in range(self.n_blocks):
             system = self._build_system(module)
-            integrator = self._build_integrator(seed=self.config.seed + block)
+            integrator = self._build_integrator(seed=self.seed + block)
             self._systems.append(system)
             self._contexts.append(openmm.Context(system, integrator, self.platform))
         # Nose-Hoover chain states live in the Context; a fresh Context's (all at rest) is
@@ -234,7 +239,7 @@ class ReplicaEngine:
         positions = self._check_shape(positions, "positions")
         if velocities is None:
             velocities = maxwell_boltzmann(self.masses, self.config.temperature_K, self.n_replicas,
-                                           self.config.seed if seed is None else seed)
+                                           self.seed if seed is None else seed)
         velocities = self._check_shape(velocities, "velocities")
         for b, pos_nm in self._blocks(positions):
             self._contexts[b].setPositions(pos_nm)
@@ -286,6 +291,18 @@ class ReplicaEngine:
             sl = slice(b * self.block_size, (b + 1) * self.block_size)
             self._contexts[b].setPositions(pos_all[sl].reshape(-1, 3) / NM_IN_ANGSTROM)
             self._contexts[b].setVelocities(vel_all[sl].reshape(-1, 3) / NM_IN_ANGSTROM)
+
+    def checkpoint(self) -> list[bytes]:
+        """OpenMM's checkpoint of every Context: positions, velocities, thermostat chains and
+        the integrator's random state, so a run restored from it continues exactly as the
+        uninterrupted one (Langevin included). Only valid on the same platform and machine."""
+        return [ctx.createCheckpoint() for ctx in self._contexts]
+
+    def restore_checkpoint(self, checkpoints: Sequence[bytes]) -> None:
+        if len(checkpoints) != len(self._contexts):
+            raise InputError(f"checkpoint of {len(checkpoints)} OpenMM Contexts for an engine of {len(self._contexts)}")
+        for ctx, data in zip(self._contexts, checkpoints):
+            ctx.loadCheckpoint(bytes(data))
 
     # --- dynamics ------------------------------------------------------------------------
     def step(self, n_steps: int) -> None:

@@ -77,12 +77,9 @@ class SimulationConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "SimulationConfig":
-        """Build from a mapping (YAML); unknown keys are an error. The engine's seed follows
-        ``seed`` unless the mapping sets ``engine.seed``, as on the command line."""
-        values = dict(values)
-        if "seed" in values and "seed" not in (values.get("engine") or {}):
-            values["engine"] = {**(values.get("engine") or {}), "seed": values["seed"]}
-        return config_from_dict(cls, values, "simulate config")
+        """Build from a mapping (YAML); unknown keys are an error. ``seed`` is the run's one
+        seed: start frames, velocities and the thermostat's random stream."""
+        return config_from_dict(cls, dict(values), "simulate config")
 
     @classmethod
     def from_yaml(cls, path, **overrides) -> "SimulationConfig":
@@ -141,7 +138,8 @@ def run_replicas(model: nn.Module, dataset: QMDataset, config: SimulationConfig,
     criterion = criterion or make_criterion(dataset, config.stability, config.bond_threshold,
                                             config.min_distance_threshold)
     start = dataset.positions[initial_frames(dataset, config.n_replicas, config.seed)]
-    engine = create_engine(model, dataset.atomic_numbers, config.n_replicas, config.engine, dataset.box)
+    engine = create_engine(model, dataset.atomic_numbers, config.n_replicas, config.engine, dataset.box,
+                           seed=config.seed)
     engine.set_states(start)
     n_checks, steps = config.n_checks, config.steps_per_check
     R = config.n_replicas

@@ -43,10 +43,11 @@ def _simulate_config(argv):
 
 
 def test_simulate_config_file_and_flags(tmp_path):
-    # No file: the flags as before, on SimulationConfig's defaults (the engine seed follows --seed).
+    # No file: the flags as before, on SimulationConfig's defaults (`seed` is the run's one seed).
     assert _simulate_config([]) == SimulationConfig()
     plain = _simulate_config(["--replicas", "4", "--seed", "5", "--vacf-interval", "0", "--timestep", "0.25"])
-    assert (plain.n_replicas, plain.seed, plain.engine.seed, plain.vacf_interval_ps) == (4, 5, 5, None)
+    assert (plain.n_replicas, plain.seed, plain.vacf_interval_ps) == (4, 5, None)
+    assert not hasattr(plain.engine, "seed")  # one seed, not three
     assert plain.engine.timestep_fs == 0.25 and plain.time_ps == 10.0
 
     path = tmp_path / "simulate.yaml"
@@ -54,16 +55,17 @@ def test_simulate_config_file_and_flags(tmp_path):
                     "engine:\n  timestep_fs: 0.25\n  integrator: nose-hoover\n")
     config = _simulate_config(["--config", str(path)])
     assert (config.n_replicas, config.time_ps, config.seed, config.vacf_interval_ps) == (8, 2.5, 3, None)
-    assert config.write_trajectories and config.engine.seed == 3  # the engine's seed follows the file's seed
+    assert config.write_trajectories
     assert (config.engine.timestep_fs, config.engine.integrator) == (0.25, "nose-hoover")
     # Flags given on the command line override the file; the others leave it alone.
     config = _simulate_config(["--config", str(path), "--replicas", "2", "--timestep", "1.0", "--seed", "9",
                                "--vacf-interval", "0.005", "--temperature", "350"])
-    assert (config.n_replicas, config.time_ps, config.seed, config.engine.seed) == (2, 2.5, 9, 9)
+    assert (config.n_replicas, config.time_ps, config.seed) == (2, 2.5, 9)
     assert (config.engine.timestep_fs, config.engine.integrator, config.engine.temperature_K) == (1.0, "nose-hoover", 350.0)
     assert config.vacf_interval_ps == 0.005 and config.write_trajectories
     path.write_text("n_replicas: 8\nengine:\n  seed: 11\n")
-    assert _simulate_config(["--config", str(path)]).engine.seed == 11
+    with pytest.raises(InputError, match="seed"):  # the engine has no seed of its own
+        _simulate_config(["--config", str(path)])
     path.write_text("replicas: 8\n")
     with pytest.raises(InputError, match="replicas"):
         _simulate_config(["--config", str(path)])

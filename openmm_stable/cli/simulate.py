@@ -62,7 +62,7 @@ def config_from_args(args):
 
     overrides = {field: getattr(args, flag) for flag, field in _FLAG_FIELDS.items()}
     overrides["write_trajectories"] = True if args.trajectories else None
-    overrides["engine"] = {**engine_overrides(args), "seed": args.seed}
+    overrides["engine"] = engine_overrides(args)
     return load_config(SimulationConfig, args.config or None, overrides)
 
 

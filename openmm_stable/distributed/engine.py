@@ -68,10 +68,11 @@ class DistributedReplicaEngine:
 
     def __init__(self, model: nn.Module, atomic_numbers: Sequence[int], n_replicas: int,
                  config: Optional[EngineConfig] = None, box_angstrom: Optional[np.ndarray] = None,
-                 threads_per_worker: Optional[int] = None):
+                 threads_per_worker: Optional[int] = None, seed: int = 0):
         """`threads_per_worker`: CPU threads (and cores asked of Ray) per worker on a CPU
-        platform; default: an equal share of the cluster's cores."""
+        platform; default: an equal share of the cluster's cores. `seed`: as `ReplicaEngine`'s."""
         set_replica_system(self, model, atomic_numbers, n_replicas, config, box_angstrom)
+        self.seed = int(seed)
         self.workers = int(self.config.workers)
         self.shares = replica_shares(self.n_replicas, self.workers)
         self.steps_done = 0
@@ -106,7 +107,7 @@ class DistributedReplicaEngine:
         # on that node) as its own start error.
         return self._actor_class.remote([self._model_ref], self.atomic_numbers.tolist(), share.stop - share.start,
                                         engine_config_dict(self.config, self.platform_name,
-                                                           self.config.seed + share.start),
+                                                           self.seed + share.start),
                                         self.box_angstrom, self.threads_per_worker)
 
     def _wait_until_started(self, i: int) -> dict:
@@ -223,7 +224,7 @@ class DistributedReplicaEngine:
         positions = self._check_shape(positions, "positions")
         if velocities is None:
             velocities = maxwell_boltzmann(self.masses, self.config.temperature_K, self.n_replicas,
-                                           self.config.seed if seed is None else seed)
+                                           self.seed if seed is None else seed)
         velocities = self._check_shape(velocities, "velocities")
         parts = {i: (positions[s], velocities[s]) for i, s in enumerate(self.shares)}
         self._call("set_states", parts, replay=False)

@@ -53,7 +53,9 @@ class ReplicaWorker:
         if config.get("platform") in (None, "CPU"):
             openmm.Platform.getPlatformByName("CPU").setPropertyDefaultValue("Threads", str(threads))
         self.model = model
-        self.engine = ReplicaEngine(model, atomic_numbers, n_replicas, EngineConfig(**config), box_angstrom)
+        config = dict(config)
+        seed = config.pop("seed")
+        self.engine = ReplicaEngine(model, atomic_numbers, n_replicas, EngineConfig(**config), box_angstrom, seed=seed)
         self.nose_hoover = self.engine.config.integrator == "nose-hoover"
 
     def ready(self) -> dict:
@@ -131,7 +133,8 @@ class ReplicaWorker:
 
 def engine_config_dict(config: EngineConfig, platform: str, seed: int) -> dict:
     """The settings a worker's own engine gets: the run's, on one platform, in this process,
-    seeded for its first replica (so a per-replica layout seeds Context k with seed + k, as
+    plus the seed of its first replica (popped by the worker: `ReplicaEngine` takes it as
+    an argument) (so a per-replica layout seeds Context k with seed + k, as
     one process does)."""
     return {**dataclasses.asdict(config), "platform": platform, "workers": 1, "ray_address": None, "seed": seed}
 

@@ -150,7 +150,7 @@ class StableTrainer:
         self.rng = np.random.default_rng(config.seed)
         start = self.rng.choice(len(dataset), size=config.n_replicas, replace=len(dataset) < config.n_replicas)
         self.initial_positions = dataset.positions[start]
-        self.engine = create_engine(model, self.z, config.n_replicas, config.engine, dataset.box)
+        self.engine = create_engine(model, self.z, config.n_replicas, config.engine, dataset.box, seed=config.seed)
         self.state = LoopState()
 
     def _new_optimizer(self) -> None:
