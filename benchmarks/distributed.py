@@ -136,7 +136,7 @@ def measure_throughput(args) -> dict:
 
     z, positions, _ = system("aspirin", args.water_molecules)
     model, R = seeded_model(), args.replicas
-    config = EngineConfig(temperature_K=500.0, platform="CPU", seed=0)
+    config = EngineConfig(temperature_K=500.0, platform="CPU")
     engines = {
         "one process, 1 thread": (local_engine(model, z, R, config, threads=1), 1),
         "one process, 2 threads": (local_engine(model, z, R, config, threads=2), 2),

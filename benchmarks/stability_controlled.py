@@ -162,7 +162,7 @@ def eval_config(args, horizon_ps: float):
     return SimulationConfig(n_replicas=args.replicas, time_ps=horizon_ps, check_interval_ps=0.05,
                             stability="bonds", bond_threshold=0.5, seed=args.seed, vacf_interval_ps=None,
                             engine=EngineConfig(temperature_K=args.temperature, integrator="langevin",
-                                                friction_per_ps=1.0, seed=args.seed))
+                                                friction_per_ps=1.0))
 
 
 def evaluation_groups(starts, args) -> list:
@@ -190,8 +190,7 @@ def evaluate_arm(models: list, name: str, starts, pool, test, horizon_ps: float,
         out = work / (f"eval_{name}" if len(groups) == 1 else f"eval_{name}_g{g}of{len(groups)}")
         if not (out / "metrics.json").exists():
             config = eval_config(args, horizon_ps)
-            config = dataclasses.replace(config, n_replicas=args.replicas // len(groups), seed=seed,
-                                         engine=dataclasses.replace(config.engine, seed=seed))
+            config = dataclasses.replace(config, n_replicas=args.replicas // len(groups), seed=seed)
             simulate(model, group_starts, config, out, reference=pool, test_set=test, progress=True)
         per_group.append(json.loads((out / "metrics.json").read_text()))
     times = [t for m in per_group for t in m["stable_time_ps"]]
@@ -361,7 +360,7 @@ def sampled_frames(model, starts, n_replicas: int, time_ps: float, seed: int, ar
     from openmm_stable.stability import BondDeviationCriterion
 
     engine = ReplicaEngine(model, starts.atomic_numbers, n_replicas,
-                           EngineConfig(temperature_K=args.temperature, seed=seed, platform="CPU"))
+                           EngineConfig(temperature_K=args.temperature, platform="CPU"), seed=seed)
     engine.set_states(starts.positions[initial_frames(starts, n_replicas, seed)], seed=seed)
     criterion = BondDeviationCriterion.from_dataset(starts, args.sample_threshold)
     alive, frames = np.ones(n_replicas, dtype=bool), []

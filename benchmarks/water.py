@@ -94,7 +94,7 @@ def main(argv=None) -> dict:
     timed = StageTimings(work)
     timings = timed.seconds
 
-    engine = EngineConfig(temperature_K=300.0, timestep_fs=0.5, friction_per_ps=1.0, seed=args.seed)
+    engine = EngineConfig(temperature_K=300.0, timestep_fs=0.5, friction_per_ps=1.0)
     stage(f"SPC/Fw reference: {args.molecules} waters (box {box_length(args.molecules):.2f} A), {args.frames} "
           f"frames + {args.trajectory_ps} ps trajectory")
     data_path, traj_path = work / "water.npz", work / "water_traj.npz"
