@@ -56,6 +56,11 @@ class QMDataset:
                 setattr(self, name, np.asarray(value, dtype=np.float64))
         if self.energies is not None:
             self.energies = self.energies.reshape(-1)
+        if self.temperature is not None:
+            try:
+                self.temperature = float(self.temperature)
+            except (TypeError, ValueError):
+                self._fail("temperature", f"not a number ({self.temperature!r})")
         self.validate()
 
     # --- checks -------------------------------------------------------------------------
@@ -76,6 +81,8 @@ class QMDataset:
         n_frames = self.positions.shape[0]
         if n_frames == 0:
             self._fail("positions", "no frames")
+        if self.temperature is not None and not (np.isfinite(self.temperature) and self.temperature > 0):
+            self._fail("temperature", f"{self.temperature!r} K; expected a positive number of kelvin (or none: unknown)")
         expected = {
             "energies": (n_frames,),
             "forces": (n_frames, n_atoms, 3),

@@ -237,8 +237,31 @@ def _make(source: str, keys: dict[str, str], **fields) -> QMDataset:
         raise DatasetError(message) from None
 
 
+# Arrays of our own format that must hold numbers (a text or boolean array is a broken file).
+_OWN_NUMERIC = ("format_version", "atomic_numbers", "positions", "energies", "forces", "box", "times", "velocities",
+                "temperature")
+
+
+def _check_own_fields(source: str, data: dict) -> None:
+    """Every numeric array numeric, the temperature one number: a DatasetError naming the
+    file and the field, instead of a traceback from deep inside the conversion."""
+    for key in _OWN_NUMERIC:
+        if key in data and (not np.issubdtype(data[key].dtype, np.number) or data[key].dtype == np.bool_):
+            raise DatasetError(f"{source}: field '{key}': not numeric (dtype {data[key].dtype}, "
+                               f"value {_preview(data[key])})")
+    for key in ("format_version", "temperature"):
+        if key in data and data[key].size != 1:
+            raise DatasetError(f"{source}: field '{key}': expected one number, got shape {data[key].shape}")
+
+
+def _preview(array: np.ndarray, limit: int = 40) -> str:
+    text = repr(array.reshape(-1)[0].item()) if array.size else "empty"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _from_own(source: str, data: dict, energy_unit, length_unit) -> QMDataset:
-    version = int(data.get("format_version", -1))
+    _check_own_fields(source, data)
+    version = int(data["format_version"].reshape(-1)[0]) if "format_version" in data else -1
     if version < 1 or version > FORMAT_VERSION:
         raise DatasetError(
             f"{source}: field 'format_version': version {version} not supported (this reader knows 1..{FORMAT_VERSION})"
@@ -256,8 +279,11 @@ def _from_own(source: str, data: dict, energy_unit, length_unit) -> QMDataset:
         metadata = json.loads(str(data["metadata"])) if "metadata" in data else {}
     except json.JSONDecodeError as err:
         raise DatasetError(f"{source}: field 'metadata': not valid JSON ({err})") from None
+    if not isinstance(metadata, dict):
+        raise DatasetError(f"{source}: field 'metadata': a JSON {type(metadata).__name__}, expected a JSON object "
+                           "(a mapping of names to values)")
     metadata.setdefault("original_units", {"energy": e_unit, "length": r_unit})
-    temperature = float(data["temperature"]) if "temperature" in data else float("nan")
+    temperature = float(data["temperature"].reshape(-1)[0]) if "temperature" in data else float("nan")
     get = lambda key, factor: data[key] * factor if key in data else None  # noqa: E731
     return _make(
         source,
@@ -312,6 +338,8 @@ def _load_ase(path: Path, ase_format: Optional[str], energy_unit, length_unit) -
     if all("time_ps" in atoms.info for atoms in frames):
         times = np.array([float(atoms.info["time_ps"]) for atoms in frames])
     temperature = frames[0].info.get("temperature_K")
+    if temperature is not None and not isinstance(temperature, (int, float, np.number)):
+        raise DatasetError(f"{source}: field 'temperature' (temperature_K of frame 0): not a number ({temperature!r})")
     metadata: dict[str, Any] = {
         "source_format": f"ase:{ase_format or 'auto'}",
         "source_file": source,

@@ -30,12 +30,8 @@ class Split(NamedTuple):
     test: Optional[QMDataset]
 
 
-def parse_size(size: Size, n_total: Optional[int] = None) -> int:
-    """Frame count from ``200``, ``"1k"``, ``"1.5k"``, ``"2M"``, ``"10%"`` or a fraction ``"0.1"``.
-
-    A number strictly between 0 and 1, or a percentage, is a fraction of ``n_total``
-    (rounded to the nearest frame), so it needs ``n_total``.
-    """
+def _parse(size: Size) -> tuple[float, bool]:
+    """(value, is_fraction): a count, or a fraction of the dataset in [0, 1]."""
     if isinstance(size, bool) or size is None:
         raise InputError(f"invalid size {size!r}")
     if isinstance(size, (int, np.integer)):
@@ -53,22 +49,50 @@ def parse_size(size: Size, n_total: Optional[int] = None) -> int:
         fraction = value / 100 if suffix == "%" else value
         if fraction > 1:
             raise InputError(f"invalid size {size!r}: more than 100%")
-        if n_total is None:
-            raise InputError(f"size {size!r} is a fraction and needs the dataset size")
-        return int(round(fraction * n_total))
+        return fraction, True
     count = value * _SUFFIXES[suffix]
     if abs(count - round(count)) > 1e-9:
         raise InputError(f"invalid size {size!r}: not a whole number of frames")
-    return int(round(count))
+    return float(round(count)), False
+
+
+def parse_size(size: Size, n_total: Optional[int] = None) -> int:
+    """Frame count from ``200``, ``"1k"``, ``"1.5k"``, ``"2M"``, ``"10%"`` or a fraction ``"0.1"``.
+
+    A number strictly between 0 and 1, or a percentage, is a fraction of ``n_total``
+    (rounded to the nearest frame), so it needs ``n_total``.
+    """
+    value, is_fraction = _parse(size)
+    if not is_fraction:
+        return int(value)
+    if n_total is None:
+        raise InputError(f"size {size!r} is a fraction and needs the dataset size")
+    return int(round(value * n_total))
 
 
 def split_indices(
     n_total: int, train: Size, val: Size, test: Size = None, mode: str = "random", seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Frame indices of the three splits (each sorted); ``test=None`` takes all remaining frames."""
-    n_train = parse_size(train, n_total)
-    n_val = parse_size(val, n_total)
-    n_test = n_total - n_train - n_val if test is None else parse_size(test, n_total)
+    given = {"train": train, "val": val, "test": test}
+    counts = {name: parse_size(size, n_total) for name, size in given.items() if size is not None}
+    parsed = {name: _parse(size) for name, size in given.items() if size is not None}
+    # A fraction > 0 that rounds to no frame would silently give an empty part (refine's
+    # validation set of 10 % of 4 frames): too few frames for the split asked for.
+    empty = [name for name, (value, fraction) in parsed.items() if fraction and value > 0 and counts[name] == 0]
+    if empty:
+        asked = " / ".join(f"{name} {given[name]}" for name in given if given[name] is not None)
+        raise InputError(f"{n_total} frames: too few for a train/val/test split of {asked}: "
+                         f"{' and '.join(empty)} would get 0 frames; use a larger dataset or give the sizes as counts")
+    # Fractions that add up to at most 1 never ask for more frames than there are: a frame
+    # too many from rounding up each part comes off the largest fractional part.
+    over = sum(counts.values()) - n_total
+    fractional = [name for name, (_, fraction) in parsed.items() if fraction]
+    if 0 < over <= len(fractional) and sum(value for value, fraction in parsed.values() if fraction) <= 1 + 1e-12 \
+            and sum(v for k, v in counts.items() if k not in fractional) == 0:
+        counts[max(fractional, key=lambda name: counts[name])] -= over
+    n_train, n_val = counts["train"], counts["val"]
+    n_test = n_total - n_train - n_val if test is None else counts["test"]
     requested = n_train + n_val + max(n_test, 0)
     if n_test < 0 or requested > n_total:
         raise InputError(

@@ -1,0 +1,91 @@
+"""Bad input is refused early and clearly: an `InputError` (exit code 2 on the command line)
+whose message says what is wrong, raised before any simulation or training starts.
+
+Every input here is built by the test itself (a few frames of a fixed ethanol geometry),
+so nothing depends on an MD trajectory.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from openmm_stable.cli import main
+from openmm_stable.data import QMDataset, load_dataset, save_dataset, split_dataset
+from openmm_stable.data.splits import split_indices
+from openmm_stable.errors import InputError
+
+from _structures import ETHANOL_POSITIONS, ETHANOL_Z
+
+
+def _frames(n: int, temperature=500.0) -> QMDataset:
+    """`n` labelled frames: ethanol with small fixed displacements (values are arbitrary)."""
+    rng = np.random.default_rng(0)
+    positions = ETHANOL_POSITIONS[None] + 0.02 * rng.standard_normal((n, len(ETHANOL_Z), 3))
+    return QMDataset(ETHANOL_Z, positions, energies=rng.standard_normal(n),
+                     forces=rng.standard_normal((n, len(ETHANOL_Z), 3)), temperature=temperature)
+
+
+# --- 1. too few frames for a split ----------------------------------------------------------------
+def test_a_fraction_that_rounds_to_no_frame_is_a_clear_error():
+    """refine splits 90 % / 10 %: with 4 frames the validation part was empty (None) and the
+    trainer failed later with AttributeError: 'NoneType' object has no attribute 'n_atoms'."""
+    with pytest.raises(InputError, match=r"4 frames: too few for a train/val/test split .*val would get 0 frames"):
+        split_dataset(_frames(4), 0.9, 0.1, 0)
+    with pytest.raises(InputError, match="5 frames: too few .*val would get 0"):
+        split_indices(5, "80%", "10%", None)
+    # An explicit 0 is not an error, and counts are taken as given.
+    assert split_dataset(_frames(4), 3, 1, 0).test is None
+    assert [len(p) for p in split_indices(10, 0.9, 0.1, 0)] == [9, 1, 0]
+
+
+def test_fractions_that_add_up_to_one_never_exceed_the_frames():
+    """15 frames at 90 % / 10 %: 13.5 and 1.5 round (half to even) to 14 and 2, one frame
+    more than there are; it comes off the larger part instead of failing."""
+    assert [len(p) for p in split_indices(15, 0.9, 0.1, 0)] == [13, 2, 0]
+    train, val, _ = split_indices(15, 0.9, 0.1, 0)
+    assert not set(train) & set(val)
+    with pytest.raises(InputError, match="exceed the 15 frames"):  # counts are still checked as given
+        split_indices(15, 14, 2, 0)
+
+
+def test_refine_on_a_four_frame_file_stops_with_the_split_message(tmp_path, capsys):
+    from openmm_stable.models import create_model, save_model
+
+    data = save_dataset(_frames(4), tmp_path / "four.npz")
+    model = tmp_path / "model.pt"
+    save_model(create_model("schnet", "tiny"), model, atomic_numbers=ETHANOL_Z.tolist())
+    code = main(["refine", str(model), "--data", str(data), "--out", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "4 frames: too few for a train/val/test split" in err and "Traceback" not in err
+
+
+# --- 2. our own npz format with broken fields ----------------------------------------------------------
+@pytest.mark.parametrize("key, value, message", [
+    ("metadata", json.dumps([1, 2]), "field 'metadata': a JSON list, expected a JSON object"),
+    ("metadata", "{not json", "field 'metadata': not valid JSON"),
+    ("temperature", "hot", "field 'temperature': not numeric"),
+    ("temperature", -5.0, "field 'temperature': -5.0 K; expected a positive number"),
+    ("temperature", [300.0, 310.0], "field 'temperature': expected one number"),
+    ("format_version", "one", "field 'format_version': not numeric"),
+    ("energies", ["a", "b", "c", "d"], "field 'energies': not numeric"),
+])
+def test_own_format_with_a_broken_field_names_the_file_and_the_field(tmp_path, key, value, message):
+    good = save_dataset(_frames(4), tmp_path / "good.npz")
+    arrays = dict(np.load(good))
+    arrays[key] = np.array(value)
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, **arrays)
+    with pytest.raises(InputError, match=f"^{bad}: {message}"):
+        load_dataset(bad)
+    assert main(["data", "info", str(bad)]) == 2
+
+
+def test_a_temperature_that_is_not_a_number_is_refused_on_construction():
+    with pytest.raises(InputError, match="field 'temperature': not a number"):
+        _frames(2, temperature="warm")
+    with pytest.raises(InputError, match="field 'temperature': 0.0 K"):
+        _frames(2, temperature=0.0)
+    assert _frames(2, temperature="300").temperature == 300.0  # a numeric string is a number
