@@ -22,12 +22,17 @@ install: $(STAMP)
 demo: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" OUT="$(DEMO_OUT)" bash examples/demo.sh
 
+# pytest's last line gives the counts and the total time; --durations lists the slowest
+# tests, so a test that grows is seen. Its exit status is make's: a failure, an error, a
+# timeout (pyproject: 600 s per test) and "no tests collected" (5) all fail the target.
+# PYTEST_ARGS: more arguments, e.g. PYTEST_ARGS="tests/test_models.py -x".
+PYTEST_ARGS ?=
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=10 $(PYTEST_ARGS)
 
 # Also the slow end-to-end tests (minutes).
 test-all: $(STAMP)
-	$(PY) -m pytest -q -m "slow or not slow"
+	$(PY) -m pytest -q --durations=10 -m "slow or not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache
