@@ -8,6 +8,7 @@ replica's time of failure, is known in advance.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -15,23 +16,24 @@ import pytest
 
 from openmm_stable.cli import main
 from openmm_stable.data import QMDataset, save_dataset
+from openmm_stable.errors import InputError
 from openmm_stable.engine import EngineConfig, masses_amu, maxwell_boltzmann
 from openmm_stable.models import save_model
 from openmm_stable.dynamics import first_minimum, green_kubo_diffusivity, vacf, vacf_over_segments
-from openmm_stable.simulate import (SimulationConfig, initial_frames, run_replicas, simulate, vacf_comparison,
-                                    write_trajectories)
+from openmm_stable.simulate import (SimulationConfig, initial_frames, run_replicas, simulate, summary,
+                                    vacf_comparison, write_trajectories)
 from openmm_stable.stability import BondDeviationCriterion
 
 from test_engine import ElasticNetwork, NaNBeyond, ZeroModel
 
-METRIC_KEYS = {"n_replicas", "time_ps", "temperature_K", "stable_time_ps", "median_stable_time_ps",
-               "stable_fraction", "replica_steps_per_s"}
+METRIC_KEYS = {"n_replicas", "time_ps", "temperature_K", "stable_time_ps", "failed", "median_stable_time_ps",
+               "stable_fraction", "failures", "replica_ps", "failure_rate_per_ps", "replica_steps_per_s"}
 
 
 def ballistic_config(**kw) -> SimulationConfig:
     """4 replicas, 0.1 ps, a check every 0.005 ps (10 steps), no friction."""
-    engine = EngineConfig(temperature_K=500.0, platform="CPU", friction_per_ps=0.0, seed=3)
-    return SimulationConfig(n_replicas=4, time_ps=0.1, check_interval_ps=0.005, seed=2, engine=engine, **kw)
+    engine = EngineConfig(temperature_K=500.0, platform="CPU", friction_per_ps=0.0)
+    return SimulationConfig(n_replicas=4, time_ps=0.1, check_interval_ps=0.005, seed=0, engine=engine, **kw)
 
 
 def predicted_deviations(dataset, config, criterion):
@@ -39,7 +41,7 @@ def predicted_deviations(dataset, config, criterion):
     until each replica's first failure (NaN afterwards), and the expected stable times."""
     start = dataset.positions[initial_frames(dataset, config.n_replicas, config.seed)]
     v0 = maxwell_boltzmann(masses_amu(dataset.atomic_numbers), config.engine.temperature_K,
-                           config.n_replicas, config.engine.seed)
+                           config.n_replicas, config.seed)
     times = (np.arange(config.n_checks) + 1) * config.steps_per_check * config.engine.timestep_ps
     frames = start[None] + v0[None] * times[:, None, None, None]
     dev = criterion(frames).numpy()
@@ -88,9 +90,32 @@ def test_simulate_metrics_for_failing_model(xtb_ethanol, tmp_path):
     assert saved == json.loads(json.dumps(metrics))
     assert METRIC_KEYS <= set(saved) and "hr_mae" not in saved  # no reference given
     np.testing.assert_allclose(saved["stable_time_ps"], expected_stable, rtol=0, atol=1e-9)
-    assert saved["median_stable_time_ps"] == pytest.approx(np.median(expected_stable))
+    assert saved["failed"] == [True] * 4
+    # Kaplan-Meier with every replica failed: the 2nd of 4 failures takes survival to 0.5
+    assert saved["median_stable_time_ps"] == pytest.approx(np.sort(expected_stable)[1])
     assert saved["stable_fraction"] == 0.0
+    assert saved["failures"] == 4 and saved["replica_ps"] == pytest.approx(expected_stable.sum())
+    assert saved["failure_rate_per_ps"] == pytest.approx(4 / expected_stable.sum())
     assert saved["time_ps"] == pytest.approx(0.1)
+
+
+def test_a_failure_at_the_last_check_is_a_failure(xtb_ethanol, tmp_path):
+    """The run ends at the check where the last replica fails: that replica's stable time
+    equals the horizon, yet it is an event in the result, in metrics.json and in the
+    median (the old code gave it the survivors' time and called it censored)."""
+    config = ballistic_config()
+    criterion = BondDeviationCriterion.from_dataset(xtb_ethanol, config.bond_threshold)
+    _, _, expected_stable = predicted_deviations(xtb_ethanol, config, criterion)
+    last = float(expected_stable.max())
+    config = dataclasses.replace(ballistic_config(), time_ps=last)
+    result = run_replicas(ZeroModel(), xtb_ethanol, config, progress=False)
+    assert result.times_ps[-1] == pytest.approx(last)
+    latest = int(np.argmax(expected_stable))
+    assert result.stable_time_ps[latest] == pytest.approx(last) and result.failed.all()
+    saved = simulate(ZeroModel(), xtb_ethanol, config, tmp_path, progress=False)
+    assert saved["failed"] == [True] * 4 and saved["stable_fraction"] == 0.0 and saved["failures"] == 4
+    assert saved["median_stable_time_ps"] == pytest.approx(np.sort(expected_stable)[1])
+    assert "median stable time: > " not in summary(saved)
 
 
 def test_nan_replica_detected_at_first_check_others_run_on(xtb_ethanol):
@@ -110,6 +135,7 @@ def test_nan_replica_detected_at_first_check_others_run_on(xtb_ethanol):
     expected = np.full(4, result.times_ps[-1])
     expected[broken_replica] = result.times_ps[0]
     np.testing.assert_allclose(result.stable_time_ps, expected)
+    assert result.failed.tolist() == [k == broken_replica for k in range(4)]
     others = np.arange(4) != broken_replica
     assert result.stable_mask[:, others].all()
     assert (result.deviations[:, others] < 0.5).all()
@@ -130,7 +156,10 @@ def test_simulate_outputs(xtb_ethanol, tmp_path):
     assert saved["n_replicas"] == 3 and saved["temperature_K"] == 500.0
     assert saved["time_ps"] == pytest.approx(0.1)
     assert saved["stable_time_ps"] == pytest.approx([0.1] * 3)
-    assert saved["median_stable_time_ps"] == pytest.approx(0.1) and saved["stable_fraction"] == 1.0
+    assert saved["failed"] == [False] * 3 and saved["failures"] == 0
+    # nobody failed: the median is beyond the horizon, not measured
+    assert saved["median_stable_time_ps"] is None and saved["stable_fraction"] == 1.0
+    assert "median stable time: > 0.10 ps" in summary(saved)
     assert saved["replica_steps_per_s"] > 0
     for name in ("survival.png", "bond_deviation.png", "hr.png"):
         assert (tmp_path / name).stat().st_size > 1000
@@ -180,7 +209,7 @@ def test_free_flight_vacf_is_flat(ethanol):
     result = run_replicas(ZeroModel(), dataset, config, progress=False)
     assert result.velocity_interval_ps == pytest.approx(0.001) and result.velocities_per_check == 5
     assert result.velocities.shape == (config.n_checks * 5, 4, len(z), 3) and result.stable_mask.all()
-    v0 = maxwell_boltzmann(masses_amu(z), 500.0, 4, config.engine.seed)
+    v0 = maxwell_boltzmann(masses_amu(z), 500.0, 4, config.seed)
     np.testing.assert_allclose(result.velocities, np.broadcast_to(v0, result.velocities.shape), rtol=1e-5, atol=1e-4)
     out = vacf_comparison(result, dataset, None, config)
     np.testing.assert_allclose(out["model"], 1.0, rtol=1e-6)
@@ -261,13 +290,21 @@ def test_cli_simulate_bad_inputs(pretrained_ethanol_model, pretrained_ethanol_mo
     water_model = tmp_path / "water_model.pt"
     save_model(pretrained_ethanol_model, water_model, atomic_numbers=[8, 1, 1])
     cases.append((cli_args(water_model, xtb_ethanol.source, tmp_path / "d"), "trained on 3 atoms"))
+    # 0.01 ps of 0.1 ps checks used to run 0.1 ps and report "median 0.10 ps, stable fraction 0.00"
+    cases.append((cli_args(pretrained_ethanol_model_file, xtb_ethanol.source, tmp_path / "e", "--time", "0.01",
+                           "--check-interval", "0.1"), "shorter than one stability check"))
+    cases.append((cli_args(pretrained_ethanol_model_file, xtb_ethanol.source, tmp_path / "f", "--time", "0.06"),
+                  "not a whole number of checks"))
     for argv, message in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert "openmm-stable simulate: error:" in err and message in err, err
         assert "Traceback" not in err
-    for folder in "abcd":
+    for folder in "abcdef":
         assert not (tmp_path / folder / "metrics.json").exists()
+    with pytest.raises(InputError, match="whole number of 0.5 fs steps"):
+        SimulationConfig(time_ps=1.0, check_interval_ps=0.0123)
+    assert SimulationConfig(time_ps=0.3, check_interval_ps=0.1).n_checks == 3  # 0.3 / 0.1 = 2.9999999999999996
 
 
 def test_cli_compare_molecules(pretrained_ethanol_model_file, xtb_ethanol, tmp_path, capsys):

@@ -118,25 +118,25 @@ def save_model(model: NNIP, path, atomic_numbers=None, training_temperature_K: O
                dataset_fingerprint: Optional[str] = None, kind: str = "model", **extra) -> None:
     """Write weights, the spec that rebuilds the model and the `ModelRecord` fields (plus
     any `extra` data), atomically."""
-    from openmm_stable.io import atomic_torch_save
+    from openmm_stable.io import save_torch_file
 
     payload = {**extra, "format": MODEL_FORMAT, "version": 2, "spec": model.spec, "state_dict": model.state_dict(),
                "kind": kind, "units": MODEL_UNITS, "versions": _package_versions(),
                "atomic_numbers": None if atomic_numbers is None else np.asarray(atomic_numbers, dtype=np.int64).reshape(-1),
                "training_temperature_K": None if training_temperature_K is None else float(training_temperature_K),
                "dataset_fingerprint": dataset_fingerprint}
-    atomic_torch_save(payload, path)
+    save_torch_file(payload, path)
 
 
 def read_model_record(path, map_location="cpu") -> ModelRecord:
-    """The record of a file written by `save_model`, with clear errors for anything else."""
+    """The record of a file written by `save_model`, with clear errors for anything else;
+    a file that would need pickle to open is refused unopened (`openmm_stable.io`)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model file {path} does not exist")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as err:
-        raise InputError(f"{path}: not a readable openmm-stable model file ({err})") from None
+    from openmm_stable.io import load_torch_file
+
+    payload = load_torch_file(path, map_location)  # weights only: never runs code from the file
     if not isinstance(payload, dict) or "spec" not in payload or "state_dict" not in payload:
         raise InputError(f"{path}: not an openmm-stable model file (no 'spec'/'state_dict')")
     numbers = payload.get("atomic_numbers")

@@ -51,7 +51,7 @@ from openmm_stable.temperature import recorded_temperature
 from openmm_stable.models import ARCHITECTURES, PRESETS, create_model, load_model, save_model
 from openmm_stable.models.base import MAX_Z, NNIP, check_cutoff_fits_box
 from openmm_stable.config import config_from_dict, load_config
-from openmm_stable.io import atomic_write_text, get_rng_state, set_rng_state, write_csv
+from openmm_stable.io import atomic_write_text, get_rng_state, load_torch_file, set_rng_state, write_csv
 from openmm_stable.training.ema import EMA
 from openmm_stable.training.batching import FrameTensors, energy_force_loss, evaluate, loss_from_metrics, refit_energy_shift
 
@@ -381,7 +381,7 @@ class Pretrainer:
 
     def load_checkpoint(self) -> None:
         """Model, optimizer, scheduler, EMA, loop state and RNG state from checkpoint_last.pt."""
-        payload = torch.load(self.last_path, map_location="cpu", weights_only=False)
+        payload = load_torch_file(self.last_path)
         _check_resumable(payload, self.last_path, self.fingerprint, self.split, self.config)
         self.model = load_model(self.last_path).to(self.device)
         self.state = _RunState(**payload["run_state"])
@@ -513,7 +513,7 @@ class Pretrainer:
         split and write model.pt, metrics.json, log.csv and learning_curve.png."""
         config, state, model = self.config, self.state, self.model
         if self.best_path.exists():
-            model.load_state_dict(torch.load(self.best_path, map_location=self.device, weights_only=False)["state_dict"])
+            model.load_state_dict(load_torch_file(self.best_path, map_location=self.device)["state_dict"])
         model.eval()
         batch_size = max(64, config.batch_size)
         val_metrics = evaluate(model, self.val_tensors, batch_size=batch_size)

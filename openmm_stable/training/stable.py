@@ -39,7 +39,7 @@ from openmm_stable.config import config_to_dict
 from openmm_stable.data.dataset import QMDataset
 from openmm_stable.data.splits import split_dataset
 from openmm_stable.engine import create_engine
-from openmm_stable.io import atomic_torch_save, atomic_write_json, get_rng_state, set_rng_state, write_csv
+from openmm_stable.io import atomic_write_json, load_torch_file, save_torch_file, get_rng_state, set_rng_state, write_csv
 from openmm_stable.models import NNIP, load_model, save_model
 from openmm_stable.geometry import half_box_width
 from openmm_stable.observables import element_pair_list, make_observable, reference_from_dataset
@@ -170,7 +170,7 @@ class StableTrainer:
         return self.out / "checkpoint.pt"
 
     def save_checkpoint(self) -> None:
-        atomic_torch_save({
+        save_torch_file({
             "format": "openmm-stable-refine", "spec": self.model.spec, "state_dict": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "loop": dataclasses.asdict(self.state), "config": config_to_dict(self.config),
@@ -179,7 +179,7 @@ class StableTrainer:
         }, self.checkpoint_path)
 
     def load_checkpoint(self) -> None:
-        payload = torch.load(self.checkpoint_path, weights_only=False)
+        payload = load_torch_file(self.checkpoint_path)
         if payload["dataset_fingerprint"] != self.dataset.fingerprint():
             raise InputError(f"{self.checkpoint_path}: written for another dataset; use a new --out folder")
         self.model.load_state_dict(payload["state_dict"])
