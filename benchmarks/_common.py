@@ -306,11 +306,12 @@ def report(payload: dict, out_dir: Path, name: str, print_report, plot) -> None:
 
 
 def write_json(path: Path, payload: dict) -> None:
+    """Atomically (`openmm_stable.io.atomic_write_text`): a killed run leaves the old file."""
+    from openmm_stable.io import atomic_write_text
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=_json_default) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(payload, indent=1, default=_json_default) + "\n")
 
 
 def _json_default(obj):

@@ -37,6 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import format_table, machine_info, write_json  # noqa: E402
 from _stages import StageTimings, stage  # noqa: E402
+import _survival  # noqa: E402
 
 EXPERIMENTS = ("teacher_student", "fragile", "rare")
 ARMS = ("pretrained", "stable", "energy_force_only", "large_data")
@@ -178,10 +179,12 @@ def evaluation_groups(starts, args) -> list:
 
 
 def evaluate_arm(models: list, name: str, starts, pool, test, horizon_ps: float, work: Path, args) -> dict:
-    """Stable times (the same replicas for every arm: `evaluation_groups`), h(r) MAE of
+    """Stable times and event flags (the same replicas for every arm: `evaluation_groups`),
+    pooled over the groups, with their stability numbers (`_survival.summary`); h(r) MAE of
     stable frames against the whole pool, test force MAE (means over the groups' models)."""
     import dataclasses
 
+    from openmm_stable.report import load_metrics
     from openmm_stable.simulate import simulate
 
     groups = evaluation_groups(starts, args)
@@ -192,11 +195,10 @@ def evaluate_arm(models: list, name: str, starts, pool, test, horizon_ps: float,
             config = eval_config(args, horizon_ps)
             config = dataclasses.replace(config, n_replicas=args.replicas // len(groups), seed=seed)
             simulate(model, group_starts, config, out, reference=pool, test_set=test, progress=True)
-        per_group.append(json.loads((out / "metrics.json").read_text()))
-    times = [t for m in per_group for t in m["stable_time_ps"]]
+        per_group.append(load_metrics(out))
     hr = [m["hr_mae"] for m in per_group if m.get("hr_mae") is not None]
     forces = [m["force_mae_meV_per_A"] for m in per_group]
-    return {"stable_time_ps": times, "stable_fraction": float(np.mean([t >= horizon_ps - 1e-9 for t in times])),
+    return {**_survival.summary(*_survival.pool(per_group), horizon_ps, seed=args.seed),
             "hr_mae": float(np.mean(hr)) if hr else None, "force_mae_meV_per_A": float(np.mean(forces)),
             "force_mae_per_refinement": forces}
 
@@ -265,8 +267,6 @@ def energy_force_controls(start, name: str, train, pool, steps: list, work: Path
 
 def run_arms(exp: str, start, large, train, pool, starts, test, horizon_ps: float, work: Path, timings, args) -> dict:
     """The four arms of a stability experiment and their statistics."""
-    from openmm_stable.statistics import bootstrap_median_interval, km_median, logrank_p
-
     stage(f"{exp}: StABlE refinement ({args.refine_seeds} seeds)")
     stable_runs = timings(f"{exp}_refine_stable", lambda: refinements(
         start, f"{exp}_stable", train, pool, lambda k: stable_recipe(args), work, args))
@@ -315,14 +315,13 @@ def run_arms(exp: str, start, large, train, pool, starts, test, horizon_ps: floa
             arms[arm]["hr_mae_window"] = window["hr_mae"]
             arms[arm]["hr_window_ps"] = args.hr_window_ps
     for arm, values in arms.items():
-        median = km_median(values["stable_time_ps"], horizon_ps)
-        values["median_stable_time_ps"] = median  # None: more than half outlived the horizon
-        values["median_interval_ps"] = bootstrap_median_interval(values["stable_time_ps"], horizon_ps, seed=args.seed)
+        # evaluate_arm gave the Kaplan-Meier median (None: more than half outlived the
+        # horizon) and its bootstrap interval, from the pooled event flags.
         if arm in run_steps:
             values["learning_steps"] = run_steps[arm]
         if arm in restore_steps:
             values["restore_steps"] = restore_steps[arm]
-    p = lambda a, b: logrank_p(arms[a]["stable_time_ps"], arms[b]["stable_time_ps"], horizon_ps)  # noqa: E731
+    p = lambda a, b: _survival.logrank(arms[a], arms[b], horizon_ps)  # noqa: E731
     for variant in run_steps.keys() - {"stable", "energy_force_only"}:
         arms[variant]["logrank_p_vs_pretrained"] = p(variant, "pretrained")
         arms[variant]["signal"] = signal_summary(work / f"refine_{exp}_{variant}")
@@ -454,12 +453,10 @@ def run_teacher_student(teacher, train, starts, test, work: Path, timings, args)
 # --- report -------------------------------------------------------------------------------------
 def verdict(result: dict, arm: str = "stable") -> dict:
     """The issue's pass criteria for a refined arm of a stability experiment."""
-    from openmm_stable.statistics import logrank_p
-
     arms, horizon = result["arms"], result["horizon_ps"]
-    median = lambda a: arms[a]["median_stable_time_ps"] if arms[a]["median_stable_time_ps"] is not None else horizon  # noqa: E731
+    median = lambda a: _survival.median_or_horizon(arms[a]["median_stable_time_ps"], horizon)  # noqa: E731
     control = f"energy_force_only_{arm}" if f"energy_force_only_{arm}" in arms else "energy_force_only"
-    p_control = logrank_p(arms[arm]["stable_time_ps"], arms[control]["stable_time_ps"], horizon)
+    p_control = _survival.logrank(arms[arm], arms[control], horizon)
     not_worse = lambda key: (arms["pretrained"].get(key) is not None and arms[arm].get(key) is not None  # noqa: E731
                              and arms[arm][key] <= arms["pretrained"][key])
     return {"median_at_least_3x": median(arm) >= 3 * median("pretrained"),
@@ -521,7 +518,8 @@ def plot_survival(payload: dict, path: Path) -> None:
     for ax, exp in zip(axes[0], exps):
         result = payload[exp]
         for arm, v in result["arms"].items():
-            t, s = kaplan_meier(v["stable_time_ps"], result["horizon_ps"])
+            t, s = kaplan_meier(v["stable_time_ps"], _survival.arm_flags(v, result["horizon_ps"], f"{exp}/{arm}"),
+                                result["horizon_ps"])
             ax.step(t, s, where="post", label=arm)
         ax.set(title=f"{exp} start (p StABlE vs E/F-only {result['logrank_p']['stable_vs_energy_force_only']:.2g})",
                xlabel="time (ps)", ylabel="fraction stable", ylim=(0, 1.02))

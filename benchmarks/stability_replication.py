@@ -30,6 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _stages import StageTimings, stage  # noqa: E402
+import _survival  # noqa: E402
 
 
 STAGES = ("generate", "pretrain", "refine")
@@ -50,7 +51,11 @@ def parse_args(argv=None):
     p.add_argument("--pretrain-min", type=float, nargs="+", default=None, metavar="MIN",
                    help="training-time budget in minutes, counted over resumes: one for both pre-trainings, "
                         "or two (small set, large set); raise it and re-run to extend finished pre-trainings "
-                        "(default 12; 0.2 with --quick)")
+                        "(default 12; 0.2 with --quick; none with --pretrain-epochs)")
+    p.add_argument("--pretrain-epochs", type=int, nargs="+", default=None, metavar="N",
+                   help="epoch budget: one for both pre-trainings, or two (small set, large set); unlike a time "
+                        "budget it gives the same run on any machine; raise it and re-run to extend finished "
+                        "pre-trainings")
     p.add_argument("--refine-config", default=None, help="YAML of StableConfig fields (default: built in below)")
     p.add_argument("--refine-epochs", type=int, default=30)
     p.add_argument("--replicas", type=int, default=16)
@@ -67,12 +72,17 @@ def parse_args(argv=None):
     if args.quick:
         args.frames, args.stride, args.small, args.large, args.test = 160, 5, 40, 100, 30
         args.refine_epochs, args.replicas, args.horizon_ps = 3, 4, 0.2
-        args.pretrain_min = args.pretrain_min or [0.2]
+        if args.pretrain_epochs is None:
+            args.pretrain_min = args.pretrain_min or [0.2]
         args.preset = "tiny"
-    args.pretrain_min = args.pretrain_min or [12.0]
-    if len(args.pretrain_min) > 2:
-        p.error(f"--pretrain-min takes one or two budgets (small, large), got {len(args.pretrain_min)}")
-    args.pretrain_min = dict(zip(("small", "large"), args.pretrain_min * (3 - len(args.pretrain_min))))
+    if args.pretrain_epochs is None:
+        args.pretrain_min = args.pretrain_min or [12.0]
+    for name in ("pretrain_min", "pretrain_epochs"):
+        values = getattr(args, name)
+        if values is not None and len(values) > 2:
+            p.error(f"--{name.replace('_', '-')} takes one or two budgets (small, large), got {len(values)}")
+        # {"small": budget, "large": budget}; None: no budget of this kind
+        setattr(args, name, dict(zip(("small", "large"), (values or [None]) * (3 - len(values or [None])))))
     return args
 
 
@@ -83,8 +93,9 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     from openmm_stable.data import load_dataset, save_dataset
     from openmm_stable.data.generate import generate_xtb_dataset
+    from openmm_stable.io import atomic_write_json, atomic_write_text
     from openmm_stable.models import load_model
-    from openmm_stable.report import compare_runs
+    from openmm_stable.report import compare_runs, load_metrics
     from openmm_stable.simulate import SimulationConfig, simulate
     from openmm_stable.training.pretrain import PretrainConfig
     from openmm_stable.training.stable import StableConfig, refine
@@ -126,11 +137,13 @@ def main(argv=None) -> dict:
 
     models = {}
     for name in ("small", "large"):
-        budget = args.pretrain_min[name]
-        stage(f"pre-train {args.architecture}-{args.preset} on {len(sets[name])} frames ({budget} min budget)")
+        budget, epochs = args.pretrain_min[name], args.pretrain_epochs[name]
+        shown = ", ".join(b for b in (budget and f"{budget} min", epochs and f"{epochs} epochs") if b)
+        stage(f"pre-train {args.architecture}-{args.preset} on {len(sets[name])} frames ({shown} budget)")
         out = work / f"pretrain_{name}"
+        limits = {"time_budget_min": budget} if epochs is None else {"time_budget_min": budget, "max_epochs": epochs}
         config = PretrainConfig(architecture=args.architecture, preset=args.preset, train=0.9, val=0.1, test=0,
-                                time_budget_min=budget, seed=args.seed, patience=50)
+                                seed=args.seed, patience=50, **limits)
         models[f"pretrained-{name}"] = timed(f"pretrain_{name}_s",
                                              lambda ds=sets[name], c=config, o=out: run_pretrain(ds, c, o))
     if args.stop_after == "pretrain":
@@ -194,7 +207,7 @@ def main(argv=None) -> dict:
     stage("results")
     table = compare_runs(runs, work / "compare")
     print(table)
-    metrics = {label: json.loads((d / "metrics.json").read_text()) for label, d in runs.items()}
+    metrics = {label: load_metrics(d) for label, d in runs.items()}  # with each replica's "failed" flag
     train_s = {name: json.loads((work / f"pretrain_{name}" / "metrics.json").read_text())["train_time_s"]
                for name in ("small", "large")}  # summed over resumes, unlike a stage's wall time
     compute = {
@@ -212,9 +225,12 @@ def main(argv=None) -> dict:
             "wall_s": train_s["small"] + control_metrics["sim_time_s"] + control_metrics["grad_time_s"]}
     statistics = survival_statistics(metrics, args.horizon_ps, args.seed)
     s, l, r = (metrics[k] for k in ("pretrained-small", "pretrained-large", "stable-small"))
+    # Kaplan-Meier medians; one beyond the horizon counts as the horizon (a lower bound)
+    median = {label: _survival.median_or_horizon(st["km_median_ps"], args.horizon_ps)
+              for label, st in statistics["arms"].items()}
     targets = {
-        "refined median stable time >= 3x small": r["median_stable_time_ps"] >= 3 * s["median_stable_time_ps"],
-        "refined median stable time >= large": r["median_stable_time_ps"] >= l["median_stable_time_ps"],
+        "refined median stable time >= 3x small": median["stable-small"] >= 3 * median["pretrained-small"],
+        "refined median stable time >= large": median["stable-small"] >= median["pretrained-large"],
         "refined h(r) MAE lower than both": (r.get("hr_mae") is not None and all(
             m.get("hr_mae") is None or r["hr_mae"] < m["hr_mae"] for m in (s, l))),
         "refined force MAE within 1.1x small": r["force_mae_meV_per_A"] <= 1.1 * s["force_mae_meV_per_A"],
@@ -222,13 +238,13 @@ def main(argv=None) -> dict:
     if "energy-force-only-small" in metrics:
         targets["refined beats the energy/force-only control (log-rank p < 0.05)"] = (
             statistics["logrank_p"]["stable-small vs energy-force-only-small"] < 0.05
-            and r["median_stable_time_ps"] >= metrics["energy-force-only-small"]["median_stable_time_ps"])
+            and median["stable-small"] >= median["energy-force-only-small"])
     summary = {"settings": vars(args), "metrics": metrics, "statistics": statistics, "compute": compute,
                "refinement": {"learning_steps": refine_metrics["learning_steps"],
                               "restore_steps": refine_metrics.get("restore_steps", 0)},
                "targets_met": targets,
                "timings_s": timings, "machine": f"{os.cpu_count()} CPU cores"}
-    results_base.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    atomic_write_json(results_base.with_suffix(".json"), summary)
     for png in ("survival.png", "hr.png"):
         src = work / "compare" / png
         if src.exists():
@@ -245,31 +261,33 @@ def main(argv=None) -> dict:
     lines.append("")
     lines += [f"- log-rank p, {pair}: {p:.2g}" for pair, p in statistics["logrank_p"].items()]
     lines += [f"- {name}: {'met' if ok else 'missed'}" for name, ok in targets.items()]
-    results_base.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(results_base.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
     return summary
 
 
 def survival_statistics(metrics: dict, horizon_ps: float, seed: int) -> dict:
     """Kaplan-Meier medians with bootstrap intervals per arm, and log-rank tests of the
-    refined model against every other arm (all arms ran the same starts and seeds)."""
-    from openmm_stable.statistics import bootstrap_median_interval, km_median, logrank_p
-
-    times = {label: m["stable_time_ps"] for label, m in metrics.items()}
-    arms = {label: {"km_median_ps": km_median(t, horizon_ps),
-                    "median_interval_ps": bootstrap_median_interval(t, horizon_ps, seed=seed)}
-            for label, t in times.items()}
-    pairs = {f"stable-small vs {label}": logrank_p(times["stable-small"], t, horizon_ps)
-             for label, t in times.items() if label != "stable-small"}
-    if "energy-force-only-small" in times:
-        pairs["energy-force-only-small vs pretrained-small"] = logrank_p(
-            times["energy-force-only-small"], times["pretrained-small"], horizon_ps)
+    refined model against every other arm (all arms ran the same starts and seeds). Each
+    metrics mapping needs "stable_time_ps" and "failed" (`report.load_metrics`): a replica
+    that failed at the last check is an event, not a survivor."""
+    arms = {}
+    for label, m in metrics.items():
+        numbers = _survival.summary(m["stable_time_ps"], m["failed"], horizon_ps, seed=seed)
+        arms[label] = {"km_median_ps": numbers["median_stable_time_ps"],
+                       "median_interval_ps": numbers["median_interval_ps"]}
+    pairs = {f"stable-small vs {label}": _survival.logrank(metrics["stable-small"], m, horizon_ps)
+             for label, m in metrics.items() if label != "stable-small"}
+    if "energy-force-only-small" in metrics:
+        pairs["energy-force-only-small vs pretrained-small"] = _survival.logrank(
+            metrics["energy-force-only-small"], metrics["pretrained-small"], horizon_ps)
     return {"arms": arms, "logrank_p": pairs}
 
 
 def run_pretrain(dataset, config, out: Path):
     """Pre-train into `out`, continuing its checkpoint, unless a run with this budget (or a
-    larger one) is done."""
+    larger one) is done: a finished run is extended when the limit that stopped it (time
+    budget or epoch budget) is raised."""
     import yaml
 
     from openmm_stable.models import load_model
@@ -278,13 +296,15 @@ def run_pretrain(dataset, config, out: Path):
     if (out / "model.pt").exists() and metrics_path.exists():
         metrics = json.loads(metrics_path.read_text())
         # The budget the finished run had (its config.yaml), not its train_time_s: a run stops
-        # at its budget to within a batch, on either side of it.
-        used_min = yaml.safe_load((out / "config.yaml").read_text()).get("time_budget_min")
-        extend = (metrics.get("stopped_reason") == "time_budget" and used_min is not None
-                  and config.time_budget_min > used_min)
+        # at its time budget to within a batch, on either side of it.
+        used = yaml.safe_load((out / "config.yaml").read_text())
+        key = {"time_budget": "time_budget_min", "max_epochs": "max_epochs"}.get(metrics.get("stopped_reason"))
+        new = None if key is None else getattr(config, key)
+        extend = key is not None and used.get(key) is not None and (new is None or new > used[key])
         if not extend:
             return load_model(out / "model.pt")
-        print(f"extending: {metrics['train_time_s'] / 60:.1f} of {config.time_budget_min} min trained")
+        print(f"extending: {metrics['epochs']} epochs, {metrics['train_time_s'] / 60:.1f} min trained; "
+              f"{key} {used[key]} -> {new}")
     resume = (out / "checkpoint_last.pt").exists()
     return pretrain(dataset, config, out, progress=False, resume=resume)[0]
 

@@ -27,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402,F401  (one thread per pool, repository on sys.path)
 from _stages import StageTimings, stage  # noqa: E402
+import _survival  # noqa: E402
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -79,7 +80,9 @@ def main(argv=None) -> dict:
     _common.single_thread_torch()
     from openmm_stable.data import load_dataset
     from openmm_stable.data.water import box_length, generate_water_dataset
+    from openmm_stable import report
     from openmm_stable.engine import EngineConfig
+    from openmm_stable.io import atomic_write_json
     from openmm_stable.models import load_model
     from openmm_stable.simulate import SimulationConfig, simulate
     from openmm_stable.training.pretrain import PretrainConfig, pretrain
@@ -149,7 +152,7 @@ def main(argv=None) -> dict:
                                           stability=args.stability, seed=args.seed, engine=engine)
                 simulate(model, data, config, out, reference=traj, test_set=test, progress=False)
         timed(f"simulate_{label}_s", run_sim)
-        metrics[label] = json.loads((out / "metrics.json").read_text())
+        metrics[label] = report.load_metrics(out)  # with each replica's "failed" flag
 
     stage("results")
     refine_metrics = json.loads((refine_out / "metrics.json").read_text())
@@ -169,7 +172,7 @@ def main(argv=None) -> dict:
                "timings_s": timings, "reference": data.metadata.get("method"),
                "generation_frames_per_s": data.metadata.get("timing", {}).get("frames_per_second"),
                "rdf_curves": rdf_curves, "machine": _common.machine_info()}
-    results_base.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    atomic_write_json(results_base.with_suffix(".json"), summary)
     write_outputs(summary, results_base)
     return summary
 
@@ -177,10 +180,12 @@ def main(argv=None) -> dict:
 def write_outputs(summary: dict, results_base: Path) -> None:
     """Markdown table, survival and RDF plots from a results JSON (also for --plot-only)."""
     from openmm_stable import report
+    from openmm_stable.io import atomic_write_text
 
     metrics, compute = summary["metrics"], summary["compute"]
-    report.plot_survival({k: m["stable_time_ps"] for k, m in metrics.items()}, summary["settings"]["horizon_ps"],
-                         results_base.parent / f"{results_base.name}_survival.png")
+    horizon = summary["settings"]["horizon_ps"]
+    report.plot_survival({k: (m["stable_time_ps"], _survival.arm_flags(m, horizon, k)) for k, m in metrics.items()},
+                         horizon, results_base.parent / f"{results_base.name}_survival.png")
     curves = {pair: {k: np.asarray(v) for k, v in lines.items()}
               for pair, lines in summary["rdf_curves"].items() if pair != "r"}
     report.plot_rdfs(np.asarray(summary["rdf_curves"]["r"]), curves, results_base.parent / f"{results_base.name}_rdf.png")
@@ -188,17 +193,18 @@ def write_outputs(summary: dict, results_base: Path) -> None:
              "D ref | D Green-Kubo | VACF MAE | test force MAE (meV/A) | sim steps | wall (s) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     cell = lambda v, f="{:.3f}": "-" if v is None else f.format(v)  # noqa: E731
+    median = lambda v: f">= {horizon:g}" if v is None else f"{v:.2f}"  # noqa: E731  (None: beyond the horizon)
     for label, m in metrics.items():
         mae = m.get("rdf_mae", {})
         d, d_ref = m.get("diffusivity_cm2_per_s"), m.get("reference_diffusivity_cm2_per_s")
         d_gk = m.get("vacf_diffusivity_cm2_per_s")
         lines.append(
-            f"| {label} | {m['median_stable_time_ps']:.2f} | {m['stable_fraction']:.2f} | {cell(mae.get('O-O'))} | "
+            f"| {label} | {median(m['median_stable_time_ps'])} | {m['stable_fraction']:.2f} | {cell(mae.get('O-O'))} | "
             f"{cell(mae.get('O-H'))} | {cell(mae.get('H-H'))} | {cell(d and d * 1e5, '{:.2f}')} | "
             f"{cell(d_ref and d_ref * 1e5, '{:.2f}')} | {cell(d_gk and d_gk * 1e5, '{:.2f}')} | "
             f"{cell(m.get('vacf_mae'))} | {m['force_mae_meV_per_A']:.1f} | "
             f"{compute[label]['sim_steps']} | {compute[label]['wall_s'] or 0:.0f} |")
-    results_base.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(results_base.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 if __name__ == "__main__":
