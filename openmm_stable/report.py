@@ -5,6 +5,7 @@ Every function writes one PNG (matplotlib, Agg backend) and returns its path.
 from __future__ import annotations
 
 import csv
+import sys
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
@@ -20,14 +21,20 @@ def _pyplot():
     return plt
 
 
-def plot_survival(stable_times: Mapping[str, Sequence[float]], horizon_ps: float, path) -> Path:
-    """Fraction of replicas still stable against time, one step curve per model."""
+def plot_survival(runs: Mapping[str, tuple], horizon_ps: float, path) -> Path:
+    """Fraction of replicas still stable against time, one step curve per model.
+
+    runs = {label: (stable_times, failed)}, or (stable_times, failed, run_horizon_ps) for
+    a run shorter than `horizon_ps`: its curve stops at its own end instead of claiming
+    its survivors stayed stable to `horizon_ps`."""
     from openmm_stable.stability import survival_curve
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for label, times in stable_times.items():
-        t, frac = survival_curve(np.asarray(times, dtype=float), horizon_ps)
+    for label, run in runs.items():
+        times, failed, *rest = run
+        end = float(rest[0]) if rest else float(horizon_ps)
+        t, frac = survival_curve(np.asarray(times, dtype=float), np.asarray(failed, dtype=bool), end)
         ax.step(t.numpy(), frac.numpy(), where="post", label=label)
     ax.set(xlabel="time (ps)", ylabel="fraction of replicas stable", ylim=(-0.02, 1.02), xlim=(0, horizon_ps))
     ax.legend()
@@ -118,6 +125,7 @@ def _save(fig, path) -> Path:
 
 # (metrics.json key, column title); a column shows when at least one run has the value.
 COMPARE_COLUMNS = [("median_stable_time_ps", "median stable (ps)"), ("stable_fraction", "stable fraction"),
+                   ("failure_rate_per_ps", "failures/replica-ps"),
                    ("hr_mae", "h(r) MAE"), ("rdf_mae_mean", "RDF MAE mean"),
                    ("diffusivity_cm2_per_s", "D (cm^2/s)"), ("reference_diffusivity_cm2_per_s", "D ref (cm^2/s)"),
                    ("diffusivity_relative_error", "D rel. error"), ("vacf_mae", "VACF MAE"),
@@ -140,40 +148,94 @@ def compare_columns(metrics: Mapping[str, dict]) -> list[tuple[str, str, object]
     return [c for c in columns if c[0] in ALWAYS_SHOWN or any(c[2](m) is not None for m in metrics.values())]
 
 
+def failed_flags(metrics: dict, source="metrics.json") -> np.ndarray:
+    """Each replica's event flag from a metrics.json mapping. A file written before the flag
+    existed has none: then failed = stable time < horizon, with a warning, since such a
+    file counts a failure at the last check as a survivor."""
+    times = np.asarray(metrics["stable_time_ps"], dtype=float)
+    if "failed" in metrics:
+        failed = np.asarray(metrics["failed"], dtype=bool)
+        if failed.shape != times.shape:
+            from openmm_stable.errors import InputError
+
+            raise InputError(f"{source}: {failed.size} failed flags for {times.size} stable times")
+        return failed
+    print(f"warning: {source} has no 'failed' flags (written by an older simulate); failures are taken as "
+          f"stable time < {metrics['time_ps']:g} ps, so replicas that failed at the last check count as survivors",
+          file=sys.stderr)
+    return times < metrics["time_ps"] - 1e-9
+
+
 def survival_statistics(metrics: Mapping[str, dict]) -> list[str]:
     """Lines under the comparison table: each run's Kaplan-Meier median with a bootstrap
-    interval, and the log-rank test of every run against the first one."""
-    from openmm_stable.statistics import bootstrap_median_interval, km_median, logrank_p
+    interval and its failures per replica-ps; the log-rank test and the failure-rate ratio
+    of every run against the first one. Runs of different lengths are compared over the
+    shorter one (longer times censored there). Each mapping needs "stable_time_ps",
+    "failed" and "time_ps" (`load_metrics` fills "failed" in for old files)."""
+    from openmm_stable.statistics import (bootstrap_median_interval, failure_rate, km_median, logrank_p,
+                                          rate_ratio_test)
 
     labels = list(metrics)
-    lines = ["", "Kaplan-Meier median stable time (95 % bootstrap interval over replicas):"]
+    lines = ["", "Kaplan-Meier median stable time (95 % bootstrap interval over replicas), failures per replica-ps:"]
     for label in labels:
-        times, horizon = metrics[label]["stable_time_ps"], metrics[label]["time_ps"]
-        median = km_median(times, horizon)
-        low, high = bootstrap_median_interval(times, horizon)
+        m = metrics[label]
+        times, failed, horizon = m["stable_time_ps"], m["failed"], m["time_ps"]
+        median = km_median(times, failed, horizon)
+        low, high = bootstrap_median_interval(times, failed, horizon)
+        rate = failure_rate(times, failed)
         shown = f">= {horizon:g} ps (beyond the horizon)" if median is None else f"{median:.3g} ps"
-        lines.append(f"  {label}: {shown}  [{low:.3g}, {high:.3g}]  ({len(times)} replicas)")
+        lines.append(f"  {label}: {shown}  [{low:.3g}, {high:.3g}]  ({len(times)} replicas; "
+                     f"{rate['failures']} failures in {rate['replica_ps']:.3g} replica-ps)")
     first = labels[0]
     for label in labels[1:]:
-        horizon = min(metrics[first]["time_ps"], metrics[label]["time_ps"])
-        p = logrank_p(np.minimum(metrics[first]["stable_time_ps"], horizon),
-                      np.minimum(metrics[label]["stable_time_ps"], horizon), horizon)
+        a, b = metrics[first], metrics[label]
+        horizon = min(a["time_ps"], b["time_ps"])
+        p = logrank_p(b["stable_time_ps"], b["failed"], a["stable_time_ps"], a["failed"], horizon)
         verdict = "significant at 0.05" if p < 0.05 else "not significant at 0.05"
-        lines.append(f"log-rank test, {label} vs {first}: p = {p:.2g} ({verdict})")
+        window = "" if a["time_ps"] == b["time_ps"] else f" over the common {horizon:g} ps"
+        lines.append(f"log-rank test, {label} vs {first}{window}: p = {p:.2g} ({verdict})")
+        ra, rb = failure_rate(a["stable_time_ps"], a["failed"]), failure_rate(b["stable_time_ps"], b["failed"])
+        if ra["replica_ps"] > 0 and rb["replica_ps"] > 0:
+            r = rate_ratio_test(rb["failures"], rb["replica_ps"], ra["failures"], ra["replica_ps"])
+            lines.append(f"failure-rate ratio, {label} / {first}: {r['estimate']:.3g} "
+                         f"[{r['lower95']:.3g}, {r['upper95']:.3g}], exact p = {r['p']:.2g}")
     return lines
+
+
+def load_metrics(folder) -> dict:
+    """metrics.json of a `simulate` output folder, with "failed" filled in for old files
+    (`failed_flags`); a missing, truncated or invalid file is an InputError naming it."""
+    import json
+
+    from openmm_stable.errors import InputError
+
+    path = Path(folder) / "metrics.json"
+    if not path.exists():
+        raise InputError(f"{folder}: no metrics.json (is it a `simulate` output folder?)")
+    try:
+        metrics = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: not valid JSON ({err}); the run may have been killed while writing it: "
+                         f"rerun it, or `simulate --resume` if its folder holds progress.json") from None
+    missing = [k for k in ("stable_time_ps", "time_ps") if not isinstance(metrics, dict) or k not in metrics]
+    if missing:
+        raise InputError(f"{path}: not a simulate metrics file (no {', '.join(missing)})")
+    metrics["failed"] = failed_flags(metrics, str(path)).tolist()
+    return metrics
 
 
 def compare_runs(runs: Mapping[str, Path], out_dir) -> str:
     """Side-by-side table and plots (survival; h(r), or RDFs per pair; VACF) of several
     `simulate` output folders. Periodic runs add their per-pair RDF errors, diffusivities
     and VACF summary as columns."""
-    import json
+    from openmm_stable.io import atomic_write_json, atomic_write_text
 
+    metrics = {label: load_metrics(d) for label, d in runs.items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    metrics = {label: json.loads((Path(d) / "metrics.json").read_text()) for label, d in runs.items()}
     horizon = max(m["time_ps"] for m in metrics.values())
-    plot_survival({label: m["stable_time_ps"] for label, m in metrics.items()}, horizon, out / "survival.png")
+    plot_survival({label: (m["stable_time_ps"], m["failed"], m["time_ps"]) for label, m in metrics.items()}, horizon,
+                  out / "survival.png")
     curves, r = {}, None
     rdf_curves: dict = {}
     vacf_series: dict = {}
@@ -218,6 +280,6 @@ def compare_runs(runs: Mapping[str, Path], out_dir) -> str:
                         for (_, _, get), w in zip(columns, widths))
         lines.append(f"{label:>{label_width}}" + cells)
     table = "\n".join(lines + survival_statistics(metrics))
-    (out / "comparison.txt").write_text(table + "\n")
-    (out / "comparison.json").write_text(json.dumps(metrics, indent=2))
+    atomic_write_text(out / "comparison.txt", table + "\n")
+    atomic_write_json(out / "comparison.json", metrics)
     return table

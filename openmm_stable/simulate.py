@@ -26,6 +26,7 @@ from torch import nn
 
 from openmm_stable.config import config_from_dict, load_config
 from openmm_stable.errors import InputError
+from openmm_stable.io import atomic_write_json
 from openmm_stable.data.dataset import QMDataset, hill_formula
 from openmm_stable.engine import EngineConfig, create_engine, masses_amu
 from openmm_stable.dynamics import (A2_PER_PS_IN_CM2_PER_S, VACF_MAX_REFERENCE_INTERVAL_PS, first_minimum,
@@ -36,7 +37,7 @@ from openmm_stable.observables import (HrObservable, RdfObservable, element_pair
                                        reference_from_dataset)
 from openmm_stable.temperature import settle_temperatures
 from openmm_stable.stability import (EVALUATION_BOND_THRESHOLD, STABILITY_KINDS, WATER_MIN_DISTANCE_THRESHOLD,
-                                     StabilityCriterion, first_instability_time, make_criterion, resolve_stability)
+                                     StabilityCriterion, first_instability, make_criterion, resolve_stability)
 
 
 @dataclasses.dataclass
@@ -74,6 +75,26 @@ class SimulationConfig:
             raise InputError(f"unknown stability criterion {self.stability!r}; known: {', '.join(STABILITY_KINDS)}")
         if self.vacf_interval_ps is not None and not (self.vacf_interval_ps > 0 and self.vacf_max_lag_ps > 0):
             raise InputError("vacf_interval_ps (or None) and vacf_max_lag_ps must be positive")
+        self._check_run_length()
+
+    def _check_run_length(self) -> None:
+        """The run is a whole number of checks of a whole number of steps: say so before any
+        simulation, instead of silently running another length (0.1 ps for 0.01 ps of
+        0.1 ps checks)."""
+        dt = self.engine.timestep_ps
+        steps = self.check_interval_ps / dt
+        if abs(steps - round(steps)) > 1e-6 * max(1.0, steps) or round(steps) < 1:
+            raise InputError(f"check_interval_ps {self.check_interval_ps:g} is not a whole number of "
+                             f"{self.engine.timestep_fs:g} fs steps ({steps:.4g}); pick a multiple of the timestep")
+        if self.time_ps < self.check_interval_ps * (1 - 1e-9):
+            raise InputError(f"time_ps {self.time_ps:g} is shorter than one stability check "
+                             f"(check_interval_ps {self.check_interval_ps:g}); the run would be "
+                             f"{self.check_interval_ps:g} ps: lower the check interval or raise the time")
+        checks = self.time_ps / self.check_interval_ps
+        if abs(checks - round(checks)) > 1e-6 * max(1.0, checks):
+            raise InputError(f"time_ps {self.time_ps:g} is not a whole number of checks of {self.check_interval_ps:g} ps "
+                             f"({checks:.4g}); it would run {round(checks) * self.check_interval_ps:g} ps: pick a "
+                             f"multiple of the check interval")
 
     @classmethod
     def from_dict(cls, values: dict) -> "SimulationConfig":
@@ -111,7 +132,8 @@ class SimulationResult:
     times_ps: np.ndarray  # (T,)
     positions: np.ndarray  # (T, R, N, 3) Angstrom, float32
     deviations: np.ndarray  # (T, R) criterion value (A): largest bond deviation, or min intermolecular distance
-    stable_time_ps: np.ndarray  # (R,)
+    stable_time_ps: np.ndarray  # (R,) first unstable check, or the run's length for a survivor
+    failed: np.ndarray  # (R,) bool: the event flag (a failure at the last check has the survivors' time)
     stable_mask: np.ndarray  # (T, R) True while the replica had not failed yet
     replica_steps_per_s: float
     wall_time_s: float
@@ -171,8 +193,8 @@ def run_replicas(model: nn.Module, dataset: QMDataset, config: SimulationConfig,
     wall = time.perf_counter() - t0
     times = (np.arange(n_checks) + 1) * steps * config.engine.timestep_ps
     unstable_flags = ~stable_mask
-    stable_time = first_instability_time(unstable_flags, times).numpy()
-    return SimulationResult(times, positions, deviations, stable_time, stable_mask,
+    stable_time, failed_flags = (x.numpy() for x in first_instability(unstable_flags, times))
+    return SimulationResult(times, positions, deviations, stable_time, failed_flags, stable_mask,
                             R * n_checks * steps / wall, wall, engine.platform_name, velocities,
                             v_steps * config.engine.timestep_ps if v_steps else None)
 
@@ -295,6 +317,26 @@ def vacf_comparison(result: SimulationResult, dataset: QMDataset, reference: Opt
     return out
 
 
+def stability_metrics(stable_time_ps, failed, horizon_ps: float) -> dict:
+    """The stability numbers of metrics.json (and of a partial run's progress.json): stable
+    times with their event flags, the fraction that never failed, the Kaplan-Meier median
+    (None when more than half outlived the horizon) and failures per replica-ps."""
+    from openmm_stable.statistics import failure_rate, km_median
+
+    times = np.asarray(stable_time_ps, dtype=float)
+    failed = np.asarray(failed, dtype=bool)
+    rate = failure_rate(times, failed)
+    return {
+        "stable_time_ps": times.tolist(),
+        "failed": failed.tolist(),
+        "median_stable_time_ps": km_median(times, failed, horizon_ps),
+        "stable_fraction": float(1.0 - failed.mean()),
+        "failures": rate["failures"],
+        "replica_ps": rate["replica_ps"],
+        "failure_rate_per_ps": rate["rate_per_ps"],
+    }
+
+
 def check_molecules(dataset: QMDataset, reference: Optional[QMDataset] = None,
                     model_atomic_numbers: Optional[np.ndarray] = None) -> None:
     """Raise ValueError when the reference data (h(r) is only comparable for the same
@@ -338,10 +380,8 @@ def simulate(model: nn.Module, dataset: QMDataset, config: SimulationConfig, out
         metrics["bond_threshold_A"] = config.bond_threshold
     else:
         metrics["min_distance_threshold_A"] = config.min_distance_threshold
+    metrics.update(stability_metrics(result.stable_time_ps, result.failed, metrics["time_ps"]))
     metrics.update({
-        "stable_time_ps": result.stable_time_ps.tolist(),
-        "median_stable_time_ps": float(np.median(result.stable_time_ps)),
-        "stable_fraction": float(result.stable_mask[-1].mean()),
         "replica_steps_per_s": result.replica_steps_per_s,
         "wall_time_s": result.wall_time_s,
         "platform": result.platform,
@@ -364,8 +404,8 @@ def simulate(model: nn.Module, dataset: QMDataset, config: SimulationConfig, out
 
         errors = evaluate(model, test_set)
         metrics.update({k: errors[k] for k in ("energy_mae_meV", "force_mae_meV_per_A", "force_rmse_meV_per_A")})
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    report.plot_survival({"model": result.stable_time_ps}, metrics["time_ps"], out / "survival.png")
+    atomic_write_json(out / "metrics.json", metrics)
+    report.plot_survival({"model": (result.stable_time_ps, result.failed)}, metrics["time_ps"], out / "survival.png")
     if kind == "bonds":
         report.plot_bond_deviation(result.times_ps, result.deviations, config.bond_threshold, out / "bond_deviation.png")
     else:
@@ -460,7 +500,9 @@ def summary(metrics: dict) -> str:
     """A few lines for the terminal."""
     lines = [
         f"replicas: {metrics['n_replicas']}  time: {metrics['time_ps']:.2f} ps  T: {metrics['temperature_K']} K",
-        f"median stable time: {metrics['median_stable_time_ps']:.2f} ps  stable fraction: {metrics['stable_fraction']:.2f}",
+        f"median stable time: {_fmt_median(metrics['median_stable_time_ps'], metrics['time_ps'])}  "
+        f"stable fraction: {metrics['stable_fraction']:.2f}  failures: {metrics['failures']} in "
+        f"{metrics['replica_ps']:.3g} replica-ps",
         f"throughput: {metrics['replica_steps_per_s']:.0f} replica-steps/s",
     ]
     if "hr_mae" in metrics:
@@ -484,6 +526,11 @@ def summary(metrics: dict) -> str:
     if "force_mae_meV_per_A" in metrics:
         lines.append(f"test force MAE: {metrics['force_mae_meV_per_A']:.1f} meV/A  energy MAE: {metrics['energy_mae_meV']:.1f} meV")
     return "\n".join(lines)
+
+
+def _fmt_median(median, horizon_ps: float) -> str:
+    """The Kaplan-Meier median, or "> horizon" when more than half of the replicas outlived it."""
+    return f"> {horizon_ps:.2f} ps" if median is None else f"{median:.2f} ps"
 
 
 def _fmt_ps(value) -> str:

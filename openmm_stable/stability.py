@@ -8,7 +8,7 @@ one small object (like an ASE calculator, one narrow protocol):
     flags = criterion.unstable(values)         # bool tensor, same shape
 
 Positions are (..., N, 3) Angstrom (tensor or ndarray); every leading dim is kept, so
-(T, R, N, 3) frames of R replicas give (T, R) values, ready for `first_instability_time`.
+(T, R, N, 3) frames of R replicas give (T, R) values, ready for `first_instability`.
 Each criterion knows its direction: bond deviation is unstable ABOVE its threshold,
 minimum intermolecular distance BELOW it.
 
@@ -205,42 +205,46 @@ def make_criterion(dataset: Any, kind: str = "auto", bond_threshold: float = EVA
     return MinimumDistanceCriterion(molecule_ids(dataset), min_distance_threshold, box=dataset.box, bonds=bonds)
 
 
-def first_instability_time(unstable_flags: ArrayLike, times_ps: ArrayLike, horizon: Optional[float] = None) -> torch.Tensor:
-    """Time (ps) of each replica's first unstable frame, (R,) from flags (T, R).
+def first_instability(unstable_flags: ArrayLike, times_ps: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
+    """(stable_time (R,), failed (R,) bool) from flags (T, R) at check times (T,).
 
-    Replicas that never failed get the horizon (default: the last time), so the result is
-    the `stable_time_ps` of every replica; a replica unstable at the first check gets
-    times_ps[0]."""
+    A failed replica gets the time of its first unstable check (times_ps[0] if unstable at
+    the first one), a survivor times_ps[-1] with failed False. The flag, not the time, says
+    which is which: a replica that fails at the last check has the same time as a survivor
+    but is an event, not a censored observation."""
     flags = torch.as_tensor(np.asarray(unstable_flags)) if not isinstance(unstable_flags, torch.Tensor) else unstable_flags
     flags = flags.bool()
     if flags.ndim == 1:
         flags = flags[:, None]
     t = as_tensor(times_ps).reshape(-1)
-    if t.numel() != flags.shape[0]:
-        raise InputError(f"{t.numel()} times for {flags.shape[0]} checks")
+    if t.numel() != flags.shape[0] or t.numel() == 0:
+        raise InputError(f"{t.numel()} times for {flags.shape[0]} checks (need one time per check, at least one)")
     t = t.to(flags.device)
-    end = float(t[-1]) if horizon is None else float(horizon)
     failed = flags.any(0)
     first = flags.to(torch.int8).argmax(0)  # index of the first True (0 if none)
-    return torch.where(failed, t[first], torch.full_like(t[first], end))
+    return torch.where(failed, t[first], torch.full_like(t[first], float(t[-1]))), failed
 
 
 def survival_curve(
-    stable_times: ArrayLike, horizon: float, n_points: Optional[int] = None
+    stable_times: ArrayLike, failed: ArrayLike, horizon: float, n_points: Optional[int] = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fraction of replicas still stable at each time: (times, fraction_stable).
 
-    A replica counts as stable at t if it failed after t, or never failed (stable time >=
+    A replica counts as stable at t if it had not failed by t: it failed after t, or never
+    failed (`failed` False: censored, stable up to its time and counted as stable to the
     horizon). Without n_points the times are 0, every failure time and the horizon (plot
     as a step function, drawstyle="steps-post"); with n_points, a uniform grid on
     [0, horizon]."""
     s = as_tensor(stable_times).to(torch.float64).reshape(-1)
+    f = torch.as_tensor(np.asarray(failed, dtype=bool).reshape(-1), device=s.device)
+    if f.numel() != s.numel():
+        raise InputError(f"{f.numel()} failed flags for {s.numel()} stable times")
     if n_points is None:
-        fails = torch.unique(s[s < horizon])
+        fails = torch.unique(s[f])
         zero = torch.zeros(1, dtype=s.dtype, device=s.device)
         end = torch.full((1,), float(horizon), dtype=s.dtype, device=s.device)
-        times = torch.unique(torch.cat([zero, fails, end]))
+        times = torch.unique(torch.cat([zero, fails[fails <= horizon], end]))
     else:
         times = torch.linspace(0.0, float(horizon), n_points, dtype=s.dtype, device=s.device)
-    alive = (s[None, :] > times[:, None]) | (s[None, :] >= horizon)
+    alive = (s[None, :] > times[:, None]) | ~f[None, :]
     return times, alive.to(s.dtype).mean(1)

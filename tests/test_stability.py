@@ -126,7 +126,7 @@ def test_callable_criterion():
         st.CallableCriterion(max_speedish, 1.0, direction="up")
 
 
-def test_first_instability_time():
+def test_first_instability():
     flags = torch.tensor(
         [
             [False, False, True],
@@ -136,19 +136,25 @@ def test_first_instability_time():
         ]
     )
     times = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
-    t = st.first_instability_time(flags, times)
+    t, failed = st.first_instability(flags, times)
     assert t.tolist() == pytest.approx([0.4, 0.2, 0.1])
-    t = st.first_instability_time(flags[:3].numpy(), times[:3].numpy())
+    assert failed.tolist() == [True, True, True]  # replica 0 failed AT the last check: an event
+    t, failed = st.first_instability(flags[:3].numpy(), times[:3].numpy())
     assert t.tolist() == pytest.approx([0.3, 0.2, 0.1])  # never failed -> total time
-    assert st.first_instability_time(flags[:3], times[:3], horizon=1.0).tolist() == pytest.approx([1.0, 0.2, 0.1])
+    assert failed.tolist() == [False, True, True]
     with pytest.raises(ValueError):
-        st.first_instability_time(flags, times[:2])
+        st.first_instability(flags, times[:2])
 
 
 def test_survival_curve():
-    times, frac = st.survival_curve(torch.tensor([1.0, 2.0, 5.0]), horizon=5.0)
+    times, frac = st.survival_curve(torch.tensor([1.0, 2.0, 5.0]), [True, True, False], horizon=5.0)
     assert times.tolist() == [0.0, 1.0, 2.0, 5.0]
     assert frac.tolist() == pytest.approx([1.0, 2 / 3, 1 / 3, 1 / 3])
-    times, frac = st.survival_curve(np.array([1.0, 2.0, 5.0]), horizon=5.0, n_points=6)
+    times, frac = st.survival_curve(np.array([1.0, 2.0, 5.0]), [True, True, False], horizon=5.0, n_points=6)
     assert times.tolist() == pytest.approx([0, 1, 2, 3, 4, 5])
     assert frac.tolist() == pytest.approx([1.0, 2 / 3, 1 / 3, 1 / 3, 1 / 3, 1 / 3])
+    # the third replica failed at the horizon: the curve drops to 0 there
+    times, frac = st.survival_curve([1.0, 2.0, 5.0], [True, True, True], horizon=5.0)
+    assert times.tolist() == [0.0, 1.0, 2.0, 5.0] and frac.tolist() == pytest.approx([1.0, 2 / 3, 1 / 3, 0.0])
+    with pytest.raises(ValueError, match="2 failed flags for 3"):
+        st.survival_curve([1.0, 2.0, 5.0], [True, True], horizon=5.0)

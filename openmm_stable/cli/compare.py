@@ -13,6 +13,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from openmm_stable.errors import InputError
     from openmm_stable.report import compare_runs
 
     runs = {}
@@ -20,9 +21,9 @@ def run(args) -> int:
         label, sep, folder = item.partition("=")
         if not sep:
             label, folder = Path(item).name, item
-        if not (Path(folder) / "metrics.json").exists():
-            raise FileNotFoundError(f"{folder}: no metrics.json (is it a `simulate` output folder?)")
-        runs[label] = Path(folder)
+        if label in runs:
+            raise InputError(f"label {label!r} given twice; name the runs LABEL=FOLDER")
+        runs[label] = Path(folder)  # compare_runs reads (and checks) every metrics.json before writing anything
     print(compare_runs(runs, args.out))
     names = [n for n in ("survival.png", "hr.png", "rdf.png", "vacf.png") if (Path(args.out) / n).exists()]
     print("plots: " + ", ".join(f"{args.out}/{name}" for name in names))

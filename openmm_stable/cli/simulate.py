@@ -71,12 +71,12 @@ def run(args) -> int:
     from openmm_stable.models import load_model
     from openmm_stable.simulate import simulate, summary
 
+    config = config_from_args(args)  # bad settings fail before anything is loaded
     model = load_model(args.model)
     dataset = load_dataset(args.data)
     reference = load_dataset(args.reference) if args.reference else dataset
     check_model_matches(args.model, dataset, reference)
     test_set = load_dataset(args.test_data) if args.test_data else None
-    config = config_from_args(args)
     metrics = simulate(model, dataset, config, args.out, reference=reference, test_set=test_set,
                        progress=not args.no_progress)
     print(summary(metrics))
