@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from openmm_stable.data.dataset import hill_formula
+from openmm_stable.data.dataset import molecule_difference
 from openmm_stable.errors import InputError
 from openmm_stable.models import NNIP, model_from_record, read_model_record
 from openmm_stable.units import EV_IN_KJ_PER_MOL, NM_IN_ANGSTROM
@@ -197,16 +197,39 @@ def atomic_numbers_of(topology, atoms: Optional[Iterable[int]] = None) -> list[i
     return numbers
 
 
-def _as_model(model_or_path, atomic_numbers: Optional[Sequence[int]] = None) -> nn.Module:
+def record_bonds(record) -> Optional[np.ndarray]:
+    """The bonds (B, 2) of the structure a model file says it was trained on, when it
+    records them (``bonds`` in the file); None: only its atomic numbers are known, and
+    "same molecule" falls back to the formula (`molecule_difference`)."""
+    bonds = record.payload.get("bonds")
+    return None if bonds is None else np.asarray(bonds, dtype=np.int64).reshape(-1, 2)
+
+
+def topology_bonds(topology, atoms: Optional[Sequence[int]] = None) -> Optional[np.ndarray]:
+    """A topology's bonds as (B, 2) indices into `atoms` (or all atoms); None when it has none."""
+    index = {a: k for k, a in enumerate(atoms)} if atoms is not None else None
+    pairs = []
+    for bond in topology.bonds():
+        a, b = bond[0].index, bond[1].index
+        if index is None:
+            pairs.append((a, b))
+        elif a in index and b in index:
+            pairs.append((index[a], index[b]))
+    return np.asarray(pairs, dtype=np.int64).reshape(-1, 2) if pairs else None
+
+
+def _as_model(model_or_path, atomic_numbers: Optional[Sequence[int]] = None, bonds=None) -> nn.Module:
     """The model itself, or the one a file holds; for a file, warn when its record names
-    another molecule than `atomic_numbers` (a force applied outside its training data)."""
+    another molecule than `atomic_numbers` (and `bonds`, when both sides know them): a
+    force applied outside its training data."""
     if not isinstance(model_or_path, (str, Path)):
         return model_or_path
     record = read_model_record(model_or_path)
     if atomic_numbers is not None and record.atomic_numbers is not None:
-        trained, here = hill_formula(record.atomic_numbers), hill_formula(atomic_numbers)
-        if trained != here:
-            warnings.warn(f"{model_or_path} was trained on {trained}; it is applied here to {here}", stacklevel=3)
+        difference = molecule_difference(record.atomic_numbers, atomic_numbers, record_bonds(record), bonds)
+        if difference:
+            warnings.warn(f"{model_or_path} was trained on another molecule than it is applied to here "
+                          f"({difference}, trained vs here)", stacklevel=3)
     return model_from_record(record)
 
 
@@ -215,7 +238,8 @@ def add_model_force(system, topology, model_or_path, atoms: Optional[Iterable[in
     """Add the model (an `NNIP` or a saved model file) as a TorchForce to `system`."""
     atoms = None if atoms is None else list(atoms)
     z = atomic_numbers_of(topology, atoms)
-    module = script_force_module(_as_model(model_or_path, z), z, 1, atom_indices=atoms, dtype=dtype)
+    module = script_force_module(_as_model(model_or_path, z, topology_bonds(topology, atoms)), z, 1,
+                                 atom_indices=atoms, dtype=dtype)
     force = make_torch_force(module, periodic=topology.getPeriodicBoxVectors() is not None)
     force.setForceGroup(force_group)
     system.addForce(force)

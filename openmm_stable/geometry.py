@@ -189,6 +189,38 @@ def molecules_from_bonds(n_atoms: int, bonds: ArrayLike) -> np.ndarray:
     return np.unique(roots, return_inverse=True)[1].astype(np.int64)
 
 
+def bond_graph_form(atomic_numbers: ArrayLike, bonds: ArrayLike) -> tuple:
+    """A form of the bond graph (atoms coloured by element) that is the same for any atom
+    order, so two structures can be compared as molecules, not as atom lists: ethanol and
+    dimethyl ether share the formula C2H6O but not this form.
+
+    Colour refinement (1-dimensional Weisfeiler-Lehman, our own few lines, no graph
+    library): each round an atom's colour becomes (its colour, the sorted colours of its
+    neighbours), until the number of colours stops growing; the form is the round-by-round
+    sorted multiset of those colours plus the number of connected components. Isomorphic
+    graphs always get equal forms; the rare non-isomorphic graphs it cannot tell apart
+    (e.g. some regular graphs) do not occur as different molecules of one formula here."""
+    z = np.asarray(atomic_numbers, dtype=np.int64).reshape(-1)
+    pairs = np.asarray(bonds, dtype=np.int64).reshape(-1, 2)
+    neighbours: list[list[int]] = [[] for _ in range(z.size)]
+    for a, b in pairs:
+        neighbours[int(a)].append(int(b))
+        neighbours[int(b)].append(int(a))
+    colours = [int(x) for x in z]
+    rounds = []
+    for _ in range(max(1, z.size)):
+        signatures = [(colours[a], tuple(sorted(colours[b] for b in neighbours[a]))) for a in range(z.size)]
+        palette = {sig: k for k, sig in enumerate(sorted(set(signatures)))}
+        rounds.append(tuple(sorted(signatures)))
+        refined = [palette[sig] for sig in signatures]
+        grew = len(palette) > len(set(colours))
+        colours = refined
+        if not grew and len(rounds) > 1:
+            break
+    n_components = int(molecules_from_bonds(z.size, pairs).max()) + 1 if z.size else 0
+    return n_components, tuple(rounds)
+
+
 def molecule_ids(dataset: Any) -> np.ndarray:
     """Molecule index (N,) of every atom of a `QMDataset`: from its metadata
     (``molecule_ids``, or ``atoms_per_molecule`` for identical consecutive molecules, as

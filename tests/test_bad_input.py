@@ -89,3 +89,51 @@ def test_a_temperature_that_is_not_a_number_is_refused_on_construction():
     with pytest.raises(InputError, match="field 'temperature': 0.0 K"):
         _frames(2, temperature=0.0)
     assert _frames(2, temperature="300").temperature == 300.0  # a numeric string is a number
+
+
+# --- 3. another molecule of the same formula ------------------------------------------------------------
+def _bonded(spec: str):
+    from openmm_stable.data.molecules import build_molecule
+    from openmm_stable.geometry import find_bonds
+
+    z, positions = build_molecule(spec)
+    return z, positions, find_bonds(z, positions)
+
+
+def test_same_formula_other_bond_graph_is_another_molecule():
+    from openmm_stable.data.dataset import molecule_difference
+
+    z_e, pos_e, bonds_e = _bonded("ethanol")
+    z_d, _, bonds_d = _bonded("COC")  # dimethyl ether, C2H6O too
+    assert molecule_difference(z_e, z_d) is None  # the formula alone cannot tell them apart
+    assert molecule_difference(z_e, z_d, bonds_e, bonds_d) == \
+        "both C2H6O, but bonded differently (C-C 1, C-H 5, C-O 1, H-O 1 vs C-H 6, C-O 2)"
+    # Atom order does not matter: ethanol with its atoms shuffled is ethanol.
+    from openmm_stable.geometry import find_bonds
+
+    order = np.random.default_rng(3).permutation(len(z_e))
+    assert molecule_difference(z_e, z_e[order], bonds_e, find_bonds(z_e[order], pos_e[order])) is None
+    # Same bond counts, other connectivity: 1-propanol and 2-propanol.
+    z1, _, b1 = _bonded("CCCO")
+    z2, _, b2 = _bonded("CC(O)C")
+    assert molecule_difference(z1, z2, b1, b2) == \
+        "both C3H8O with bonds C-C 2, C-H 7, C-O 1, H-O 1, but connected differently"
+    assert molecule_difference(z_e, _bonded("O")[0]) == "C2H6O vs H2O"
+
+
+def test_export_for_another_molecule_needs_force(tmp_path, capsys):
+    from openmm_stable.models import create_model, save_model
+
+    z, _, bonds = _bonded("ethanol")
+    model = tmp_path / "ethanol.pt"
+    save_model(create_model("schnet", "tiny"), model, atomic_numbers=z, bonds=bonds)
+    out = tmp_path / "exported.pt"
+    for other, why in (("water", "C2H6O vs H2O"), ("COC", "both C2H6O, but bonded differently")):
+        assert main(["export", str(model), "--molecule", other, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"molecule {other} is another molecule than {model} was trained on ({why}" in err
+        assert "give --force" in err and not out.exists()
+    assert main(["export", str(model), "--molecule", "COC", "--out", str(out), "--force"]) == 0
+    assert "warning: molecule COC is another molecule" in capsys.readouterr().err and out.exists()
+    assert main(["export", str(model), "--molecule", "ethanol", "--out", str(out)]) == 0  # the same molecule
+    assert "warning" not in capsys.readouterr().err

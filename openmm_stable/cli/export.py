@@ -40,25 +40,48 @@ def register(subparsers) -> None:
                        help="take the atomic numbers from this dataset file (any supported format)")
     atoms.add_argument("--molecule", metavar="NAME", default=None,
                        help="take the atomic numbers from a built-in molecule, SMILES or structure file")
+    p.add_argument("--force", action="store_true",
+                   help="export even when --atoms-from/--molecule is another molecule than the model was trained on "
+                        "(the force is then outside its training data)")
     p.set_defaults(func=run)
 
 
-def resolve_atoms(args) -> tuple[np.ndarray, np.ndarray | None, str]:
-    """(atomic numbers, positions in Angstrom or None, where they came from)."""
+def resolve_atoms(args) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, str]:
+    """(atomic numbers, positions in Angstrom or None, bonds or None, where they came from)."""
+    from openmm_stable.geometry import find_bonds
+
     if args.atoms_from:
         from openmm_stable.data import load_dataset
 
         ds = load_dataset(args.atoms_from)
-        return ds.atomic_numbers, ds.positions[0], f"dataset {args.atoms_from}"
+        bonds = find_bonds(ds.atomic_numbers, ds.positions[0], box=ds.box)
+        return ds.atomic_numbers, ds.positions[0], bonds, f"dataset {args.atoms_from}"
     if args.molecule:
         from openmm_stable.data.molecules import build_molecule
 
         z, positions = build_molecule(args.molecule)
-        return z, positions, f"molecule {args.molecule}"
+        return z, positions, find_bonds(z, positions), f"molecule {args.molecule}"
     z = read_model_record(args.model).atomic_numbers
     if z is None:
         raise InputError(f"{args.model} stores no atomic numbers; give --atoms-from DATAFILE or --molecule NAME")
-    return z, None, "the model file"
+    return z, None, None, "the model file"
+
+
+def check_same_molecule(args, record, z, bonds, source: str) -> None:
+    """Refuse (before any export) a force for another molecule than the model was trained
+    on, unless --force; with --force, say so."""
+    from openmm_stable.data.dataset import molecule_difference
+    from openmm_stable.export import record_bonds
+
+    if source == "the model file" or record.atomic_numbers is None:
+        return
+    difference = molecule_difference(record.atomic_numbers, z, record_bonds(record), bonds)
+    if difference is None:
+        return
+    what = f"{source} is another molecule than {args.model} was trained on ({difference}; trained vs {source})"
+    if not args.force:
+        raise InputError(f"{what}: the force would be used outside its training data; give --force to export it anyway")
+    print(f"warning: {what}; exporting for {source} because of --force", file=sys.stderr)
 
 
 def run(args) -> int:
@@ -72,11 +95,8 @@ def run(args) -> int:
         raise InputError(f"--replicas must be at least 1 (got {args.replicas})")
     record = read_model_record(args.model)  # FileNotFoundError / InputError: clean messages
     model = model_from_record(record)
-    z, positions, source = resolve_atoms(args)
-    stored = None if source == "the model file" else record.atomic_numbers
-    if stored is not None and not np.array_equal(stored, z):
-        print(f"note: {source} has other atoms than the model was trained on ({len(z)} vs {len(stored)} atoms); "
-              f"exporting for {source}", file=sys.stderr)
+    z, positions, bonds, source = resolve_atoms(args)
+    check_same_molecule(args, record, z, bonds, source)
     out = Path(args.out) if args.out else Path(args.model).with_name(Path(args.model).stem + "_openmm.pt")
     out.parent.mkdir(parents=True, exist_ok=True)
     dtype = getattr(torch, args.dtype)

@@ -28,6 +28,41 @@ def hill_formula(atomic_numbers) -> str:
     return "".join(f"{s}{counts[s] if counts[s] > 1 else ''}" for s in order)
 
 
+def bond_summary(atomic_numbers, bonds) -> str:
+    """Bonds counted by element pair, e.g. "C-C 1, C-H 5, C-O 1, H-O 1" (ethanol)."""
+    from collections import Counter
+
+    from ase.data import chemical_symbols
+
+    z = np.asarray(atomic_numbers).reshape(-1)
+    counts = Counter("-".join(sorted((chemical_symbols[int(z[a])], chemical_symbols[int(z[b])])))
+                     for a, b in np.asarray(bonds, dtype=np.int64).reshape(-1, 2))
+    return ", ".join(f"{pair} {n}" for pair, n in sorted(counts.items())) or "no bonds"
+
+
+def molecule_difference(atomic_numbers_a, atomic_numbers_b, bonds_a=None, bonds_b=None) -> Optional[str]:
+    """None when a and b are the same molecule, else what differs (for an error message).
+
+    The same molecule: the same Hill formula (atom order may differ: models and h(r) are
+    permutation invariant) and, when both bond lists (pairs of atom indices, e.g.
+    `geometry.find_bonds` on a frame) are given, the same bond graph up to atom order
+    (`geometry.bond_graph_form`). The one check of "same molecule" used by export,
+    simulate and refine."""
+    formula_a, formula_b = hill_formula(atomic_numbers_a), hill_formula(atomic_numbers_b)
+    if formula_a != formula_b:
+        return f"{formula_a} vs {formula_b}"
+    if bonds_a is None or bonds_b is None:
+        return None
+    from openmm_stable.geometry import bond_graph_form
+
+    if bond_graph_form(atomic_numbers_a, bonds_a) == bond_graph_form(atomic_numbers_b, bonds_b):
+        return None
+    summary_a, summary_b = bond_summary(atomic_numbers_a, bonds_a), bond_summary(atomic_numbers_b, bonds_b)
+    if summary_a == summary_b:
+        return f"both {formula_a} with bonds {summary_a}, but connected differently"
+    return f"both {formula_a}, but bonded differently ({summary_a} vs {summary_b})"
+
+
 class DatasetError(InputError):
     """Bad dataset input; the message names the source and the field."""
 
