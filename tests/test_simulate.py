@@ -322,3 +322,57 @@ def test_cli_compare_molecules(pretrained_ethanol_model_file, xtb_ethanol, tmp_p
     assert not (tmp_path / "cmp" / "rdf.png").exists()
     assert main(["compare", f"x={tmp_path}", "--out", str(tmp_path / "cmp2")]) == 2
     assert "no metrics.json" in capsys.readouterr().err
+
+
+def _write_metrics(folder, **values):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.json").write_text(json.dumps(values))
+    return folder
+
+
+def test_cli_compare_censors_runs_of_different_lengths_at_the_common_horizon(tmp_path, capsys):
+    """A 1 ps run (one failure AT its last check) against a 2 ps run: the log-rank test runs
+    over the common 1 ps, where the long run's failure at 1.5 ps is a survivor and the short
+    run's failure at 1.0 ps an event. The old code, inferring events from t < horizon, made
+    that failure censored and printed another p."""
+    from openmm_stable.statistics import logrank_p
+
+    short = _write_metrics(tmp_path / "short", time_ps=1.0, stable_time_ps=[0.2, 0.5, 1.0, 1.0, 1.0],
+                           failed=[True, True, True, True, False], stable_fraction=0.2, median_stable_time_ps=1.0)
+    long = _write_metrics(tmp_path / "long", time_ps=2.0, stable_time_ps=[0.3, 1.5, 2.0, 2.0, 2.0],
+                          failed=[True, True, False, False, False], stable_fraction=0.6, median_stable_time_ps=None)
+    assert main(["compare", f"short={short}", f"long={long}", "--out", str(tmp_path / "cmp")]) == 0
+    printed = capsys.readouterr().out
+    right = logrank_p([0.3, 1.0, 1.0, 1.0, 1.0], [True, False, False, False, False],
+                      [0.2, 0.5, 1.0, 1.0, 1.0], [True, True, True, True, False], 1.0)
+    wrong = logrank_p([0.3, 1.0, 1.0, 1.0, 1.0], [True, False, False, False, False],
+                      [0.2, 0.5, 1.0, 1.0, 1.0], [True, True, False, False, False], 1.0)
+    assert f"{right:.2g}" != f"{wrong:.2g}"
+    assert f"log-rank test, long vs short over the common 1 ps: p = {right:.2g}" in printed
+    assert "short: 1 ps" in printed  # Kaplan-Meier median of the short run: its failures at 1.0 count
+    assert "4 failures in 3.7 replica-ps" in printed and "failure-rate ratio, long / short" in printed
+    saved = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert saved["long"]["failed"] == [True, True, False, False, False]
+    assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == ["comparison.json", "comparison.txt",
+                                                                   "survival.png"]  # no .tmp left
+
+
+def test_cli_compare_old_and_broken_metrics_files(tmp_path, capsys):
+    """A metrics.json without failed flags (an older simulate) is read with t < horizon and
+    a warning; a truncated one (a kill during a plain write) is an error naming the file."""
+    old = _write_metrics(tmp_path / "old", time_ps=1.0, stable_time_ps=[0.2, 1.0], median_stable_time_ps=0.6,
+                         stable_fraction=0.5)
+    new = _write_metrics(tmp_path / "new", time_ps=1.0, stable_time_ps=[0.4, 1.0], failed=[True, True])
+    assert main(["compare", f"old={old}", f"new={new}", "--out", str(tmp_path / "cmp")]) == 0
+    captured = capsys.readouterr()
+    assert "has no 'failed' flags" in captured.err and "count as survivors" in captured.err
+    assert str(old / "metrics.json") in captured.err and str(new / "metrics.json") not in captured.err
+    assert json.loads((tmp_path / "cmp" / "comparison.json").read_text())["old"]["failed"] == [True, False]
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "metrics.json").write_text('{"n_replicas": 2, "time_ps": 1.0, "stable_ti')
+    for bad, message in ((broken, "not valid JSON"), (_write_metrics(tmp_path / "list", values=[1]), "no stable_time_ps")):
+        assert main(["compare", f"a={old}", f"b={bad}", "--out", str(tmp_path / "cmp_bad")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and str(bad / "metrics.json") in err and "Traceback" not in err
+    assert not (tmp_path / "cmp_bad").exists()  # nothing written before every file was read
