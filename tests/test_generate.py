@@ -157,3 +157,95 @@ def test_cli_generate(tmp_path, capsys):
     assert len(ds) == 2 and ds.metadata["molecule"]["kind"] == "smiles"
     assert main(["data", "generate", "--molecule", "unobtainium", "--frames", "2", "--out", str(out)]) == 2
     assert "built-in names" in capsys.readouterr().err
+
+
+# --- friction in 1/ps, torn frames ------------------------------------------------------------------
+def _interrupted_after(out, n_done: int, **settings):
+    """An interrupted run of 5 frames with `n_done` frames on disk (as after Ctrl-C)."""
+    def stop(k, frame):
+        if k == n_done - 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        generate_xtb_dataset("ethanol", out, n_frames=5, on_frame=stop, **FAST, **settings)
+    return partial_paths(out)
+
+
+def test_friction_is_per_ps_like_simulate_and_old_partial_settings_still_resume(tmp_path, monkeypatch, capsys):
+    """`data generate --friction` is 1/ps, as on simulate and refine (it was 1/fs, so
+    `--friction 10` meant a 0.1 fs relaxation). ASE's Langevin gets it in its own units."""
+    import json
+
+    import ase.md.langevin
+    import ase.units
+
+    given = []
+
+    class RecordingLangevin(ase.md.langevin.Langevin):
+        def __init__(self, *args, friction, **kwargs):
+            given.append(friction)
+            super().__init__(*args, friction=friction, **kwargs)
+
+    monkeypatch.setattr(ase.md.langevin, "Langevin", RecordingLangevin)
+    out = tmp_path / "cli.npz"
+    assert main(["data", "generate", "--molecule", "ethanol", "--frames", "2", "--stride", "1", "--friction", "5",
+                 "--equilibration-steps", "2", "--no-progress", "--out", str(out)]) == 0
+    assert load_dataset(out).metadata["friction_per_ps"] == 5.0
+    assert given[-1] == pytest.approx(5.0 / (1000.0 * ase.units.fs))  # 5/ps = 0.005/fs
+    with pytest.raises(SystemExit):
+        main(["data", "generate", "--help"])
+    assert "Langevin friction in 1/ps" in " ".join(capsys.readouterr().out.split())
+
+    # A partial run started by an older version recorded friction_per_fs: it resumes, converted.
+    frames_path, settings_path = _interrupted_after(tmp_path / "old.npz", 2)
+    settings = json.loads(settings_path.read_text())
+    settings["friction_per_fs"] = settings.pop("friction_per_ps") / 1000.0
+    settings_path.write_text(json.dumps(settings))
+    done = generate_xtb_dataset("ethanol", tmp_path / "old.npz", n_frames=5, resume=True, **FAST)
+    assert len(done) == 5 and done.metadata["friction_per_ps"] == 10.0 and "friction_per_fs" not in done.metadata
+    # ... but not with another friction than the one asked for now.
+    _interrupted_after(tmp_path / "other.npz", 2)
+    with pytest.raises(ValueError, match="setting 'friction_per_ps' was 10.0, now 2.0"):
+        generate_xtb_dataset("ethanol", tmp_path / "other.npz", n_frames=5, resume=True, friction_per_ps=2.0, **FAST)
+
+
+def test_resume_drops_a_frame_torn_by_a_kill_mid_write(tmp_path, capsys):
+    """A kill (or a full disk) in the middle of a frame's write leaves part of it at the end
+    of the partial file; --resume cuts it off, says so, and continues from the frame before."""
+    out = tmp_path / "eth.npz"
+    frames_path, _ = _interrupted_after(out, 3)
+    whole = frames_path.read_bytes()
+    kept = load_dataset(frames_path)
+    frame_bytes = len(whole) // 3
+    # Cut by hand inside the third frame's atom lines, in the middle of a number.
+    cut = whole[: 2 * frame_bytes + frame_bytes // 2]
+    assert not cut.endswith(b"\n") and cut[-1:].isdigit()
+    frames_path.write_bytes(cut)
+    with pytest.raises(ValueError, match="unreadable"):  # what made the file unusable before
+        load_dataset(frames_path)
+    done = generate_xtb_dataset("ethanol", out, n_frames=5, resume=True, **FAST)
+    err = capsys.readouterr().err
+    assert "dropped a torn last frame" in err and "resuming after frame 2" in err
+    assert len(done) == 5 and done.metadata["complete"] is True
+    np.testing.assert_allclose(done.positions[:2], kept.positions[:2], atol=1e-12)
+    assert not np.allclose(done.positions[2], kept.positions[2])  # frame 3 was made again
+
+
+def test_a_frame_whose_digest_fails_is_dropped_and_garbage_is_refused(tmp_path, capsys):
+    from openmm_stable.data.generate import drop_torn_frame
+
+    out = tmp_path / "eth.npz"
+    frames_path, _ = _interrupted_after(out, 2)
+    whole = frames_path.read_bytes()
+    # Complete lines, but one digit of the last frame changed: only the digest tells.
+    last_digit = max(i for i in range(len(whole)) if whole[i:i + 1].isdigit())
+    changed = whole[:last_digit] + (b"1" if whole[last_digit:last_digit + 1] != b"1" else b"2") + whole[last_digit + 1:]
+    frames_path.write_bytes(changed)
+    assert drop_torn_frame(frames_path) == 1
+    assert "dropped a torn last frame" in capsys.readouterr().err
+    first_frame = whole[: whole.index(b"\n9\nProperties") + 1]
+    assert frames_path.read_bytes() == first_frame and len(load_dataset(frames_path)) == 1
+    assert drop_torn_frame(frames_path) == 1  # a whole file is left alone
+    frames_path.write_bytes(whole + b"not a frame\n" * 200)
+    with pytest.raises(ValueError, match="not a frame cut short"):
+        drop_torn_frame(frames_path)

@@ -47,7 +47,8 @@ def register(subparsers) -> None:
     gen.add_argument("--timestep", type=float, default=0.5, help="fs (default 0.5)")
     gen.add_argument("--equilibration-steps", type=int, default=None,
                      help="steps before recording (default 1000; water 10 ps)")
-    gen.add_argument("--friction", type=float, default=None, help="Langevin friction in 1/fs (default 0.01; water 0.001)")
+    gen.add_argument("--friction", type=float, default=None,
+                     help="Langevin friction in 1/ps, as for simulate and refine (default 10; water 1)")
     gen.add_argument("--method", default="GFN2-xTB", help="tblite method (GFN2-xTB, GFN1-xTB, IPEA1-xTB)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--out", required=True, help="output file (project format, .npz)")
@@ -180,7 +181,7 @@ def cmd_generate_water(args) -> int:
         density=water.DEFAULT_DENSITY if args.density is None else args.density,
         equilibration_ps=(water.DEFAULT_EQUILIBRATION_PS if args.equilibration_steps is None
                           else args.equilibration_steps * dt_ps),
-        friction_per_ps=water.DEFAULT_FRICTION_PER_PS if args.friction is None else args.friction * 1000.0,
+        friction_per_ps=water.DEFAULT_FRICTION_PER_PS if args.friction is None else args.friction,
         trajectory_path=trajectory,
         trajectory_ps=args.trajectory_ps,
         trajectory_interval_ps=args.trajectory_interval,
@@ -225,7 +226,7 @@ def cmd_generate(args) -> int:
             ),
             seed=args.seed,
             method=args.method,
-            friction_per_fs=generate.DEFAULT_FRICTION_PER_FS if args.friction is None else args.friction,
+            friction_per_ps=generate.DEFAULT_FRICTION_PER_PS if args.friction is None else args.friction,
             progress=not args.no_progress,
             resume=args.resume,
         )

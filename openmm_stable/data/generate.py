@@ -7,7 +7,9 @@ a SMILES string or a structure file, at about the cost of the xTB calls.
 Files. While running, each recorded frame is appended (and flushed) to
 ``<out>.partial.extxyz``, with the run settings in ``<out>.partial.json``; so a crash or
 Ctrl-C loses at most the frame in progress, and ``load_dataset`` reads the partial file
-as it is. When the run finishes, the frames are written to ``out_path`` in the project's
+as it is. Each frame carries a digest of its atom lines, so a frame cut short by a kill or
+a full disk is recognised, and a resume cuts it off (`drop_torn_frame`) and makes it again.
+The Langevin friction is in 1/ps, as everywhere in the package. When the run finishes, the frames are written to ``out_path`` in the project's
 own format and the partial files are removed. After an interruption (KeyboardInterrupt or
 an error) the frames so far are also written to ``out_path``, marked
 ``metadata["complete"] = False``, and ``resume=True`` continues the run from the last
@@ -23,8 +25,11 @@ Usage::
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
+import math
 import os
+import sys
 import time
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -33,15 +38,17 @@ from typing import Callable, Optional
 import numpy as np
 
 from openmm_stable.errors import InputError
+from openmm_stable.io import atomic_write_text
 from openmm_stable.data.dataset import QMDataset
 from openmm_stable.data.formats import load_dataset, save_dataset
 from openmm_stable.data.molecules import build_molecule, resolve_molecule
 
-DEFAULT_FRICTION_PER_FS = 0.01  # 100 fs relaxation: thermalises quickly, perturbs dynamics little
+DEFAULT_FRICTION_PER_PS = 10.0  # 100 fs relaxation: thermalises quickly, perturbs dynamics little
 DEFAULT_EQUILIBRATION_STEPS = 1000  # 0.5 ps at 0.5 fs, i.e. five friction times
 
 # Settings that must agree between a partial file and a resumed run.
-_RESUME_KEYS = ("molecule", "method", "temperature_K", "timestep_fs", "stride", "seed", "friction_per_fs", "atomic_numbers")
+_RESUME_KEYS = ("molecule", "method", "temperature_K", "timestep_fs", "stride", "seed", "friction_per_ps", "atomic_numbers")
+FS_PER_PS = 1000.0  # runs before the friction was given in 1/ps recorded friction_per_fs
 
 
 def partial_paths(out_path: str | os.PathLike) -> tuple[Path, Path]:
@@ -74,7 +81,7 @@ def generate_xtb_dataset(
     equilibration_steps: int = DEFAULT_EQUILIBRATION_STEPS,
     seed: int = 0,
     method: str = "GFN2-xTB",
-    friction_per_fs: float = DEFAULT_FRICTION_PER_FS,
+    friction_per_ps: float = DEFAULT_FRICTION_PER_PS,
     progress: bool = True,
     resume: bool = False,
     on_frame: Optional[Callable[[int, dict], None]] = None,
@@ -106,14 +113,14 @@ def generate_xtb_dataset(
 
     if n_frames < 1 or stride < 1 or equilibration_steps < 0:
         raise InputError("n_frames and stride must be >= 1 and equilibration_steps >= 0")
-    if temperature <= 0 or timestep_fs <= 0 or friction_per_fs <= 0:
+    if temperature <= 0 or timestep_fs <= 0 or friction_per_ps <= 0:
         raise InputError("temperature, timestep and friction must be positive")
     out_path = Path(out_path)
     frames_path, settings_path = partial_paths(out_path)
     molecule_info = resolve_molecule(molecule)
     z, positions0 = build_molecule(molecule)
     settings = _run_settings(molecule_info, method, temperature, timestep_fs, stride, equilibration_steps, seed,
-                             friction_per_fs, z)
+                             friction_per_ps, z)
     done = _frames_to_resume(frames_path, settings_path, out_path, settings, resume)
 
     atoms = ase.Atoms(numbers=z, positions=positions0)
@@ -132,13 +139,13 @@ def generate_xtb_dataset(
         Stationary(atoms)
         ZeroRotation(atoms)
         settings_path.parent.mkdir(parents=True, exist_ok=True)
-        settings_path.write_text(json.dumps(settings, indent=1))
+        atomic_write_text(settings_path, json.dumps(settings, indent=1))
         frames_path.write_text("")
     dyn = Langevin(
         atoms,
         timestep=timestep_fs * ase.units.fs,
         temperature_K=temperature,
-        friction=friction_per_fs / ase.units.fs,
+        friction=friction_per_ps / (FS_PER_PS * ase.units.fs),  # ASE: 1 / (ASE time unit)
         fixcm=False,
         rng=rng,
     )
@@ -183,7 +190,7 @@ def generate_xtb_dataset(
 
 
 def _run_settings(molecule_info: dict, method: str, temperature: float, timestep_fs: float, stride: int,
-                  equilibration_steps: int, seed: int, friction_per_fs: float, z: np.ndarray) -> dict:
+                  equilibration_steps: int, seed: int, friction_per_ps: float, z: np.ndarray) -> dict:
     """The settings of a generation run, as the partial files and the dataset record them."""
     import ase
 
@@ -196,7 +203,7 @@ def _run_settings(molecule_info: dict, method: str, temperature: float, timestep
         "stride": int(stride),
         "equilibration_steps": int(equilibration_steps),
         "seed": int(seed),
-        "friction_per_fs": float(friction_per_fs),
+        "friction_per_ps": float(friction_per_ps),
         "thermostat": "ase.md.langevin.Langevin",
         "atomic_numbers": z.tolist(),
         "versions": {"tblite": _package_version("tblite"), "ase": ase.__version__},
@@ -256,8 +263,17 @@ def _to_dataset(done: list[dict], z: np.ndarray, settings: dict, source: str, co
     )
 
 
+FRAME_CHECK_KEY = "frame_sha256"  # in each frame's comment line: a digest of its atom lines
+
+
 def _append_frame(handle, atoms, frame: dict, temperature: float) -> None:
-    """Append one frame to the extxyz file and flush, so a crash keeps it."""
+    """Append one frame to the extxyz file in one write, and flush, so a crash keeps it.
+
+    The comment line carries a digest of the frame's atom lines (`FRAME_CHECK_KEY`): a
+    frame cut short by a kill or a full disk, even in the middle of a number, fails it,
+    and a resume drops it (`drop_torn_frame`). ASE reads the key as one more info entry."""
+    import io
+
     import ase.io
     from ase.calculators.singlepoint import SinglePointCalculator
 
@@ -266,22 +282,86 @@ def _append_frame(handle, atoms, frame: dict, temperature: float) -> None:
     snapshot.calc = SinglePointCalculator(snapshot, energy=frame["energy"], forces=frame["forces"])
     snapshot.info["time_ps"] = frame["time"]
     snapshot.info["temperature_K"] = temperature
-    ase.io.write(handle, snapshot, format="extxyz")
+    buffer = io.StringIO()
+    ase.io.write(buffer, snapshot, format="extxyz")
+    count, comment, body = buffer.getvalue().split("\n", 2)
+    handle.write(f"{count}\n{comment} {FRAME_CHECK_KEY}={_digest(body.encode())}\n{body}")
     handle.flush()
+
+
+def _digest(body: bytes) -> str:
+    return "sha" + hashlib.sha256(body).hexdigest()[:16]  # "sha": never read back as a number
+
+
+def _complete_frames(data: bytes) -> tuple[int, int]:
+    """(complete frames, bytes they take) at the start of a partial extxyz file: a frame is
+    complete when all its lines end in a newline and, where it has one, its digest holds."""
+    offset, frames = 0, 0
+    while offset < len(data):
+        first = data.find(b"\n", offset)
+        try:
+            n_atoms = int(data[offset:first]) if first >= 0 else -1
+        except ValueError:
+            n_atoms = -1
+        if n_atoms < 1:
+            break
+        end, ok = first, True
+        for _ in range(n_atoms + 1):
+            end = data.find(b"\n", end + 1)
+            if end < 0:
+                ok = False
+                break
+        if not ok:
+            break
+        comment_end = data.find(b"\n", first + 1)
+        comment, body = data[first + 1:comment_end], data[comment_end + 1:end + 1]
+        key = f" {FRAME_CHECK_KEY}=".encode()
+        if key in comment and comment.split(key)[1].split()[0].decode() != _digest(body):
+            break
+        offset, frames = end + 1, frames + 1
+    return frames, offset
+
+
+def drop_torn_frame(frames_path: Path, log=None) -> int:
+    """Cut a partial extxyz file back to its last complete frame (a kill or a full disk in
+    the middle of a frame's write leaves part of it), saying so; return the frames kept.
+    More than about one frame's worth of unreadable text is not a torn write: an InputError."""
+    data = frames_path.read_bytes()
+    frames, good = _complete_frames(data)
+    torn = len(data) - good
+    if torn == 0:
+        return frames
+    frame_size = good / frames if frames else None
+    if frame_size is None or torn > 1.5 * frame_size:
+        raise InputError(f"cannot resume {frames_path}: {torn} bytes after its {frames} complete frame(s) are not "
+                         "a frame cut short (a damaged or foreign file?); delete it to start over")
+    with open(frames_path, "r+b") as handle:
+        handle.truncate(good)
+    print(f"note: {frames_path}: dropped a torn last frame ({torn} bytes of an interrupted write); "
+          f"resuming after frame {frames}", file=log or sys.stderr)
+    return frames
 
 
 def _read_partial(frames_path: Path, settings_path: Path, settings: dict) -> list[dict]:
     """Frames of an interrupted run, after checking it was made with the same settings."""
     if not settings_path.exists():
         raise InputError(f"cannot resume: {settings_path} (the run settings) is missing")
-    previous = json.loads(settings_path.read_text())
+    try:
+        previous = json.loads(settings_path.read_text())
+    except json.JSONDecodeError as err:
+        raise InputError(f"cannot resume: {settings_path} (the run settings) is not valid JSON ({err})") from None
+    if "friction_per_fs" in previous and "friction_per_ps" not in previous:  # a run started by an older version
+        previous["friction_per_ps"] = float(previous.pop("friction_per_fs")) * FS_PER_PS
     for key in _RESUME_KEYS:
-        if previous.get(key) != settings[key]:
+        was, now = previous.get(key), settings[key]
+        if not (was == now or (isinstance(was, float) and isinstance(now, float) and math.isclose(was, now))):
             raise InputError(
                 f"cannot resume {frames_path}: setting '{key}' was {previous.get(key)!r}, now {settings[key]!r}"
             )
     settings["started"] = previous.get("started", settings["started"])
     settings["resumed"] = True
+    if drop_torn_frame(frames_path) == 0:
+        return []
     ds = load_dataset(frames_path, format="extxyz")
     return [
         {"positions": ds.positions[i], "energy": float(ds.energies[i]), "forces": ds.forces[i],
