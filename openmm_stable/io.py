@@ -12,6 +12,7 @@ accepts, and `load_torch_file` turns them back.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import random
@@ -32,6 +33,19 @@ def atomic_write_text(path, text: str) -> Path:
 
 def atomic_write_json(path, values) -> Path:
     return atomic_write_text(path, json.dumps(values, indent=2))
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """For writers that take a file name (np.savez, savefig, mdtraj): yields a temporary
+    name next to `path`, renamed to `path` when the block succeeds, removed when it fails."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 _NDARRAY_TAG = "__openmm_stable_ndarray__"

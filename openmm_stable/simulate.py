@@ -18,7 +18,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from torch import nn
 
 from openmm_stable.config import config_from_dict, load_config
 from openmm_stable.errors import InputError
-from openmm_stable.io import atomic_write_json
+from openmm_stable.io import atomic_path, atomic_write_json
 from openmm_stable.data.dataset import QMDataset, hill_formula
 from openmm_stable.engine import EngineConfig, create_engine, masses_amu
 from openmm_stable.dynamics import (A2_PER_PS_IN_CM2_PER_S, VACF_MAX_REFERENCE_INTERVAL_PS, first_minimum,
@@ -59,6 +59,7 @@ class SimulationConfig:
     vacf_max_lag_ps: float = 1.0  # longest VACF lag (and at most half of a replica's stable part)
     seed: int = 0
     write_trajectories: bool = False
+    chunk_checks: int = 10  # checks between saved states when streaming to a folder: the most a kill loses
     # K at which the reference frames were sampled when the file records none (MD17: 500);
     # None: as recorded, else the run temperature (`openmm_stable.temperature`).
     reference_temperature_K: Optional[float] = None
@@ -71,6 +72,8 @@ class SimulationConfig:
             self.vacf_interval_ps = None
         if self.n_replicas < 1 or self.time_ps <= 0 or self.check_interval_ps <= 0:
             raise InputError("n_replicas, time_ps and check_interval_ps must be positive")
+        if int(self.chunk_checks) != self.chunk_checks or self.chunk_checks < 1:
+            raise InputError(f"chunk_checks must be a whole number >= 1, got {self.chunk_checks!r}")
         if self.stability not in STABILITY_KINDS:
             raise InputError(f"unknown stability criterion {self.stability!r}; known: {', '.join(STABILITY_KINDS)}")
         if self.vacf_interval_ps is not None and not (self.vacf_interval_ps > 0 and self.vacf_max_lag_ps > 0):
@@ -152,9 +155,168 @@ def initial_frames(dataset: QMDataset, n_replicas: int, seed: int) -> np.ndarray
     return rng.choice(len(dataset), size=n_replicas, replace=len(dataset) < n_replicas)
 
 
+PROGRESS_FILE = "progress.json"  # what a resumed run continues from; see `run_replicas`
+FRAMES_DIR = "frames"  # the streamed frames (.npy, one row per check) and the engine state
+# Everything `simulate` writes into its folder: what --overwrite clears.
+RUN_OUTPUTS = ("metrics.json", PROGRESS_FILE, FRAMES_DIR, "trajectories", "hr.npz", "rdf.npz", "vacf.npz",
+               "vacf.csv", "survival.png", "bond_deviation.png", "min_distance.png", "hr.png", "rdf.png", "vacf.png")
+# Settings that do not change a run's numbers: a resume may differ in them.
+_NOT_IN_IDENTITY = ("write_trajectories", "chunk_checks")
+
+
+def run_identity(model: nn.Module, dataset: QMDataset, config: SimulationConfig) -> dict:
+    """What a resumed run must share with the run it continues: the settings (those that
+    change the numbers), the model's weights and the dataset (`QMDataset.fingerprint`)."""
+    import hashlib
+
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_IN_IDENTITY}
+    h = hashlib.sha256(type(model).__qualname__.encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return {"config": json.loads(json.dumps(settings)), "model": h.hexdigest()[:16], "dataset": dataset.fingerprint()}
+
+
+def read_progress(out_dir) -> Optional[dict]:
+    """progress.json of a run folder (None when there is none); unreadable: InputError."""
+    path = Path(out_dir) / PROGRESS_FILE
+    if not path.exists():
+        return None
+    try:
+        values = json.loads(path.read_text())
+        values["checks_done"], values["identity"]  # noqa: B018 (the keys a run needs)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise InputError(f"{path}: not a simulate progress file ({err!r}); start again with --overwrite") from None
+    return values
+
+
+def check_resumable(progress: Optional[dict], identity: dict, out_dir) -> None:
+    """InputError unless `progress` is a run of the same settings, model and dataset."""
+    if progress is None:
+        raise InputError(f"nothing to resume in {out_dir}: it holds no {PROGRESS_FILE} (start a run there without "
+                         f"--resume; --overwrite replaces a finished run of an older version)")
+    stored = progress["identity"]
+    differ = [k for k in ("model", "dataset") if stored.get(k) != identity[k]]
+    differ += [f"config.{k}" for k in sorted(set(identity["config"]) | set(stored.get("config", {})))
+               if stored.get("config", {}).get(k) != identity["config"].get(k)]
+    if differ:
+        raise InputError(f"{out_dir} holds a run with another {', '.join(differ)}; --resume continues only the same "
+                         f"run (same settings, model and dataset): use another --out, or --overwrite to start afresh")
+
+
+def prepare_run_folder(out_dir, identity: dict, resume: bool = False, overwrite: bool = False) -> Optional[dict]:
+    """Check the output folder before any work: a folder that already holds a run is
+    refused unless `resume` (same run: continue it) or `overwrite` (clear it). Returns the
+    progress to resume from, or None for a fresh run."""
+    import shutil
+
+    out = Path(out_dir)
+    if resume and overwrite:
+        raise InputError("--resume and --overwrite exclude each other: continue the run, or replace it")
+    progress = read_progress(out) if resume or not overwrite else None
+    if resume:
+        check_resumable(progress, identity, out)
+        return progress
+    held = [name for name in ("metrics.json", PROGRESS_FILE) if (out / name).exists()]
+    if held and not overwrite:
+        state = "finished" if (out / "metrics.json").exists() and (progress is None or progress.get("finished")) \
+            else "partial"
+        raise InputError(f"{out} already holds a {state} simulate run ({', '.join(held)}); pass --resume to continue "
+                         f"it, --overwrite to replace it, or choose another --out")
+    for name in RUN_OUTPUTS:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    return None
+
+
+class _Frames:
+    """Where a run's per-check arrays go as they are produced: in memory, or .npy files in
+    `folder` written check by check (memory-mapped), which a resumed run reopens. Rows past
+    progress.json's `checks_done` are not valid yet."""
+
+    def __init__(self, shapes: dict, folder: Optional[Path] = None, reopen: bool = False):
+        self.arrays: dict = {}
+        for name, (shape, dtype) in shapes.items():
+            if folder is None:
+                array = np.zeros(shape, dtype)
+            elif reopen:
+                array = np.load(folder / f"{name}.npy", mmap_mode="r+")
+                if array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
+                    raise InputError(f"{folder / (name + '.npy')}: shape {array.shape} {array.dtype}, expected "
+                                     f"{tuple(shape)} {np.dtype(dtype)}; start again with --overwrite")
+            else:
+                array = np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=dtype, shape=tuple(shape))
+            self.arrays[name] = array
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.arrays[name]
+
+    def flush(self) -> None:
+        for array in self.arrays.values():
+            if isinstance(array, np.memmap):
+                array.flush()
+
+
+def _save_progress(out: Path, identity: dict, config: SimulationConfig, engine, frames: _Frames, checks_done: int,
+                   failed: np.ndarray, times: np.ndarray, wall_s: float) -> None:
+    """The engine state after `checks_done` checks (its OpenMM checkpoint when the engine
+    has one: exact resume, Langevin noise included), then progress.json with the stability
+    numbers so far, both atomic; the state file it names is written first."""
+    from openmm_stable.io import save_torch_file
+
+    finished = checks_done == config.n_checks
+    state_name = None
+    if not finished:
+        positions, velocities = engine.get_states()
+        payload = {"checks_done": checks_done, "positions": positions, "velocities": velocities,
+                   "platform": engine.platform_name}
+        if hasattr(engine, "checkpoint"):
+            payload["checkpoint"] = list(engine.checkpoint())
+        state_name = f"state_{checks_done:06d}.pt"
+        save_torch_file(payload, out / FRAMES_DIR / state_name)
+    stable_time, _ = first_instability(~frames["stable"][:checks_done], times[:checks_done])
+    horizon = float(times[checks_done - 1])
+    progress = {"identity": identity, "n_checks": config.n_checks, "checks_done": checks_done, "finished": finished,
+                "state": state_name, "wall_time_s": wall_s, "platform": engine.platform_name,
+                "metrics": {"time_ps": horizon, **stability_metrics(stable_time.numpy(), failed, horizon)}}
+    atomic_write_json(out / PROGRESS_FILE, progress)
+    for old in (out / FRAMES_DIR).glob("state_*.pt"):
+        if old.name != state_name:
+            old.unlink()
+
+
+def _restore_engine(engine, out: Path, progress: dict) -> None:
+    """Put the engine where the saved run stopped: its OpenMM checkpoint on the same
+    platform, else positions and velocities (then Langevin noise and Nose-Hoover chains
+    start afresh, so the continuation is statistically, not bit-for-bit, the same run)."""
+    import sys
+
+    from openmm_stable.io import load_torch_file
+
+    state = load_torch_file(out / FRAMES_DIR / progress["state"])
+    if "checkpoint" in state and hasattr(engine, "restore_checkpoint") and state["platform"] == engine.platform_name:
+        engine.restore_checkpoint(state["checkpoint"])
+    else:
+        print(f"warning: resuming {out} from positions and velocities only (no OpenMM checkpoint for the "
+              f"{engine.platform_name} platform): the rest of the run is not bit-for-bit the uninterrupted one",
+              file=sys.stderr)
+        engine.set_states(state["positions"], state["velocities"])
+
+
 def run_replicas(model: nn.Module, dataset: QMDataset, config: SimulationConfig,
-                 criterion: Optional[StabilityCriterion] = None, progress: bool = True) -> SimulationResult:
-    """Simulate `config.n_replicas` replicas started from dataset frames; see module doc."""
+                 criterion: Optional[StabilityCriterion] = None, progress: bool = True, out_dir=None,
+                 resume_from: Optional[dict] = None, identity: Optional[dict] = None,
+                 on_chunk: Optional[Callable[[int], None]] = None) -> SimulationResult:
+    """Simulate `config.n_replicas` replicas started from dataset frames; see module doc.
+
+    With `out_dir`, frames stream to ``out_dir/frames/*.npy`` as they come, and every
+    `config.chunk_checks` checks the engine state and progress.json (with the stable times
+    so far) are saved: a killed run loses at most one chunk. `resume_from` (the
+    progress.json of such a run, checked by `prepare_run_folder`) continues it from its
+    last saved chunk. `on_chunk(checks_done)` is called after each saved chunk."""
     from tqdm.auto import tqdm
 
     criterion = criterion or make_criterion(dataset, config.stability, config.bond_threshold,
@@ -162,40 +324,65 @@ def run_replicas(model: nn.Module, dataset: QMDataset, config: SimulationConfig,
     start = dataset.positions[initial_frames(dataset, config.n_replicas, config.seed)]
     engine = create_engine(model, dataset.atomic_numbers, config.n_replicas, config.engine, dataset.box,
                            seed=config.seed)
-    engine.set_states(start)
     n_checks, steps = config.n_checks, config.steps_per_check
     R = config.n_replicas
-    positions = np.empty((n_checks, R, dataset.n_atoms, 3), dtype=np.float32)
-    deviations = np.empty((n_checks, R))
-    failed = np.zeros(R, dtype=bool)
-    stable_mask = np.empty((n_checks, R), dtype=bool)
     v_steps = config.steps_per_velocity
-    saved_velocities: list[np.ndarray] = []
-    bar = tqdm(total=n_checks, desc="simulate", unit="chk", disable=not progress, leave=False)
+    per_check = steps // v_steps if v_steps else 0
+    shapes = {"positions": ((n_checks, R, dataset.n_atoms, 3), np.float32), "deviations": ((n_checks, R), np.float64),
+              "stable": ((n_checks, R), np.bool_)}
+    if v_steps:
+        shapes["velocities"] = ((n_checks * per_check, R, dataset.n_atoms, 3), np.float32)
+    out = None if out_dir is None else Path(out_dir)
+    if out is not None:
+        (out / FRAMES_DIR).mkdir(parents=True, exist_ok=True)
+        identity = identity or run_identity(model, dataset, config)
+    frames = _Frames(shapes, None if out is None else out / FRAMES_DIR, reopen=resume_from is not None)
+    times = (np.arange(n_checks) + 1) * steps * config.engine.timestep_ps
+    done, wall_before = 0, 0.0
+    failed = np.zeros(R, dtype=bool)
+    if resume_from is not None:
+        done, wall_before = int(resume_from["checks_done"]), float(resume_from.get("wall_time_s", 0.0))
+        failed = np.asarray(resume_from["metrics"]["failed"], dtype=bool)
+        if done < n_checks:
+            _restore_engine(engine, out, resume_from)
+    else:
+        engine.set_states(start)
+    bar = tqdm(total=n_checks, initial=done, desc="simulate", unit="chk", disable=not progress, leave=False)
+    pending_velocities: list[np.ndarray] = []
 
-    def freeze_failed(frame) -> None:
+    def freeze_failed(frame, c0: int) -> None:
         """Failed replicas go back to their start and stay out of the statistics."""
         newly = ~failed & frame.unstable
         failed[:] |= newly
-        c = frame.index
-        positions[c], deviations[c], stable_mask[c] = frame.positions, frame.deviations, ~failed
+        c = c0 + frame.index
+        frames["positions"][c], frames["deviations"][c], frames["stable"][c] = frame.positions, frame.deviations, ~failed
+        if v_steps:
+            frames["velocities"][c * per_check:(c + 1) * per_check] = np.stack(pending_velocities)
+            pending_velocities.clear()
         if newly.any():
             idx = np.flatnonzero(newly)
             engine.reset_replicas(idx, start[idx], seed=config.seed + c)
         bar.update(1)
-        bar.set_postfix(stable=f"{(~failed).sum()}/{R}", t=f"{engine.time_ps:.1f}ps")
+        bar.set_postfix(stable=f"{(~failed).sum()}/{R}", t=f"{times[c]:.1f}ps")
 
     t0 = time.perf_counter()
-    engine.run_checked(n_checks, steps, criterion, freeze_failed, velocity_steps=v_steps,
-                       on_velocities=lambda v: saved_velocities.append(v.astype(np.float32)))
+    while done < n_checks:
+        n = min(config.chunk_checks, n_checks - done)
+        engine.run_checked(n, steps, criterion, lambda frame, c0=done: freeze_failed(frame, c0), velocity_steps=v_steps,
+                           on_velocities=lambda v: pending_velocities.append(v.astype(np.float32)))
+        done += n
+        if out is not None:
+            frames.flush()
+            _save_progress(out, identity, config, engine, frames, done, failed, times,
+                           wall_before + time.perf_counter() - t0)
+        if on_chunk is not None:
+            on_chunk(done)
     bar.close()
-    velocities = np.stack(saved_velocities) if v_steps else None
     wall = time.perf_counter() - t0
-    times = (np.arange(n_checks) + 1) * steps * config.engine.timestep_ps
-    unstable_flags = ~stable_mask
-    stable_time, failed_flags = (x.numpy() for x in first_instability(unstable_flags, times))
-    return SimulationResult(times, positions, deviations, stable_time, failed_flags, stable_mask,
-                            R * n_checks * steps / wall, wall, engine.platform_name, velocities,
+    stable_time, failed_flags = (x.numpy() for x in first_instability(~frames["stable"], times))
+    total_wall = wall_before + wall  # over every session of a resumed run
+    return SimulationResult(times, frames["positions"], frames["deviations"], stable_time, failed_flags,
+                            np.asarray(frames["stable"]), R * n_checks * steps / total_wall, total_wall, engine.platform_name, frames.arrays.get("velocities"),
                             v_steps * config.engine.timestep_ps if v_steps else None)
 
 
@@ -354,20 +541,28 @@ def check_molecules(dataset: QMDataset, reference: Optional[QMDataset] = None,
 
 def simulate(model: nn.Module, dataset: QMDataset, config: SimulationConfig, out_dir,
              reference: Optional[QMDataset] = None, test_set: Optional[QMDataset] = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, resume: bool = False, overwrite: bool = False,
+             on_chunk: Optional[Callable[[int], None]] = None) -> dict:
     """Run, then write metrics.json, plots and (optionally) trajectories to `out_dir`.
 
-    With a labelled `test_set`, the model's energy/force errors on it are stored too, so
-    one file holds stability, observables and accuracy."""
+    Frames stream to ``out_dir/frames`` and progress.json holds the stable times so far
+    (`run_replicas`), so a killed run keeps its numbers and `resume` continues it (same
+    settings, model and dataset, else InputError). A folder that already holds a run is
+    refused unless `resume` or `overwrite`. With a labelled `test_set`, the model's
+    energy/force errors on it are stored too, so one file holds stability, observables
+    and accuracy. Every file is written atomically."""
     from openmm_stable import report
 
     check_molecules(dataset, reference)
     engine, reference = settle_temperatures(config.engine, dataset, reference, config.reference_temperature_K)
     config = dataclasses.replace(config, engine=engine)
     out = Path(out_dir)
+    identity = run_identity(model, dataset, config)
+    resume_from = prepare_run_folder(out, identity, resume=resume, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
     kind = resolve_stability(config.stability, dataset)
-    result = run_replicas(model, dataset, config, progress=progress)
+    result = run_replicas(model, dataset, config, progress=progress, out_dir=out, resume_from=resume_from,
+                          identity=identity, on_chunk=on_chunk)
     metrics = {
         "n_replicas": config.n_replicas,
         "time_ps": float(result.times_ps[-1]),
@@ -397,7 +592,7 @@ def simulate(model: nn.Module, dataset: QMDataset, config: SimulationConfig, out
         curves = {k: hr[k] for k in ("model", "reference") if k in hr}
         if curves:
             report.plot_curves(hr["r"], curves, out / "hr.png", "r (A)", "h(r) (1/A)")
-        np.savez_compressed(out / "hr.npz", **{k: v for k, v in hr.items() if isinstance(v, np.ndarray)})
+        _savez(out / "hr.npz", {k: v for k, v in hr.items() if isinstance(v, np.ndarray)})
     metrics.update(_vacf_outputs(result, dataset, reference, config, out))
     if test_set is not None:
         from openmm_stable.training.batching import evaluate
@@ -441,7 +636,7 @@ def _periodic_observables(result: SimulationResult, dataset: QMDataset, referenc
               for label in rdfs["pairs"]}
     if any(curves.values()):
         report.plot_rdfs(rdfs["r"], curves, out / "rdf.png")
-    np.savez_compressed(out / "rdf.npz", **{k: v for k, v in rdfs.items() if isinstance(v, np.ndarray)})
+    _savez(out / "rdf.npz", {k: v for k, v in rdfs.items() if isinstance(v, np.ndarray)})
     return metrics
 
 
@@ -461,7 +656,7 @@ def _vacf_outputs(result: SimulationResult, dataset: QMDataset, reference: Optio
                       ("reference_diffusivity", "reference_vacf_diffusivity_cm2_per_s")):
         if key in v:
             metrics[name] = v[key] * A2_PER_PS_IN_CM2_PER_S
-    np.savez_compressed(out / "vacf.npz", **{k: np.asarray(x) for k, x in v.items() if isinstance(x, np.ndarray)})
+    _savez(out / "vacf.npz", {k: np.asarray(x) for k, x in v.items() if isinstance(x, np.ndarray)})
     if "model" in v:
         from openmm_stable.io import write_csv
 
@@ -474,6 +669,13 @@ def _vacf_outputs(result: SimulationResult, dataset: QMDataset, reference: Optio
     if series:
         report.plot_series(series, out / "vacf.png", "t (ps)", "VACF C(t)/C(0), all atoms")
     return metrics
+
+
+def _savez(path: Path, arrays: dict) -> None:
+    """np.savez_compressed, atomically (a kill leaves the old file or the new one)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez_compressed(handle, **arrays)
 
 
 def write_trajectories(folder, atomic_numbers, result: SimulationResult) -> list[Path]:
@@ -489,9 +691,11 @@ def write_trajectories(folder, atomic_numbers, result: SimulationResult) -> list
     for k in range(result.positions.shape[1]):
         traj = mdtraj.Trajectory(result.positions[:, k] / 10.0, topology, time=result.times_ps)
         if k == 0:
-            traj[0].save_pdb(str(folder / "topology.pdb"))
+            with atomic_path(folder / "topology.pdb") as tmp:
+                traj[0].save_pdb(str(tmp))
         path = folder / f"replica_{k:03d}.dcd"
-        traj.save_dcd(str(path))
+        with atomic_path(path) as tmp:
+            traj.save_dcd(str(tmp))
         paths.append(path)
     return paths
 

@@ -3,10 +3,13 @@
     openmm-stable simulate model.pt --data aspirin_xtb.npz --replicas 16 --time 10 --out sim/
     openmm-stable simulate model.pt --data water.npz --reference water_traj.npz --out sim/   # at water.npz's 300 K
     openmm-stable simulate model.pt --data aspirin_xtb.npz --config simulate.yaml --replicas 32 --out sim/
+    openmm-stable simulate model.pt --data aspirin_xtb.npz --replicas 16 --time 10 --out sim/ --resume  # after a kill
 
 ``--config FILE`` reads a YAML mapping of `SimulationConfig` fields (``engine:`` a mapping
 of `EngineConfig` fields); flags given on the command line override it, as for pretrain
-and refine (`openmm_stable.config.load_config`).
+and refine (`openmm_stable.config.load_config`). Frames stream to ``--out`` as they are
+produced and progress.json holds the stable times so far: ``--resume`` continues a killed
+run, and a folder that already holds a run is refused unless ``--resume`` or ``--overwrite``.
 """
 from __future__ import annotations
 
@@ -36,6 +39,10 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--trajectories", action="store_true", help="write one DCD per replica")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out that was killed (same model, data and settings), from its last "
+                        "saved chunk")
+    p.add_argument("--overwrite", action="store_true", help="replace the run that --out already holds")
     p.add_argument("--no-progress", action="store_true")
     add_engine_arguments(p, defaults_from_config=True)
     p.set_defaults(func=run)
@@ -78,7 +85,7 @@ def run(args) -> int:
     check_model_matches(args.model, dataset, reference)
     test_set = load_dataset(args.test_data) if args.test_data else None
     metrics = simulate(model, dataset, config, args.out, reference=reference, test_set=test_set,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, resume=args.resume, overwrite=args.overwrite)
     print(summary(metrics))
     print(f"wrote {args.out}/metrics.json and plots")
     return 0
