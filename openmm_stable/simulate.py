@@ -10,7 +10,13 @@ every ``vacf_interval_ps`` (finer than the checks) for the velocity autocorrelat
 function (VACF) of the stable parts. The analysis of those series (MSD, VACF, Einstein
 and Green-Kubo diffusivities) is `openmm_stable.dynamics`; this module runs and reports.
 A replica that fails is reset to its starting frame and counted as failed from then on
-(frozen): it cannot disturb the others, which run on.
+(frozen): it cannot disturb the others, which run on. Its stable time is that of its first
+unstable check, with an event flag (`failed`): a failure at the last check is not a survivor.
+
+In an output folder the frames stream to ``frames/*.npy`` and, every ``chunk_checks``
+checks, the engine state and ``progress.json`` (stable times so far) are saved, so a
+killed run keeps its numbers and ``resume`` continues it bit for bit when the engine
+gives an OpenMM checkpoint (`run_replicas`, `prepare_run_folder`).
 """
 from __future__ import annotations
 
