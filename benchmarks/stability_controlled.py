@@ -229,7 +229,7 @@ def refined(start, name: str, train, pool, config, work: Path):
     out = work / f"refine_{name}"
     if (out / "model.pt").exists() and (out / "metrics.json").exists():
         return load_model(out / "model.pt"), json.loads((out / "metrics.json").read_text())
-    return refine(start, train, config, out, reference=pool, resume=True, progress=True)
+    return refine(start, train, config, out, reference=pool, resume=(out / "checkpoint.pt").exists(), progress=True)
 
 
 def signal_summary(folder: Path) -> dict:

@@ -164,7 +164,7 @@ def main(argv=None) -> dict:
         if (refine_out / "model.pt").exists() and (refine_out / "metrics.json").exists():
             return load_model(refine_out / "model.pt")
         return refine(models["pretrained-small"], sets["small"], rconfig, refine_out, reference=traj,
-                      resume=True, progress=False)[0]
+                      resume=(refine_out / "checkpoint.pt").exists(), progress=False)[0]
     models["stable-small"] = timed("refine_s", run_refine)
     refine_metrics = json.loads((refine_out / "metrics.json").read_text())
     control_out = work / "refine_small_energy_force_only"
@@ -182,7 +182,7 @@ def main(argv=None) -> dict:
             if (control_out / "model.pt").exists() and (control_out / "metrics.json").exists():
                 return load_model(control_out / "model.pt")
             return refine(models["pretrained-small"], sets["small"], control_config, control_out, reference=traj,
-                          resume=True, progress=False)[0]
+                          resume=(control_out / "checkpoint.pt").exists(), progress=False)[0]
         models["energy-force-only-small"] = timed("refine_control_s", run_control)
     if args.stop_after == "refine":
         return {"stopped_after": "refine", "timings_s": timings}

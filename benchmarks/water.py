@@ -137,8 +137,8 @@ def main(argv=None) -> dict:
     def run_refine():
         if (refine_out / "model.pt").exists() and (refine_out / "metrics.json").exists():
             return load_model(refine_out / "model.pt")
-        return refine(models["pretrained"], data, rconfig, refine_out, reference=traj, resume=True,
-                      progress=False)[0]  # refine trains a copy: models["pretrained"] stays as it was
+        return refine(models["pretrained"], data, rconfig, refine_out, reference=traj,
+                      resume=(refine_out / "checkpoint.pt").exists(), progress=False)[0]  # refine trains a copy: models["pretrained"] stays as it was
     models["refined"] = timed("refine_s", run_refine)
 
     metrics = {}

@@ -82,7 +82,10 @@ def logrank_p(times_a, failed_a, times_b, failed_b, horizon: float) -> float:
         return 1.0  # no failure in either arm: no evidence of a difference
     a = stats.CensoredData(uncensored=ta[fa], right=ta[~fa])
     b = stats.CensoredData(uncensored=tb[fb], right=tb[~fb])
-    return float(stats.logrank(a, b).pvalue)
+    p = float(stats.logrank(a, b).pvalue)
+    # NaN: zero variance (every replica at risk failed at the same times in both arms), no
+    # evidence of a difference
+    return 1.0 if math.isnan(p) else p
 
 
 def bootstrap_median_interval(times, failed, horizon: float, n_boot: int = 2000, level: float = 0.95,

@@ -102,3 +102,12 @@ def test_survival_statistics_count_a_failure_at_the_last_check():
     assert statistics["arms"]["stable-small"]["median_interval_ps"] == [1.0, 1.0]
     assert statistics["arms"]["pretrained-small"]["km_median_ps"] is None
     assert statistics["logrank_p"]["stable-small vs pretrained-small"] < 1e-3
+
+
+def test_logrank_of_arms_failing_together_is_one():
+    """Two arms whose replicas all fail at the same first check carry no evidence of a
+    difference: p = 1 (scipy's test gives NaN there, which read "not significant")."""
+    survival_statistics = runpy.run_path(str(ROOT / "benchmarks" / "stability_replication.py"))["survival_statistics"]
+    arm = {"stable_time_ps": [0.1] * 4, "failed": [True] * 4}
+    statistics = survival_statistics({"stable-small": arm, "pretrained-small": dict(arm)}, 0.2, 0)
+    assert statistics["logrank_p"]["stable-small vs pretrained-small"] == 1.0
