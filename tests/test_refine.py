@@ -15,6 +15,7 @@ import torch
 from openmm_stable.cli import main
 from openmm_stable.config import config_from_dict
 from openmm_stable.engine import EngineConfig, ReplicaEngine
+from openmm_stable.io import load_torch_file
 from openmm_stable.stability import BondDeviationCriterion
 from openmm_stable.training.stable import StableConfig, StableTrainer, refine
 
@@ -106,8 +107,8 @@ def test_kill_and_resume(xtb_ethanol, pretrained_ethanol_model_file, tmp_path):
 
     Nose-Hoover dynamics, because the comparison is exact: every learning epoch restarts the
     replicas from seeded states and resets the thermostats, so nothing outside the checkpoint
-    shapes the run. (The Langevin integrator's random stream lives in the OpenMM Context and
-    is not checkpointed: a resumed Langevin run is a valid continuation, not the same one.)"""
+    shapes the run. (A Langevin resume is the same run too, to float32 round-off: the
+    checkpoint carries OpenMM's Context checkpoint; tests/test_refine_files.py.)"""
     data = xtb_ethanol.source
     config = tmp_path / "refine.yaml"
     config.write_text("n_replicas: 4\nepoch_ps: 0.1\nframe_interval_ps: 0.01\nequilibration_ps: 0.02\n"
@@ -144,8 +145,8 @@ def test_kill_and_resume(xtb_ethanol, pretrained_ethanol_model_file, tmp_path):
     for got, want in zip(rows, expected):
         assert {k: v for k, v in got.items() if k not in TIMING_COLUMNS} == \
             {k: v for k, v in want.items() if k not in TIMING_COLUMNS}, got["epoch"]
-    resumed = torch.load(out / "checkpoint.pt", weights_only=False)
-    uninterrupted = torch.load(straight / "checkpoint.pt", weights_only=False)
+    resumed = load_torch_file(out / "checkpoint.pt")
+    uninterrupted = load_torch_file(straight / "checkpoint.pt")
     for name, value in uninterrupted["state_dict"].items():
         assert torch.equal(resumed["state_dict"][name], value), name
     for key, state in uninterrupted["optimizer"]["state"].items():

@@ -18,10 +18,14 @@ def register(subparsers) -> None:
     p.add_argument("--reference", default=None, help="dataset for the reference observable (default: --data)")
     p.add_argument("--config", default=None, help="YAML file of StableConfig fields (see README)")
     p.add_argument("--out", required=True, help="output folder (model.pt, log.csv, checkpoint.pt, plots)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (same data and settings; "
+                                                         "only --epochs may grow)")
+    p.add_argument("--overwrite", action="store_true", help="start over in an OUT folder that holds an earlier run")
     p.add_argument("--epochs", type=int, default=None, help="max_epochs")
     p.add_argument("--replicas", type=int, default=None, help="n_replicas")
     p.add_argument("--epoch-ps", type=float, default=None, help="simulated ps per replica per epoch")
+    p.add_argument("--equilibration-ps", type=float, default=None,
+                   help="learning epochs: ps at the start of a fresh window whose frames are not samples")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stability", choices=STABILITY_KINDS, default=None,
@@ -32,14 +36,15 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
+def config_from_args(args):
+    """`StableConfig` defaults, then the YAML file (if any), then the flags that were given."""
     import dataclasses
 
     from openmm_stable.config import config_from_dict, config_from_yaml
-    from openmm_stable.data import load_dataset
-    from openmm_stable.training.stable import StableConfig, refine
+    from openmm_stable.training.stable import StableConfig
 
     overrides = {"max_epochs": args.epochs, "n_replicas": args.replicas, "epoch_ps": args.epoch_ps,
+                 "equilibration_ps": args.equilibration_ps,
                  "lr": args.lr, "seed": args.seed, "stability": args.stability,
                  "min_distance_threshold": args.min_distance_threshold,
                  "reference_temperature_K": args.reference_temperature}
@@ -48,11 +53,20 @@ def run(args) -> int:
     given = {k: v for k, v in engine_overrides(args).items() if v is not None}
     if given:  # flags over the YAML file; an unset temperature means the dataset's (library rule)
         config.engine = dataclasses.replace(config.engine, **given)
+    return config
+
+
+def run(args) -> int:
+    from openmm_stable.data import load_dataset
+    from openmm_stable.training.stable import refine
+
+    config = config_from_args(args)
     dataset = load_dataset(args.data)
     reference = load_dataset(args.reference) if args.reference else None
     check_model_matches(args.model, dataset, reference)
     _, summary = refine(args.model, dataset, config, args.out, reference=reference, resume=args.resume,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, overwrite=args.overwrite)
+    print(summary["qm_frames"]["note"])
     print(f"refined model: {args.out}/model.pt  ({summary['epochs']} epochs, {summary['cycles']} cycles)")
     if summary["first_observable_loss"] is not None:
         print(f"observable loss: {summary['first_observable_loss']:.4g} -> {summary['last_observable_loss']:.4g}")

@@ -37,10 +37,10 @@ from torch import nn
 from openmm_stable.errors import InputError
 from openmm_stable.config import config_to_dict
 from openmm_stable.data.dataset import QMDataset
-from openmm_stable.data.splits import split_dataset
+from openmm_stable.data.splits import split_indices
 from openmm_stable.engine import create_engine
-from openmm_stable.io import atomic_write_json, load_torch_file, save_torch_file, get_rng_state, set_rng_state, write_csv
-from openmm_stable.models import NNIP, load_model, save_model
+from openmm_stable.io import atomic_write_json, atomic_write_text, load_torch_file, save_torch_file, get_rng_state, set_rng_state, write_csv
+from openmm_stable.models import NNIP, model_from_record, read_model_record, save_model
 from openmm_stable.geometry import half_box_width
 from openmm_stable.observables import element_pair_list, make_observable, reference_from_dataset
 from openmm_stable.temperature import settle_temperatures
@@ -49,6 +49,9 @@ from openmm_stable.training.batching import FrameTensors, energy_force_loss, eva
 from openmm_stable.training.estimator import (ObservableLoss, boltzmann_coefficients, local_boltzmann_coefficients,
                                               model_atom_energy_fn, model_energy_fn, surrogate_backward)
 from openmm_stable.training.stable_config import StableConfig
+
+# Settings that may change when a run is resumed: the limits that say when it stops.
+RESUMABLE_CHANGES = ("max_epochs", "max_learning_steps", "max_lr_reductions")
 
 LOG_COLUMNS = ["epoch", "cycle", "phase", "observable_loss", "val_energy_mae_meV", "val_force_mae_meV_per_A",
                "unstable_fraction", "lr", "grad_norm", "observable_grad_norm", "energy_force_grad_norm",
@@ -73,6 +76,36 @@ def observable_settings(observable: dict, dataset: QMDataset) -> dict:
     if settings["name"] == "min_distance" and settings.get("molecule_ids") is None:
         settings["molecule_ids"] = molecule_ids(dataset).tolist()
     return settings
+
+
+def qm_frames(dataset: QMDataset, config: StableConfig, model_split: Optional[dict] = None,
+              model_fingerprint: Optional[str] = None) -> tuple[QMDataset, QMDataset, dict]:
+    """The QM frames of the regulariser and of the validation errors, and a record of them.
+
+    When `dataset` is the file the model was pre-trained on (same fingerprint) and the
+    model's record holds its split, the regulariser trains on the pre-training frames and
+    validates on its validation frames: the test frames stay unseen, so the test errors
+    reported after refinement still mean something. Otherwise a random split of
+    `dataset` (1 - ``val_fraction`` / ``val_fraction``), and the record says so."""
+    if model_split and model_fingerprint is not None and model_fingerprint == dataset.fingerprint():
+        train, val, test = (np.asarray(model_split.get(k, []), dtype=np.int64) for k in ("train", "val", "test"))
+        source = "model record"
+        note = (f"QM frames: the model's pre-training split ({train.size} train / {val.size} validation; "
+                f"its {test.size} test frames are not used)")
+    else:
+        train, val, test = split_indices(len(dataset), 1.0 - config.val_fraction, config.val_fraction, 0,
+                                         mode="random", seed=config.seed)
+        why = ("the model records no split" if not model_split else
+               "--data is not the file the model was trained on (another fingerprint)")
+        source = "random split of --data"
+        note = (f"QM frames: {why}, so a random {1 - config.val_fraction:.0%}/{config.val_fraction:.0%} split of the "
+                f"{len(dataset)} frames of --data ({len(train)} train / {len(val)} validation); if --data holds "
+                "frames the model was tested on, its test errors are no longer independent")
+    if len(train) == 0 or len(val) == 0:
+        raise InputError(f"refine: {len(dataset)} frames in {dataset.source} leave {len(train)} training and "
+                         f"{len(val)} validation frames for the QM regulariser; it needs at least one of each")
+    split = {"source": source, "note": note, "train": train.tolist(), "val": val.tolist(), "test": test.tolist()}
+    return dataset.subset(train), dataset.subset(val), split
 
 
 @dataclasses.dataclass
@@ -112,15 +145,20 @@ class StableTrainer:
     """Owns the model, optimizer, engine and loop state of one refinement run."""
 
     def __init__(self, model: NNIP, dataset: QMDataset, config: StableConfig, out_dir,
-                 reference: Optional[QMDataset] = None, progress: bool = True):
+                 reference: Optional[QMDataset] = None, progress: bool = True, model_split: Optional[dict] = None,
+                 model_fingerprint: Optional[str] = None):
+        """`model_split` / `model_fingerprint`: the train/val/test indices and the dataset
+        fingerprint the model's record holds (`qm_frames`)."""
         self.config = config
         self.out = Path(out_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
         self.progress = progress
         self.model = model
         torch.manual_seed(config.seed)
-        self.train_set, self.val_set, _ = split_dataset(dataset, 1.0 - config.val_fraction, config.val_fraction,
-                                                        0, mode="random", seed=config.seed)
+        if dataset.energies is None or dataset.forces is None:
+            raise InputError(f"refine: {dataset.source} has no {'energies' if dataset.energies is None else 'forces'}: "
+                             "the QM regulariser and the validation errors need labelled frames (energies and forces)")
+        self.train_set, self.val_set, self.qm_split = qm_frames(dataset, config, model_split, model_fingerprint)
+        self.out.mkdir(parents=True, exist_ok=True)
         self.dataset = dataset
         self.z = dataset.atomic_numbers
         dtype = next(iter(model.parameters())).dtype
@@ -152,6 +190,7 @@ class StableTrainer:
         self.initial_positions = dataset.positions[start]
         self.engine = create_engine(model, self.z, config.n_replicas, config.engine, dataset.box, seed=config.seed)
         self.state = LoopState()
+        self.best: Optional[dict] = None  # {"path", "cycle", "epoch", "val_force_mae_meV_per_A"} of best.pt
 
     def _new_optimizer(self) -> None:
         """A fresh optimizer and scheduler (at refinement start, and with
@@ -170,18 +209,37 @@ class StableTrainer:
         return self.out / "checkpoint.pt"
 
     def save_checkpoint(self) -> None:
+        engine_checkpoint = self.engine.checkpoint() if hasattr(self.engine, "checkpoint") else None
         save_torch_file({
             "format": "openmm-stable-refine", "spec": self.model.spec, "state_dict": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "loop": dataclasses.asdict(self.state), "config": config_to_dict(self.config),
             "initial_positions": self.initial_positions, "rng": get_rng_state(),
             "np_rng": self.rng.bit_generator.state, "dataset_fingerprint": self.dataset.fingerprint(),
+            "qm_split": self.qm_split, "best": self.best,
+            # OpenMM's own checkpoint (with the Langevin random state): a resumed run is the
+            # run it continues, not only a valid continuation of it.
+            "engine_checkpoint": engine_checkpoint, "engine_platform": self.engine.platform_name,
         }, self.checkpoint_path)
+
+    def check_resumable(self, payload: dict) -> None:
+        """Refuse to continue a run on other data or with other settings; only the limits
+        that say when to stop (``RESUMABLE_CHANGES``) may differ."""
+        if payload.get("dataset_fingerprint") != self.dataset.fingerprint():
+            raise InputError(f"{self.checkpoint_path}: written for another dataset; use a new --out folder")
+        saved, now = payload.get("config", {}), config_to_dict(self.config)
+        changed = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+        if changed:
+            detail = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
+            raise InputError(f"{self.checkpoint_path}: the run was started with other settings ({detail}); resume with "
+                             f"the same config (only {', '.join(RESUMABLE_CHANGES)} may change) or use --overwrite")
+        if payload.get("qm_split", {}).get("train") != self.qm_split["train"]:
+            raise InputError(f"{self.checkpoint_path}: the run used other QM training frames ({payload['qm_split']['note']})")
 
     def load_checkpoint(self) -> None:
         payload = load_torch_file(self.checkpoint_path)
-        if payload["dataset_fingerprint"] != self.dataset.fingerprint():
-            raise InputError(f"{self.checkpoint_path}: written for another dataset; use a new --out folder")
+        self.check_resumable(payload)
+        self.best = payload.get("best")
         self.model.load_state_dict(payload["state_dict"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
@@ -191,7 +249,12 @@ class StableTrainer:
         set_rng_state(payload["rng"])
         self.rng.bit_generator.state = payload["np_rng"]
         self.engine.update_model(self.model)
-        self.engine.set_states(self.state.positions, self.state.velocities)
+        saved = payload.get("engine_checkpoint")
+        if saved is not None and hasattr(self.engine, "restore_checkpoint") and \
+                payload.get("engine_platform") == self.engine.platform_name:
+            self.engine.restore_checkpoint(saved)
+        else:  # another platform (or engine): the same states, a new random stream
+            self.engine.set_states(self.state.positions, self.state.velocities)
 
     # --- one epoch -----------------------------------------------------------------------
     def _simulate_epoch(self) -> tuple[np.ndarray, np.ndarray]:
@@ -448,6 +511,7 @@ class StableTrainer:
             st.learning_epochs_done += 1
             all_stable = cfg.until_stable and not flags.any()
             if st.learning_epochs_done >= cfg.learning_epochs or all_stable:  # back to simulation: new cycle
+                self._save_snapshot(ended_stable=not flags.any())
                 st.phase, st.cycle, st.learning_epochs_done = "simulation", st.cycle + 1, 0
                 self._restart_replicas()
         else:
@@ -468,6 +532,25 @@ class StableTrainer:
         st.finished = self._done()
         return row
 
+    def _save_model(self, path: Path, **extra) -> None:
+        save_model(self.model, path, atomic_numbers=self.z, kind="refined",
+                   training_temperature_K=self.config.engine.temperature_K,
+                   dataset_fingerprint=self.dataset.fingerprint(), split=self.qm_split, **extra)
+
+    def _save_snapshot(self, ended_stable: bool) -> None:
+        """The model at the end of each learning phase, ``snapshots/cycle_K.pt``; and
+        ``best.pt``: of the phases whose last re-run had no failing replica (the stability
+        constraint), the model with the lowest validation force MAE."""
+        st = self.state
+        mae = float(evaluate(self.model, self.val_tensors)["force_mae_meV_per_A"])
+        folder = self.out / "snapshots"
+        folder.mkdir(exist_ok=True)
+        info = {"cycle": st.cycle, "epoch": st.epoch + 1, "val_force_mae_meV_per_A": mae, "ended_stable": ended_stable}
+        self._save_model(folder / f"cycle_{st.cycle:03d}.pt", snapshot=info)
+        if ended_stable and (self.best is None or mae < self.best["val_force_mae_meV_per_A"]):
+            self._save_model(self.out / "best.pt", snapshot=info)
+            self.best = {**info, "path": "best.pt"}
+
     def _done(self) -> bool:
         cfg = self.config
         return (self.state.lr_reductions > cfg.max_lr_reductions or self.state.epoch >= cfg.max_epochs
@@ -479,10 +562,15 @@ class StableTrainer:
 
         from openmm_stable import report
 
-        if resume and self.checkpoint_path.exists():
-            self.load_checkpoint()
+        import yaml
+
+        if resume:
+            self.load_checkpoint()  # refuses other data or settings before anything is written
         else:
             self._restart_replicas()
+        atomic_write_text(self.out / "config.yaml", yaml.safe_dump(config_to_dict(self.config), sort_keys=False))
+        if self.progress:
+            print(self.qm_split["note"])
         cfg = self.config
         bar = tqdm(total=cfg.max_epochs, initial=self.state.epoch, desc="refine", unit="epoch",
                    disable=not self.progress)
@@ -494,8 +582,7 @@ class StableTrainer:
             bar.set_postfix(phase=row["phase"], obs=_fmt(row.get("observable_loss")),
                             fMAE=_fmt(row["val_force_mae_meV_per_A"]), unstable=f"{row['unstable_fraction']:.2f}")
         bar.close()
-        save_model(self.model, self.out / "model.pt", atomic_numbers=self.z, kind="refined",
-                   training_temperature_K=cfg.engine.temperature_K, dataset_fingerprint=self.dataset.fingerprint())
+        self._save_model(self.out / "model.pt")
         # The signal diagnostics sit beside the losses: a split-half cosine near 0 says the
         # steps were noise, and the two gradient norms say which loss drove them.
         report.plot_csv_columns(self.out / "log.csv", ["observable_loss", "val_force_mae_meV_per_A",
@@ -518,6 +605,9 @@ class StableTrainer:
             "sim_time_s": sum(r["sim_time_s"] for r in self.state.history),
             "grad_time_s": sum(r["grad_time_s"] for r in self.state.history),
             "replica_steps": self.state.epoch * cfg.n_replicas * cfg.frames_per_epoch * cfg.steps_per_frame,
+            "qm_frames": {k: self.qm_split[k] for k in ("source", "note")} | {
+                "train": len(self.qm_split["train"]), "val": len(self.qm_split["val"])},
+            "best": self.best,
         }
         atomic_write_json(self.out / "metrics.json", summary)
         return summary
@@ -527,22 +617,53 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:.3g}"
 
 
+def check_output_folder(out_dir, resume: bool, overwrite: bool) -> None:
+    """A refinement folder is never silently reused: continuing needs ``resume`` and a
+    checkpoint; starting over in a folder that holds a run needs ``overwrite``."""
+    out = Path(out_dir)
+    if resume and overwrite:
+        raise InputError("refine: --resume and --overwrite exclude each other")
+    has_run = (out / "checkpoint.pt").exists() or (out / "model.pt").exists()
+    if resume and not (out / "checkpoint.pt").exists():
+        raise InputError(f"refine --resume: {out} holds no checkpoint.pt to continue from"
+                         + ("" if out.exists() else " (the folder does not exist)"))
+    if has_run and not resume and not overwrite:
+        state = "a finished refinement" if (out / "model.pt").exists() else "a refinement in progress (or killed)"
+        raise InputError(f"refine: {out} already holds {state}; --resume continues it, --overwrite starts over")
+    if overwrite:
+        for name in ("checkpoint.pt", "model.pt", "best.pt", "log.csv", "metrics.json"):
+            (out / name).unlink(missing_ok=True)
+        if (out / "snapshots").is_dir():
+            for snapshot in (out / "snapshots").glob("cycle_*.pt"):
+                snapshot.unlink()
+
+
 def refine(model, dataset: QMDataset, config: StableConfig, out_dir, reference: Optional[QMDataset] = None,
-           resume: bool = False, progress: bool = True) -> tuple[nn.Module, dict]:
+           resume: bool = False, progress: bool = True, overwrite: bool = False) -> tuple[nn.Module, dict]:
     """StABlE-refine `model` (an `NNIP` or a model file) on `dataset`; see module doc.
 
-    Writes model.pt, checkpoint.pt, log.csv, learning_curves.png, metrics.json and
-    config.yaml to `out_dir`. Returns the refined model and the summary metrics.
+    Given the model FILE, the QM regulariser uses the split its record holds when `dataset`
+    is the file it was trained on (`qm_frames`); an `NNIP` carries no record, so its QM
+    frames are a random split of `dataset` (the summary says which).
+    Writes model.pt, best.pt, snapshots/cycle_K.pt, checkpoint.pt, log.csv,
+    learning_curves.png, metrics.json and config.yaml to `out_dir`; `resume` continues
+    from checkpoint.pt, `overwrite` replaces an earlier run. Returns the refined model and
+    the summary metrics.
     """
-    import yaml
-
-    # Train a copy: the caller's model stays the pre-trained one (a benchmark that
-    # refined in place silently compared the refined model with itself).
-    model = load_model(model) if isinstance(model, (str, Path)) else copy.deepcopy(model)
+    check_output_folder(out_dir, resume, overwrite)
+    split = fingerprint = None
+    if isinstance(model, (str, Path)):
+        record = read_model_record(model)
+        split, fingerprint = record.payload.get("split"), record.dataset_fingerprint
+        model = model_from_record(record)
+    else:
+        # Train a copy: the caller's model stays the pre-trained one (a benchmark that
+        # refined in place silently compared the refined model with itself).
+        model = copy.deepcopy(model)
     engine, reference = settle_temperatures(config.engine, dataset, reference if reference is not None else dataset,
                                             config.reference_temperature_K)
     config = dataclasses.replace(config, engine=engine)
-    trainer = StableTrainer(model, dataset, config, out_dir, reference=reference, progress=progress)
-    (Path(out_dir) / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    trainer = StableTrainer(model, dataset, config, out_dir, reference=reference, progress=progress,
+                            model_split=split, model_fingerprint=fingerprint)
     summary = trainer.fit(resume=resume)
     return trainer.model, summary

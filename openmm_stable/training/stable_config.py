@@ -133,7 +133,8 @@ class StableConfig:
             if not getattr(self, name) > 0:
                 fail(name, "must be > 0")
         if not 0 <= self.equilibration_ps < self.epoch_ps:
-            fail("equilibration_ps", "must be >= 0 and shorter than epoch_ps")
+            fail("equilibration_ps", f"{self.equilibration_ps:g} ps must be >= 0 and shorter than epoch_ps "
+                                     f"({self.epoch_ps:g} ps); set both (refine --epoch-ps, --equilibration-ps)")
         if not 0 < self.unstable_fraction <= 1:
             fail("unstable_fraction", "must be in (0, 1]")
         if self.stability not in STABILITY_KINDS:
