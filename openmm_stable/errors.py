@@ -9,3 +9,8 @@ Any other exception is a bug or an environment problem and shows its traceback. 
 
 class InputError(ValueError):
     """Bad input; the message says what is wrong and where."""
+
+
+class WorkerError(RuntimeError):
+    """A worker process of a distributed run died or stopped answering: not bad input, so
+    not an `InputError`; the command line prints the message and exits with code 3."""

@@ -137,3 +137,23 @@ def test_export_for_another_molecule_needs_force(tmp_path, capsys):
     assert "warning: molecule COC is another molecule" in capsys.readouterr().err and out.exists()
     assert main(["export", str(model), "--molecule", "ethanol", "--out", str(out)]) == 0  # the same molecule
     assert "warning" not in capsys.readouterr().err
+
+
+# --- 4. a lost worker is a worker failure, not bad input -----------------------------------------------
+def test_a_lost_worker_is_reported_as_a_worker_failure_not_bad_input(monkeypatch, capsys):
+    import openmm_stable.cli.simulate as simulate_command
+    from openmm_stable.distributed import WorkerLostError, WorkerTimeoutError
+    from openmm_stable.errors import WorkerError
+
+    for error in (WorkerLostError, WorkerTimeoutError):
+        assert issubclass(error, WorkerError) and issubclass(error, RuntimeError)
+        assert not issubclass(error, InputError)
+
+    def lose_a_worker(args):
+        raise WorkerLostError("distributed engine: worker 1 (replicas 2-3) died and was restarted 3 times already")
+
+    monkeypatch.setattr(simulate_command, "run", lose_a_worker)
+    assert main(["simulate", "model.pt", "--data", "data.npz", "--out", "out"]) == 3
+    err = capsys.readouterr().err
+    assert err.startswith("openmm-stable simulate: worker failure: distributed engine: worker 1 (replicas 2-3) died")
+    assert "Traceback" not in err

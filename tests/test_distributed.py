@@ -58,9 +58,11 @@ def starts(xtb_ethanol):
     return xtb_ethanol.atomic_numbers, positions, velocities
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def two_workers(cluster, pretrained_ethanol_model, starts):
-    """Four replicas on two workers (replicas 0-1 and 2-3), Nose-Hoover."""
+    """Four replicas on two workers (replicas 0-1 and 2-3), Nose-Hoover; a new engine for
+    each test (the kill test leaves its engine spent), closed after it, so no test depends
+    on the order the others ran in."""
     z, _, _ = starts
     engine = create_engine(pretrained_ethanol_model, z, 4, dataclasses.replace(NOSE_HOOVER, workers=2))
     yield engine
@@ -188,20 +190,40 @@ def test_a_killed_worker_is_replaced_and_the_run_goes_on_unchanged(two_workers, 
         if frame.index in (1, 2):
             _kill(pids[2 - frame.index])  # worker 1 at frame 1, worker 0 at frame 2
 
-    try:
-        got = run_frames(two_workers, criterion, n_frames=4, reset_at=1, hook=kill_during)
-        assert two_workers.restarts == restarts + 2
-        assert not set(two_workers.worker_pids()) & set(pids)
-        for (pa, va, fa, _), (pb, vb, fb, _) in zip(expected, got):
-            assert_same_states((pa, va), (pb, vb))
-            np.testing.assert_array_equal(fa, fb)
+    got = run_frames(two_workers, criterion, n_frames=4, reset_at=1, hook=kill_during)
+    assert two_workers.restarts == restarts + 2
+    assert not set(two_workers.worker_pids()) & set(pids)
+    for (pa, va, fa, _), (pb, vb, fb, _) in zip(expected, got):
+        assert_same_states((pa, va), (pb, vb))
+        np.testing.assert_array_equal(fa, fb)
 
-        monkeypatch.setattr(distributed_engine, "MAX_RESTARTS", 1)  # worker 1 has had its one restart
-        _kill(two_workers.worker_pids()[1])
-        with pytest.raises(WorkerLostError, match="worker 1 \\(replicas 2-3\\) died .*refine ... --resume"):
-            two_workers.step(10)
+    monkeypatch.setattr(distributed_engine, "MAX_RESTARTS", 1)  # worker 1 has had its one restart
+    _kill(two_workers.worker_pids()[1])
+    with pytest.raises(WorkerLostError, match="worker 1 \\(replicas 2-3\\) died .*refine ... --resume"):
+        two_workers.step(10)
+
+
+def test_a_worker_that_does_not_answer_in_time_stops_the_run_with_its_name(cluster, pretrained_ethanol_model,
+                                                                           starts):
+    """A hung worker used to block the driver for ever (`ray.get` without a timeout): every
+    call now waits at most `call_timeout_s`. Here one worker is busy with 20,000 steps (many
+    seconds) when the engine allows 0.05 s per call."""
+    z, pos, vel = starts
+    engine = DistributedReplicaEngine(pretrained_ethanol_model, z, 2, dataclasses.replace(NOSE_HOOVER, workers=1))
+    try:
+        assert engine.call_timeout_s == distributed_engine.CALL_TIMEOUT_S
+        engine.set_states(pos[:2], vel[:2])
+        engine.call_timeout_s = 0.05
+        t0 = time.perf_counter()
+        with pytest.raises(distributed_engine.WorkerTimeoutError,
+                           match=r"worker 0 \(replicas 0-1\) did not answer the call 'step' within 0.05 s"):
+            engine.step(20_000)
+        assert time.perf_counter() - t0 < 30.0
     finally:
-        two_workers.close()  # frees both cores for the tests below, whatever happened here
+        engine.close()
+    with pytest.raises(InputError, match="call_timeout_s must be positive"):
+        DistributedReplicaEngine(pretrained_ethanol_model, z, 2, dataclasses.replace(NOSE_HOOVER, workers=1),
+                                 call_timeout_s=0)
 
 
 class UnusableModel(nn.Module):

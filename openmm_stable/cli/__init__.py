@@ -2,7 +2,8 @@
 
 A sub-module's `register` adds its sub-command and sets `func` on the parser; the
 function receives the parsed arguments and returns an exit code. Bad input raises
-`openmm_stable.errors.InputError` (message, exit code 2); anything else shows its traceback.
+`openmm_stable.errors.InputError` (message, exit code 2); a failed distributed worker raises
+`openmm_stable.errors.WorkerError` (message, exit code 3); anything else shows its traceback.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from openmm_stable.errors import InputError
+from openmm_stable.errors import InputError, WorkerError
 
 # Stage modules, in pipeline order. Each lives in openmm_stable/cli/<name>.py.
 _STAGES = ["data", "pretrain", "export", "simulate", "refine", "compare"]
@@ -38,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, FileNotFoundError) as err:  # bad input; any other exception is a bug: traceback
         print(f"openmm-stable {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except WorkerError as err:  # a distributed worker failed: the message says how to go on
+        print(f"openmm-stable {args.command}: worker failure: {err}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

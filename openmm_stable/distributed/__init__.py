@@ -7,6 +7,7 @@ the ``distributed`` extra (``pip install 'openmm-stable[distributed]'``); nothin
 imports it before it is needed.
 """
 from openmm_stable.distributed.cluster import connect, replica_shares, require_ray
-from openmm_stable.distributed.engine import DistributedReplicaEngine, WorkerLostError
+from openmm_stable.distributed.engine import DistributedReplicaEngine, WorkerLostError, WorkerTimeoutError
 
-__all__ = ["DistributedReplicaEngine", "WorkerLostError", "connect", "replica_shares", "require_ray"]
+__all__ = ["DistributedReplicaEngine", "WorkerLostError", "WorkerTimeoutError", "connect", "replica_shares",
+           "require_ray"]

@@ -48,15 +48,25 @@ from openmm_stable.distributed.cluster import connect, replica_shares, worker_re
 from openmm_stable.distributed.worker import engine_config_dict, remote_worker_class
 from openmm_stable.engine import (EngineConfig, checked_frame, kinetic_temperature, maxwell_boltzmann,
                                   set_replica_system)
-from openmm_stable.errors import InputError
+from openmm_stable.errors import InputError, WorkerError
 
 MAX_RESTARTS = 3  # per worker: a dead worker is replaced this often, then the run stops
 START_TIMEOUT_S = 600.0  # workers import torch and OpenMM and build a Context: seconds, not minutes
+# Longest wait for any one call to the workers (a frame, a weight update, a state transfer);
+# past it the worker is taken to hang and the run stops rather than blocking for ever. A
+# frame of many replicas on a slow CPU takes tens of seconds; give `call_timeout_s` for more.
+CALL_TIMEOUT_S = 600.0
 
 
-class WorkerLostError(InputError):
-    """A worker died and could not be brought back. An `InputError` so that the command
-    line prints the message (what happened, what to do) instead of a traceback."""
+class WorkerLostError(WorkerError):
+    """A worker died and could not be brought back: not bad input, a failure of the
+    cluster; the command line prints the message (what happened, what to do) and exits
+    with its worker-failure code."""
+
+
+class WorkerTimeoutError(WorkerLostError):
+    """A worker did not answer a call within the engine's `call_timeout_s` (a hung process
+    or node); the message names the worker and the call."""
 
 
 class DistributedReplicaEngine:
@@ -68,9 +78,14 @@ class DistributedReplicaEngine:
 
     def __init__(self, model: nn.Module, atomic_numbers: Sequence[int], n_replicas: int,
                  config: Optional[EngineConfig] = None, box_angstrom: Optional[np.ndarray] = None,
-                 threads_per_worker: Optional[int] = None, seed: int = 0):
+                 threads_per_worker: Optional[int] = None, seed: int = 0,
+                 call_timeout_s: Optional[float] = None):
         """`threads_per_worker`: CPU threads (and cores asked of Ray) per worker on a CPU
-        platform; default: an equal share of the cluster's cores. `seed`: as `ReplicaEngine`'s."""
+        platform; default: an equal share of the cluster's cores. `seed`: as `ReplicaEngine`'s.
+        `call_timeout_s`: the longest wait for one call to the workers (default `CALL_TIMEOUT_S`)."""
+        self.call_timeout_s = float(CALL_TIMEOUT_S if call_timeout_s is None else call_timeout_s)
+        if not self.call_timeout_s > 0:
+            raise InputError(f"call_timeout_s must be positive, got {call_timeout_s!r}")
         set_replica_system(self, model, atomic_numbers, n_replicas, config, box_angstrom)
         self.seed = int(seed)
         self.workers = int(self.config.workers)
@@ -152,10 +167,26 @@ class DistributedReplicaEngine:
             positions, velocities, thermostats, model_update = snapshot
             if model_update is not None:
                 method, ref = model_update
-                self.ray.get(getattr(actor, method).remote(ref))
-            self.ray.get(actor.restore.remote(positions, velocities, thermostats))
+                self._get(i, method, getattr(actor, method).remote(ref))
+            self._get(i, "restore", actor.restore.remote(positions, velocities, thermostats))
         for method, args in self._since_snapshot[i]:
-            self.ray.get(getattr(actor, method).remote(*args))
+            self._get(i, method, getattr(actor, method).remote(*args))
+
+    def _get(self, i: int, method: str, ref):
+        """Worker `i`'s answer to `method`, waiting at most `call_timeout_s`."""
+        from ray.exceptions import GetTimeoutError
+
+        try:
+            return self.ray.get(ref, timeout=self.call_timeout_s)
+        except GetTimeoutError:
+            raise self._timed_out([i], method) from None
+
+    def _timed_out(self, workers: Sequence[int], method: str) -> WorkerTimeoutError:
+        names = ", ".join(f"worker {i} (replicas {self.shares[i].start}-{self.shares[i].stop - 1})" for i in workers)
+        return WorkerTimeoutError(f"distributed engine: {names} did not answer the call {method!r} within "
+                                  f"{self.call_timeout_s:g} s (a hung worker or node?); the run stops here. A refine "
+                                  "run continues from its last epoch with `refine ... --resume`; give the engine a "
+                                  "larger call_timeout_s if such calls are expected to take longer")
 
     def _lost(self, i: int, why: str) -> WorkerLostError:
         return WorkerLostError(f"distributed engine: worker {i} (replicas {self.shares[i].start}-"
@@ -167,17 +198,20 @@ class DistributedReplicaEngine:
         the answers. A worker that died is recovered and asked again; an exception raised
         by the worker's code is passed on. `replay`: the call changes a worker's state and
         must be replayed after a restart until the next snapshot."""
-        from ray.exceptions import RayActorError
+        from ray.exceptions import GetTimeoutError, RayActorError
 
         refs = {i: getattr(self._actors[i], method).remote(*a) for i, a in args.items()}
         try:
-            results = dict(zip(refs, self.ray.get(list(refs.values()))))
+            results = dict(zip(refs, self.ray.get(list(refs.values()), timeout=self.call_timeout_s)))
+        except GetTimeoutError:
+            _, waiting = self.ray.wait(list(refs.values()), num_returns=len(refs), timeout=0)
+            raise self._timed_out([i for i, ref in refs.items() if ref in waiting] or list(refs), method) from None
         except RayActorError:  # one or more workers died: bring each back and ask again
             results = {}
             for i, ref in refs.items():
                 while i not in results:
                     try:
-                        results[i] = self.ray.get(ref)
+                        results[i] = self._get(i, method, ref)
                     except RayActorError as err:
                         self._recover(i, err)  # raises WorkerLostError once restarts are used up
                         ref = getattr(self._actors[i], method).remote(*args[i])
