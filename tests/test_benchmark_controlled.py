@@ -14,6 +14,7 @@ import pytest
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "stability_controlled.py"
 
 
+@pytest.mark.slow
 def test_stability_controlled_quick(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MPLBACKEND="Agg")
     # One variant arm (the force budget) with its own control, on the fragile start.

@@ -10,6 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_stability_replication_quick(tmp_path, monkeypatch):
     pytest.importorskip("tblite")
     script = ROOT / "benchmarks" / "stability_replication.py"

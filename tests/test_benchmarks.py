@@ -26,6 +26,7 @@ def positive_finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
+@pytest.mark.slow
 def test_engine_throughput_quick(tmp_path):
     stdout = run_script("engine_throughput.py", tmp_path)
     payload = json.loads((tmp_path / "engine_throughput_quick.json").read_text())
@@ -42,6 +43,7 @@ def test_engine_throughput_quick(tmp_path):
     assert (tmp_path / "engine_throughput_quick_vs_replicas.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_estimator_cost_quick(tmp_path):
     stdout = run_script("estimator_cost.py", tmp_path)
     payload = json.loads((tmp_path / "estimator_cost_quick.json").read_text())

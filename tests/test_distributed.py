@@ -378,6 +378,7 @@ def test_data_generate_on_two_workers_writes_one_resumable_file(cluster, tmp_pat
 
 
 # --- benchmark ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_distributed_benchmark_quick(tmp_path):
     """benchmarks/distributed.py --quick runs (its own Ray cluster, in a subprocess) and
     reports finite, positive rates, overheads and a cost model (not the targets: far too
