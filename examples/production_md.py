@@ -47,9 +47,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="OpenMM platform: CUDA, OpenCL, CPU or Reference (default: the fastest one available)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="model precision")
     p.add_argument("--report-interval", type=int, default=100, help="steps between reports (default 100)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=1,
+                   help="seed of the Langevin noise and the initial velocities (default 1; a positive integer: "
+                        "OpenMM takes 0 to mean a new random seed each run)")
     p.add_argument("--out", default="md", help="output folder (default ./md)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.seed < 1:
+        p.error(f"--seed must be a positive integer (got {args.seed}); OpenMM would take 0 as 'pick one at random'")
+    return args
 
 
 def main(argv=None) -> int:

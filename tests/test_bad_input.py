@@ -157,3 +157,46 @@ def test_a_lost_worker_is_reported_as_a_worker_failure_not_bad_input(monkeypatch
     err = capsys.readouterr().err
     assert err.startswith("openmm-stable simulate: worker failure: distributed engine: worker 1 (replicas 2-3) died")
     assert "Traceback" not in err
+
+
+# --- 7. the example configs --------------------------------------------------------------------------------
+EXAMPLES = __import__("pathlib").Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_config_loads_as_refine_reads_it(path):
+    from openmm_stable.config import config_from_yaml
+    from openmm_stable.training.stable import StableConfig
+
+    config = config_from_yaml(StableConfig, str(path), {})
+    assert isinstance(config, StableConfig)
+
+
+def test_the_readme_configs_exist_and_take_the_datasets_temperature():
+    """The README's commands name these files; the molecule one sets no temperature, so a
+    500 K aspirin file is refined at 500 K (the demo's 700 K file was a trap when copied)."""
+    import re
+
+    import yaml
+
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    named = set(re.findall(r"--config (\S+\.yaml)", readme))
+    assert {"examples/refine.yaml", "examples/refine_water.yaml"} <= named
+    for name in named:
+        assert (EXAMPLES.parent / name).exists(), name
+    for name in ("refine.yaml", "refine_water.yaml"):
+        assert "temperature_K" not in yaml.safe_load((EXAMPLES / name).read_text()).get("engine", {})
+    water = yaml.safe_load((EXAMPLES / "refine_water.yaml").read_text())
+    assert water["stability"] == "min_distance" and water["observable"]["name"] == "rdf"
+
+
+def test_production_md_seed_is_reproducible_by_default():
+    pytest.importorskip("openmmml")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("production_md", EXAMPLES / "production_md.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.parse_args(["model.pt", "--structure", "ethanol"]).seed == 1  # never OpenMM's "random" 0
+    with pytest.raises(SystemExit):
+        module.parse_args(["model.pt", "--structure", "ethanol", "--seed", "0"])
