@@ -125,13 +125,17 @@ def load_torch_file(path, map_location="cpu"):
         with torch.serialization.safe_globals(_numpy_globals()):
             payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        reason = str(err).split("\n")[0] if "Unsupported global" not in str(err) else \
-            next(line for line in str(err).splitlines() if "Unsupported global" in line).strip()
-        raise InputError(f"{path}: refused to open: it holds Python objects that loading would have to run "
-                         f"(weights-only reader: {reason}). openmm-stable files hold only tensors, numbers and "
-                         "text; a file from elsewhere is not opened as a pickle.") from None
+        found = [line.strip() for line in str(err).splitlines() if "Unsupported global" in line]
+        if found:
+            raise InputError(f"{path}: refused to open: it holds Python objects that loading would have to run "
+                             f"(weights-only reader: {found[0]}). openmm-stable files hold only tensors, numbers "
+                             "and text; a file from elsewhere is not opened as a pickle.") from None
+        lines = [line.strip() for line in str(err).split("WeightsUnpickler error:")[-1].splitlines() if line.strip()]
+        raise InputError(f"{path}: not a readable openmm-stable model or checkpoint file (weights-only reader: "
+                         f"{lines[0] if lines else 'unreadable'}; it is not opened as a pickle)") from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise InputError(f"{path}: not a readable model or checkpoint file ({str(err).splitlines()[0]})") from None
+        raise InputError(f"{path}: not a readable openmm-stable model or checkpoint file "
+                         f"({str(err).splitlines()[0]})") from None
     return _decode(payload)
 
 
