@@ -229,12 +229,19 @@ def molecule_ids(dataset: Any) -> np.ndarray:
     meta = getattr(dataset, "metadata", {}) or {}
     n = int(dataset.n_atoms)
     if meta.get("molecule_ids") is not None:
-        ids = np.asarray(meta["molecule_ids"], dtype=np.int64).reshape(-1)
+        try:
+            ids = np.asarray(meta["molecule_ids"], dtype=np.int64).reshape(-1)
+        except (TypeError, ValueError):
+            raise InputError(f"{dataset.source}: metadata molecule_ids must be a list of integers, one per atom "
+                             f"(got {str(meta['molecule_ids'])[:60]!r})") from None
         if ids.size != n:
             raise InputError(f"{dataset.source}: metadata molecule_ids has {ids.size} entries for {n} atoms")
         return ids
     if meta.get("atoms_per_molecule"):
-        k = int(meta["atoms_per_molecule"])
+        k = meta["atoms_per_molecule"]
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise InputError(f"{dataset.source}: metadata atoms_per_molecule must be a positive integer, got {k!r}")
+        k = int(k)
         if n % k:
             raise InputError(f"{dataset.source}: {n} atoms is not a multiple of atoms_per_molecule {k}")
         return np.arange(n) // k

@@ -200,3 +200,29 @@ def test_production_md_seed_is_reproducible_by_default():
     assert module.parse_args(["model.pt", "--structure", "ethanol"]).seed == 1  # never OpenMM's "random" 0
     with pytest.raises(SystemExit):
         module.parse_args(["model.pt", "--structure", "ethanol", "--seed", "0"])
+
+
+# --- 8. other malformed input ----------------------------------------------------------------------------
+def test_data_info_describes_odd_but_valid_metadata_instead_of_failing(tmp_path, capsys):
+    """Metadata is free-form JSON; hand-edited files had `data info` fail with
+    AttributeError/KeyError on a molecule that is a string or chains without seeds."""
+    ds = _frames(3)
+    ds.metadata.update({"molecule": "aspirin", "original_units": "eV", "chains": [{"frames": 3}]})
+    path = save_dataset(ds, tmp_path / "odd.npz")
+    assert main(["data", "info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "molecule    aspirin" in out and "frames per chain 3; seeds ?" in out
+
+
+def test_molecule_metadata_of_the_wrong_type_is_a_clear_error():
+    from openmm_stable.geometry import molecule_ids
+
+    ds = _frames(2)
+    for key, value, message in (("atoms_per_molecule", "three", "atoms_per_molecule must be a positive integer"),
+                                ("atoms_per_molecule", 2.5, "atoms_per_molecule must be a positive integer"),
+                                ("molecule_ids", ["a"] * 9, "molecule_ids must be a list of integers")):
+        ds.metadata = {key: value}
+        with pytest.raises(InputError, match=message):
+            molecule_ids(ds)
+    ds.metadata = {"atoms_per_molecule": 3}
+    assert molecule_ids(ds).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]

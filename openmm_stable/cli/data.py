@@ -102,7 +102,7 @@ def describe(ds: QMDataset) -> list[str]:
     ]
     original = ds.metadata.get("original_units")
     units = "eV, Angstrom, eV/Angstrom, ps, Angstrom/ps (internal)"
-    if original:
+    if isinstance(original, dict):  # metadata is free-form JSON: describe what is there, never fail on it
         units += f"; file units: energy {original.get('energy')}, length {original.get('length')}"
     lines.append(f"units       {units}")
     if ds.energies is not None:
@@ -136,11 +136,13 @@ def describe(ds: QMDataset) -> list[str]:
         if key in ds.metadata:
             lines.append(f"{key:<11} {ds.metadata[key]}")
     if "molecule" in ds.metadata:
-        lines.append(f"molecule    {ds.metadata['molecule'].get('spec')}")
-    if "chains" in ds.metadata:
-        chains = ds.metadata["chains"]
+        molecule = ds.metadata["molecule"]
+        lines.append(f"molecule    {molecule.get('spec') if isinstance(molecule, dict) else molecule}")
+    chains = ds.metadata.get("chains")
+    if isinstance(chains, list) and all(isinstance(c, dict) for c in chains):
         lines.append(f"chains      {len(chains)} independent, one after another (frames per chain "
-                     f"{', '.join(str(c['frames']) for c in chains)}; seeds {', '.join(str(c['seed']) for c in chains)})")
+                     f"{', '.join(str(c.get('frames', '?')) for c in chains)}; "
+                     f"seeds {', '.join(str(c.get('seed', '?')) for c in chains)})")
     if "system" in ds.metadata:
         lines.append(f"system      {ds.metadata['system']}, {ds.metadata.get('n_molecules', '?')} molecules"
                      f" ({ds.metadata.get('kind', 'frames')})")

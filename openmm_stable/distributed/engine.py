@@ -30,7 +30,9 @@ worker; the driver does this rather than Ray's ``max_restarts``, which would res
 process but not its state). With
 Nose-Hoover the run continues as if nothing had happened (a Langevin worker draws new
 noise). When restarts are used up the run stops with `WorkerLostError`; `refine --resume`
-then continues from the last epoch's checkpoint.
+then continues from the last epoch's checkpoint. No call waits longer than `call_timeout_s`
+(`CALL_TIMEOUT_S`): a worker that hangs stops the run with `WorkerTimeoutError`, naming the
+worker and the call. Both are `errors.WorkerError` (a RuntimeError: not bad input).
 
 >>> engine = DistributedReplicaEngine(model, z, 128, EngineConfig(workers=2))  # doctest: +SKIP
 >>> engine.set_states(starts)                      # (R, N, 3) Angstrom, as ReplicaEngine
