@@ -26,6 +26,14 @@ torch.set_num_threads(int(TEST_THREADS))
 from _structures import ETHANOL_BONDS, ETHANOL_POSITIONS, ETHANOL_Z  # noqa: E402
 
 
+def pytest_configure(config):
+    """Refuse to run without pytest-timeout: without it pyproject's ``timeout`` is only an
+    unknown-option warning, and a hung OpenMM or Ray call would stall the run for ever."""
+    if not config.pluginmanager.hasplugin("timeout"):
+        raise pytest.UsageError("pytest-timeout is not installed (it is in the test extra: "
+                                "pip install -e '.[test]'); the per-test timeout would not apply")
+
+
 @pytest.fixture(scope="session")
 def ethanol_shared():
     """The same (atomic numbers, positions) as `ethanol`, one pair for the whole session.
