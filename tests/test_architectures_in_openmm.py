@@ -2,17 +2,18 @@
 
 test_models.py checks the four families in PyTorch alone and test_export.py checks the
 OpenMM side for schnet and graph-network; here each of the four (the torchmd-net
-equivariant transformer and TensorNet included) is scripted in replica form, put in a
-TorchForce on the Reference platform, and OpenMM's energy and forces (kJ/mol, nm) are
-compared with the PyTorch model's (eV, Angstrom), replica by replica. Two forms: the
-guarded module the replica engine builds (energy and forces out of the module,
-``setOutputsForces``) and an exported file loaded by TorchForce (forces by OpenMM's
-autograd), which for torchmd-net models needs its warp ops registered.
+equivariant transformer and TensorNet included) is scripted in replica form (2 replicas),
+put in a TorchForce on the Reference and CPU platforms (CPU: what the engine runs on
+without a GPU), and OpenMM's energy and forces (kJ/mol, nm) are compared with the PyTorch
+model's (eV, Angstrom), replica by replica. Two forms: the guarded module the replica
+engine builds (energy and forces out of the module, ``setOutputsForces``) and an exported
+file loaded by TorchForce (forces by OpenMM's autograd), which for torchmd-net models
+needs its warp ops registered.
 
 Tolerance: float32 model against float32 PyTorch, 1e-4 relative (the energy to the sum of
 the replicas' |energies|, every force component to the largest one: a small component has
-no useful relative error of its own); measured errors are 1e-7 to 1e-6. A real fault (a unit factor, replicas swapped, a missing dtype cast) is
-of the order of the values themselves.
+no useful relative error of its own); the measured errors are 1e-7 to 1e-6. A real fault
+(a unit factor, swapped replicas, a missing dtype cast) is of the order of the values.
 """
 from __future__ import annotations
 
@@ -42,14 +43,16 @@ def _replica_frames(positions: np.ndarray) -> np.ndarray:
     return frames
 
 
-def _openmm_energy_forces(force, n_particles: int, frames: np.ndarray) -> tuple[float, np.ndarray]:
-    """Energy (kJ/mol) and forces (R, N, 3) kJ/mol/nm of a one-force System on the Reference
-    platform (double precision: the positions reach the module as given)."""
+def _openmm_energy_forces(force, n_particles: int, frames: np.ndarray, platform: str) -> tuple[float, np.ndarray]:
+    """Energy (kJ/mol) and forces (R, N, 3) kJ/mol/nm of a one-force System on `platform`
+    (both platforms hand TorchForce the positions in float64)."""
     system = openmm.System()
     for _ in range(n_particles):
         system.addParticle(1.0)  # masses play no part in energy or forces
     system.addForce(force)
-    context = openmm.Context(system, openmm.VerletIntegrator(1e-4), openmm.Platform.getPlatformByName("Reference"))
+    properties = {"Threads": "1"} if platform == "CPU" else {}
+    context = openmm.Context(system, openmm.VerletIntegrator(1e-4), openmm.Platform.getPlatformByName(platform),
+                             properties)
     context.setPositions(frames.reshape(-1, 3) / NM_IN_ANGSTROM)
     state = context.getState(getEnergy=True, getForces=True)
     energy = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
@@ -67,8 +70,9 @@ def _pytorch_energies_forces(model, z: np.ndarray, frames: np.ndarray) -> tuple[
             forces.detach().double().numpy().reshape(frames.shape) * EV_A_IN_KJ_MOL_NM)
 
 
+@pytest.mark.parametrize("platform", ["Reference", "CPU"])
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
-def test_replica_torchforce_matches_the_pytorch_model(architecture, ethanol, tmp_path):
+def test_replica_torchforce_matches_the_pytorch_model(architecture, platform, ethanol, tmp_path):
     z, positions = ethanol
     frames = _replica_frames(positions)
     torch.manual_seed(0)
@@ -88,9 +92,9 @@ def test_replica_torchforce_matches_the_pytorch_model(architecture, ethanol, tmp
         "file": make_torch_force(str(export_model(model, tmp_path / "model.pt", z, N_REPLICAS))),
     }
     for form, force in forms.items():
-        energy, forces = _openmm_energy_forces(force, N_REPLICAS * len(z), frames)
+        energy, forces = _openmm_energy_forces(force, N_REPLICAS * len(z), frames, platform)
         total = expected_e.sum()
-        assert abs(energy - total) <= TOLERANCE * np.abs(expected_e).sum(), (form, energy, total)
+        assert abs(energy - total) <= TOLERANCE * np.abs(expected_e).sum(), (form, platform, energy, total)
         for k in range(N_REPLICAS):
             error = np.abs(forces[k] - expected_f[k]).max()
-            assert error <= TOLERANCE * scale, (form, k, error, scale)
+            assert error <= TOLERANCE * scale, (form, platform, k, error, scale)
