@@ -531,18 +531,29 @@ def stability_metrics(stable_time_ps, failed, horizon_ps: float) -> dict:
 
 
 def check_molecules(dataset: QMDataset, reference: Optional[QMDataset] = None,
-                    model_atomic_numbers: Optional[np.ndarray] = None) -> None:
-    """Raise ValueError when the reference data (h(r) is only comparable for the same
-    molecule) or the molecule a model file records it was trained on has another
-    composition than the dataset (atom order may differ: both are permutation invariant)."""
+                    model_atomic_numbers: Optional[np.ndarray] = None, model_bonds: Optional[np.ndarray] = None) -> None:
+    """Raise InputError when the reference data (h(r) is only comparable for the same
+    molecule) or the molecule a model file records it was trained on is another molecule
+    than the dataset's: another formula or another bond graph (atom order may differ: both
+    are permutation invariant; `molecule_difference`). A model file without bonds is
+    compared by formula only."""
+    from openmm_stable.data.dataset import molecule_difference
+    from openmm_stable.geometry import find_bonds
+
     z = np.asarray(dataset.atomic_numbers)
     here = f"the dataset {dataset.source} ({len(z)} atoms, {hill_formula(z)})"
-    if reference is not None and hill_formula(reference.atomic_numbers) != hill_formula(z):
-        raise InputError(f"reference {reference.source} ({reference.n_atoms} atoms, {hill_formula(reference.atomic_numbers)}) "
-                         f"is another molecule than {here}; h(r) can only be compared for the same molecule")
-    if model_atomic_numbers is not None and hill_formula(model_atomic_numbers) != hill_formula(z):
+    bonds = find_bonds(z, dataset.positions[0], box=dataset.box)
+    if reference is not None:
+        zr = np.asarray(reference.atomic_numbers)
+        differs = molecule_difference(zr, z, find_bonds(zr, reference.positions[0], box=reference.box), bonds)
+        if differs:
+            raise InputError(f"reference {reference.source} ({reference.n_atoms} atoms) is another molecule than "
+                             f"{here} ({differs}); h(r) can only be compared for the same molecule")
+    if model_atomic_numbers is not None:
         zm = np.asarray(model_atomic_numbers).reshape(-1)
-        raise InputError(f"the model was trained on {len(zm)} atoms ({hill_formula(zm)}), another molecule than {here}")
+        differs = molecule_difference(zm, z, model_bonds, bonds)
+        if differs:
+            raise InputError(f"the model was trained on {len(zm)} atoms, another molecule than {here} ({differs})")
 
 
 def simulate(model: nn.Module, dataset: QMDataset, config: SimulationConfig, out_dir,

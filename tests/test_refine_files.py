@@ -164,3 +164,25 @@ def test_every_learning_phase_leaves_a_snapshot_and_best_is_the_most_accurate_st
     expected = min((11, 12), key=maes.get)
     assert trainer.best["cycle"] == expected
     assert read_model_record(tmp_path / "best.pt").payload["snapshot"]["cycle"] == expected
+
+
+def test_simulate_and_refine_refuse_a_model_of_another_molecule_with_the_same_formula(tmp_path, xtb_ethanol,
+                                                                                      pretrained_ethanol_model):
+    """The model record holds its molecule's bonds (pretrain and refine write them), so a
+    dataset of dimethyl ether (C2H6O, like ethanol) is refused before any simulation."""
+    from openmm_stable.cli.common import check_model_matches
+    from openmm_stable.data.dataset import QMDataset
+    from openmm_stable.data.molecules import build_molecule
+    from openmm_stable.export import record_bonds
+    from openmm_stable.geometry import find_bonds
+
+    path = tmp_path / "refined"
+    refine(pretrained_ethanol_model, xtb_ethanol, _config(max_epochs=1), path, progress=False)
+    record = read_model_record(path / "model.pt")
+    expected = find_bonds(xtb_ethanol.atomic_numbers, xtb_ethanol.positions[0])
+    assert record_bonds(record).tolist() == np.asarray(expected).tolist()
+    z, positions = build_molecule("COC")
+    ether = QMDataset(atomic_numbers=z, positions=positions[None], source="ether.npz")
+    with pytest.raises(InputError, match="another molecule.*bonded differently"):
+        check_model_matches(path / "model.pt", ether)
+    check_model_matches(path / "model.pt", xtb_ethanol)  # the same molecule passes

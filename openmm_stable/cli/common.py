@@ -44,7 +44,9 @@ def engine_overrides(args) -> dict:
 
 def check_model_matches(model_path, dataset, reference=None) -> None:
     """Stop before any simulation when the model file records another molecule than the data."""
+    from openmm_stable.export import record_bonds
     from openmm_stable.models import read_model_record
     from openmm_stable.simulate import check_molecules
 
-    check_molecules(dataset, reference, read_model_record(model_path).atomic_numbers)
+    record = read_model_record(model_path)
+    check_molecules(dataset, reference, record.atomic_numbers, record_bonds(record))

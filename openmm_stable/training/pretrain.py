@@ -51,6 +51,7 @@ from openmm_stable.temperature import recorded_temperature
 from openmm_stable.models import ARCHITECTURES, PRESETS, create_model, load_model, save_model
 from openmm_stable.models.base import MAX_Z, NNIP, check_cutoff_fits_box
 from openmm_stable.config import config_from_dict, load_config
+from openmm_stable.geometry import find_bonds
 from openmm_stable.io import atomic_write_text, get_rng_state, load_torch_file, set_rng_state, write_csv
 from openmm_stable.training.ema import EMA
 from openmm_stable.training.batching import FrameTensors, energy_force_loss, evaluate, loss_from_metrics, refit_energy_shift
@@ -361,6 +362,8 @@ class Pretrainer:
         return dict(config=self.config.to_dict(), dataset_fingerprint=self.fingerprint,
                     dataset_source=str(self.dataset.source), split=self.split,
                     atomic_numbers=self.dataset.atomic_numbers,
+                    # the bond graph: "same molecule" checks compare it, not only the formula
+                    bonds=find_bonds(self.dataset.atomic_numbers, self.dataset.positions[0], box=self.dataset.box),
                     training_temperature_K=recorded_temperature(self.dataset))
 
     def save_checkpoint(self, improved: bool, val_loss: float) -> None:

@@ -41,7 +41,7 @@ from openmm_stable.data.splits import split_indices
 from openmm_stable.engine import create_engine
 from openmm_stable.io import atomic_write_json, atomic_write_text, load_torch_file, save_torch_file, get_rng_state, set_rng_state, write_csv
 from openmm_stable.models import NNIP, model_from_record, read_model_record, save_model
-from openmm_stable.geometry import half_box_width
+from openmm_stable.geometry import find_bonds, half_box_width
 from openmm_stable.observables import element_pair_list, make_observable, reference_from_dataset
 from openmm_stable.temperature import settle_temperatures
 from openmm_stable.stability import make_criterion, molecule_ids
@@ -535,7 +535,8 @@ class StableTrainer:
     def _save_model(self, path: Path, **extra) -> None:
         save_model(self.model, path, atomic_numbers=self.z, kind="refined",
                    training_temperature_K=self.config.engine.temperature_K,
-                   dataset_fingerprint=self.dataset.fingerprint(), split=self.qm_split, **extra)
+                   dataset_fingerprint=self.dataset.fingerprint(), split=self.qm_split,
+                   bonds=find_bonds(self.z, self.dataset.positions[0], box=self.dataset.box), **extra)
 
     def _save_snapshot(self, ended_stable: bool) -> None:
         """The model at the end of each learning phase, ``snapshots/cycle_K.pt``; and
