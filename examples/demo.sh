@@ -16,6 +16,8 @@ SIM_PS=${SIM_PS:-4}
 mkdir -p "$OUT"
 
 step() { printf '\n=== %s\n' "$*"; }
+# A rerun continues what an earlier (possibly killed) run left: --resume where a stage left its state.
+resume_if() { [ -e "$1" ] && echo --resume || true; }
 
 step "1/6 reference data: GFN2-xTB ethanol, 700 K (hot: small models fail within picoseconds)"
 if [ ! -f "$OUT/ethanol_xtb.npz" ]; then
@@ -35,16 +37,16 @@ openmm-stable pretrain "$OUT/ethanol_train.npz" --out "$OUT/pretrain" --architec
 step "3/6 simulate the pre-trained model: $REPLICAS replicas from held-out frames, 700 K"
 openmm-stable simulate "$OUT/pretrain/model.pt" --data "$OUT/ethanol_test.npz" --reference "$OUT/ethanol_xtb.npz" \
   --test-data "$OUT/ethanol_test.npz" --replicas "$REPLICAS" --time "$SIM_PS" --vacf-interval 0 \
-  --out "$OUT/simulate_pretrained"
+  --out "$OUT/simulate_pretrained" $(resume_if "$OUT/simulate_pretrained/progress.json")
 
 step "4/6 StABlE refinement ($HERE/refine_demo.yaml)"
 openmm-stable refine "$OUT/pretrain/model.pt" --data "$OUT/ethanol_train.npz" --reference "$OUT/ethanol_xtb.npz" \
-  --config "$HERE/refine_demo.yaml" --out "$OUT/refine" --resume
+  --config "$HERE/refine_demo.yaml" --out "$OUT/refine" $(resume_if "$OUT/refine/checkpoint.pt")
 
 step "5/6 simulate the refined model: the same starts and seeds"
 openmm-stable simulate "$OUT/refine/model.pt" --data "$OUT/ethanol_test.npz" --reference "$OUT/ethanol_xtb.npz" \
   --test-data "$OUT/ethanol_test.npz" --replicas "$REPLICAS" --time "$SIM_PS" --vacf-interval 0 \
-  --out "$OUT/simulate_refined"
+  --out "$OUT/simulate_refined" $(resume_if "$OUT/simulate_refined/progress.json")
 
 step "6/6 before / after"
 openmm-stable compare pretrained="$OUT/simulate_pretrained" refined="$OUT/simulate_refined" --out "$OUT/compare"
