@@ -376,3 +376,25 @@ def test_cli_compare_old_and_broken_metrics_files(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and str(bad / "metrics.json") in err and "Traceback" not in err
     assert not (tmp_path / "cmp_bad").exists()  # nothing written before every file was read
+
+
+def test_the_seed_reaches_the_thermostat(xtb_ethanol, monkeypatch):
+    """SimulationConfig(seed=k) seeds the Langevin integrator of the engine it runs (before,
+    from Python it changed only the start frames; the thermostat always drew seed 1)."""
+    import openmm_stable.simulate as simulate_module
+
+    seen = []
+    real = simulate_module.create_engine
+
+    def recording(*args, **kwargs):
+        engine = real(*args, **kwargs)
+        seen.append([ctx.getIntegrator().getRandomNumberSeed() for ctx in engine._contexts])
+        return engine
+
+    monkeypatch.setattr(simulate_module, "create_engine", recording)
+    engine = EngineConfig(temperature_K=500.0, platform="CPU")
+    for seed in (3, 4):
+        run_replicas(ZeroModel(), xtb_ethanol, SimulationConfig(n_replicas=2, time_ps=0.01, check_interval_ps=0.005,
+                                                                seed=seed, vacf_interval_ps=None, engine=engine),
+                     progress=False)
+    assert seen[0] != seen[1]
