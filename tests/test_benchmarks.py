@@ -124,3 +124,31 @@ def test_process_runner_reports_a_failed_build():
     finally:
         runner.close()
     assert not runner._proc.is_alive()
+
+
+# --- rederive_censoring.py: published numbers with failures at the last check -------------------
+def test_rederive_recovers_failures_at_the_last_check(tmp_path):
+    """A simulate metrics file counted its stable fraction from the check mask: of the two
+    replicas at the 1 ps horizon only one survived, so one failed at the last check. The
+    re-derived median and log-rank p count it; the controlled file's cannot be recovered."""
+    import runpy
+
+    rederive = runpy.run_path(str(BENCHMARKS / "rederive_censoring.py"))["main"]
+    arm = lambda times, fraction: {"time_ps": 1.0, "stable_time_ps": times, "stable_fraction": fraction,  # noqa: E731
+                                   "median_stable_time_ps": 1.0}
+    (tmp_path / "water.json").write_text(json.dumps({
+        "settings": {"seed": 0}, "metrics": {"a": arm([0.5, 1.0, 1.0], 1 / 3), "b": arm([1.0, 1.0, 1.0], 1.0)},
+        "statistics": {"logrank_p": {"a vs b": 0.32}}}))
+    (tmp_path / "stability_controlled.json").write_text(json.dumps({"fragile": {"horizon_ps": 1.0, "arms": {
+        "stable": {"stable_time_ps": [0.5, 1.0], "stable_fraction": 0.5, "median_stable_time_ps": 0.5,
+                   "median_interval_ps": [0.5, 1.0]}}, "logrank_p": {}}}))
+    report = rederive(["--results-dir", str(tmp_path)])
+    a = report["files"]["water.json"]["arms"]["a"]
+    assert a["failed_at_last_check"] == 1 and a["replicas_at_horizon"] == 2
+    assert a["stable_fraction"]["new"] == pytest.approx(1 / 3) and not a["stable_fraction"]["moved"]
+    assert a["km_median_ps"]["old"] is None and a["km_median_ps"]["new"] == 1.0 and a["km_median_ps"]["moved"]
+    p = report["files"]["water.json"]["logrank_p"]["a vs b"]
+    assert p["old"] == 0.32 and p["new"] == pytest.approx(0.1161, abs=1e-4)  # 2 failures in 3 against none, not 1
+    controlled = report["files"]["stability_controlled.json"]["experiments"]["fragile"]["arms"]["stable"]
+    assert controlled["recoverable"] is False and controlled["stable_fraction"]["new"] == "not recoverable"
+    assert json.loads((tmp_path / "censoring_rederived.json").read_text())["moved"] == report["moved"]
