@@ -233,8 +233,12 @@ class StableTrainer:
             detail = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
             raise InputError(f"{self.checkpoint_path}: the run was started with other settings ({detail}); resume with "
                              f"the same config (only {', '.join(RESUMABLE_CHANGES)} may change) or use --overwrite")
-        if payload.get("qm_split", {}).get("train") != self.qm_split["train"]:
-            raise InputError(f"{self.checkpoint_path}: the run used other QM training frames ({payload['qm_split']['note']})")
+        if "qm_split" not in payload:
+            raise InputError(f"{self.checkpoint_path}: written by an earlier version of openmm-stable, which did not "
+                             "record its QM frames; start again with --overwrite")
+        if payload["qm_split"]["train"] != self.qm_split["train"]:
+            raise InputError(f"{self.checkpoint_path}: the run used other QM training frames "
+                             f"({payload['qm_split']['note']}; now: {self.qm_split['note']})")
 
     def load_checkpoint(self) -> None:
         payload = load_torch_file(self.checkpoint_path)
