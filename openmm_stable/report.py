@@ -278,9 +278,15 @@ def compare_runs(runs: Mapping[str, Path], out_dir) -> str:
     widths = [max(len(title), 9) + 2 for _, title, _ in columns]
     label_width = max(12, *(len(label) + 2 for label in metrics))
     lines = [f"{'':>{label_width}}" + "".join(f"{title:>{w}}" for (_, title, _), w in zip(columns, widths))]
+    def cell(key, value, m, width) -> str:
+        if value is not None:
+            return f"{value:>{width}.4g}"
+        if key == "median_stable_time_ps":  # more than half outlived the run: a bound, not a value
+            return f"{'>' + format(m['time_ps'], 'g'):>{width}}"
+        return f"{'-':>{width}}"
+
     for label, m in metrics.items():
-        cells = "".join(f"{get(m):>{w}.4g}" if get(m) is not None else f"{'-':>{w}}"
-                        for (_, _, get), w in zip(columns, widths))
+        cells = "".join(cell(key, get(m), m, w) for (key, _, get), w in zip(columns, widths))
         lines.append(f"{label:>{label_width}}" + cells)
     table = "\n".join(lines + survival_statistics(metrics))
     atomic_write_text(out / "comparison.txt", table + "\n")
