@@ -668,7 +668,12 @@ def refine(model, dataset: QMDataset, config: StableConfig, out_dir, reference: 
     engine, reference = settle_temperatures(config.engine, dataset, reference if reference is not None else dataset,
                                             config.reference_temperature_K)
     config = dataclasses.replace(config, engine=engine)
-    trainer = StableTrainer(model, dataset, config, out_dir, reference=reference, progress=progress,
+    trainer_class = StableTrainer
+    if config.learning == "failure_bank":
+        from openmm_stable.training.failure_bank import FailureBankTrainer
+
+        trainer_class = FailureBankTrainer
+    trainer = trainer_class(model, dataset, config, out_dir, reference=reference, progress=progress,
                             model_split=split, model_fingerprint=fingerprint)
     summary = trainer.fit(resume=resume)
     return trainer.model, summary

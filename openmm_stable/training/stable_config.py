@@ -20,6 +20,11 @@ LEARNING_RESTARTS = ("initial", "last_window")
 FAILURE_RESETS = ("last_stable", "epoch_start")
 OPTIMIZERS = ("adam", "sgd")
 OBJECTIVES = ("ensemble", "per_frame")
+# How learning gets its samples and takes its steps: "windows" re-runs the window in which
+# instabilities happened (the paper's loop, with this project's recipe settings);
+# "failure_bank" banks every replica's frames near and at failures and steps whenever
+# enough failures are banked (`openmm_stable.training.failure_bank`; for starts that fail rarely).
+LEARNING_MODES = ("windows", "failure_bank")
 
 @dataclasses.dataclass
 class StableConfig:
@@ -27,6 +32,9 @@ class StableConfig:
     handling and the learning rate are the recipe that stabilised the fragile start of
     benchmarks/README section 5 (the first recipe, kept reachable through these fields, did not)."""
 
+    learning: str = "windows"  # LEARNING_MODES
+    # learning: failure_bank: its settings (`openmm_stable.training.failure_bank.FailureBankSettings` fields)
+    failure_bank: dict = dataclasses.field(default_factory=dict)
     n_replicas: int = 16
     epoch_ps: float = 1.0  # simulated time per replica per epoch
     frame_interval_ps: float = 0.05  # stability checks and estimator samples
@@ -141,6 +149,10 @@ class StableConfig:
             fail("stability", f"must be one of {', '.join(STABILITY_KINDS)}")
         if self.learning_restart not in LEARNING_RESTARTS:
             fail("learning_restart", f"must be one of {', '.join(LEARNING_RESTARTS)}")
+        if self.learning not in LEARNING_MODES:
+            fail("learning", f"must be one of {', '.join(LEARNING_MODES)}, got {self.learning!r}")
+        if not isinstance(self.failure_bank, dict):
+            fail("failure_bank", "must be a mapping of FailureBankSettings fields")
         if self.observable_objective not in OBJECTIVES:
             fail("observable_objective", f"must be one of {', '.join(OBJECTIVES)}")
         if self.observable_objective == "per_frame" and self.local_neighbourhoods:
