@@ -220,7 +220,16 @@ class StableTrainer:
             # OpenMM's own checkpoint (with the Langevin random state): a resumed run is the
             # run it continues, not only a valid continuation of it.
             "engine_checkpoint": engine_checkpoint, "engine_platform": self.engine.platform_name,
+            "mode_state": self.mode_state(),
         }, self.checkpoint_path)
+
+    def mode_state(self) -> dict:
+        """What a learning mode keeps beyond `LoopState` (e.g. a failure bank): plain data
+        for the checkpoint; `restore_mode_state` gets it back on resume."""
+        return {}
+
+    def restore_mode_state(self, values: dict) -> None:
+        pass
 
     def check_resumable(self, payload: dict) -> None:
         """Refuse to continue a run on other data or with other settings; only the limits
@@ -248,6 +257,7 @@ class StableTrainer:
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
         self.state = LoopState(**payload["loop"])
+        self.restore_mode_state(payload.get("mode_state") or {})
         self.state.finished = self._done()  # the config may allow more epochs now
         self.initial_positions = payload["initial_positions"]
         set_rng_state(payload["rng"])
