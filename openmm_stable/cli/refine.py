@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from openmm_stable.cli.common import add_engine_arguments, check_model_matches, engine_overrides
 from openmm_stable.stability import STABILITY_KINDS
+from openmm_stable.training.stable_config import LEARNING_MODES
 
 
 def register(subparsers) -> None:
@@ -21,6 +22,9 @@ def register(subparsers) -> None:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (same data and settings; "
                                                          "only --epochs may grow)")
     p.add_argument("--overwrite", action="store_true", help="start over in an OUT folder that holds an earlier run")
+    p.add_argument("--learning", choices=LEARNING_MODES, default=None,
+                   help="windows (re-run the windows where replicas failed; default), paper (the same loop with the "
+                        "paper code's settings), failure_bank (for starts that fail rarely)")
     p.add_argument("--epochs", type=int, default=None, help="max_epochs")
     p.add_argument("--replicas", type=int, default=None, help="n_replicas")
     p.add_argument("--epoch-ps", type=float, default=None, help="simulated ps per replica per epoch")
@@ -40,16 +44,16 @@ def config_from_args(args):
     """`StableConfig` defaults, then the YAML file (if any), then the flags that were given."""
     import dataclasses
 
-    from openmm_stable.config import config_from_dict, config_from_yaml
+    from openmm_stable.config import config_from_yaml
     from openmm_stable.training.stable import StableConfig
 
-    overrides = {"max_epochs": args.epochs, "n_replicas": args.replicas, "epoch_ps": args.epoch_ps,
+    overrides = {"learning": args.learning, "max_epochs": args.epochs, "n_replicas": args.replicas, "epoch_ps": args.epoch_ps,
                  "equilibration_ps": args.equilibration_ps,
                  "lr": args.lr, "seed": args.seed, "stability": args.stability,
                  "min_distance_threshold": args.min_distance_threshold,
                  "reference_temperature_K": args.reference_temperature}
     config = (config_from_yaml(StableConfig, args.config, overrides) if args.config
-              else config_from_dict(StableConfig, {k: v for k, v in overrides.items() if v is not None}))
+              else StableConfig.from_dict({k: v for k, v in overrides.items() if v is not None}))
     given = {k: v for k, v in engine_overrides(args).items() if v is not None}
     if given:  # flags over the YAML file; an unset temperature means the dataset's (library rule)
         config.engine = dataclasses.replace(config.engine, **given)

@@ -130,6 +130,13 @@ class LoopState:
     window_velocities: Optional[np.ndarray] = None
     learning_positions: Optional[np.ndarray] = None  # learning_restart="last_window": where learning epochs start
     learning_velocities: Optional[np.ndarray] = None
+    window_checkpoint: Optional[list] = None  # replay="exact": the engine's checkpoint at the window start
+    learning_checkpoint: Optional[list] = None  # ... of the window learning replays
+    failing_window_positions: Optional[np.ndarray] = None  # per replica: start of the epoch it last failed in
+    failing_window_velocities: Optional[np.ndarray] = None
+    own_window: Optional[np.ndarray] = None  # (R,) bool: replicas whose learning start is their own failing epoch
+    failure_samples: Optional[np.ndarray] = None  # simulation_failure_samples: frames up to each failure
+    failure_sample_replicas: Optional[np.ndarray] = None
     pending_samples: Optional[np.ndarray] = None  # frames of windows kept for the next step (min_split_half_cosine)
     pending_replicas: Optional[np.ndarray] = None
     pending_windows: int = 0
@@ -189,6 +196,9 @@ class StableTrainer:
         start = self.rng.choice(len(dataset), size=config.n_replicas, replace=len(dataset) < config.n_replicas)
         self.initial_positions = dataset.positions[start]
         self.engine = create_engine(model, self.z, config.n_replicas, config.engine, dataset.box, seed=config.seed)
+        if config.replay == "exact" and not hasattr(self.engine, "checkpoint"):
+            raise InputError("refine config: replay: exact needs OpenMM checkpoints of the engine, which the "
+                             "distributed engine (workers > 1) does not offer; use replay: states")
         self.state = LoopState()
         self.best: Optional[dict] = None  # {"path", "cycle", "epoch", "val_force_mae_meV_per_A"} of best.pt
 
@@ -288,12 +298,16 @@ class StableTrainer:
             st.stable_positions[ok], st.stable_velocities[ok] = frame.positions[ok], frame.velocities[ok]
             if frame.unstable.any():
                 idx = np.flatnonzero(frame.unstable)
+                st.failing_window_positions[idx] = st.window_positions[idx]
+                st.failing_window_velocities[idx] = st.window_velocities[idx]
                 if cfg.failure_reset == "epoch_start":
                     self.engine.reset_replicas(idx, st.window_positions[idx], st.window_velocities[idx])
                 else:
                     self.engine.reset_replicas(idx, st.stable_positions[idx], st.stable_velocities[idx])
 
         self.engine.run_checked(T, cfg.steps_per_frame, self.criterion, record_and_reset)
+        if st.phase == "simulation" and cfg.simulation_failure_samples and flags.any():
+            self._keep_failure_samples(frames, flags)
         if st.phase == "simulation" and cfg.random_reset_fraction > 0:
             stable = np.flatnonzero(~flags.any(axis=0))
             chosen = stable[self.rng.random(stable.size) < cfg.random_reset_fraction]
@@ -302,22 +316,64 @@ class StableTrainer:
                                            seed=cfg.seed + 7919 * (st.epoch + 1))
         return frames, flags
 
+    def _keep_failure_samples(self, frames: np.ndarray, flags: np.ndarray) -> None:
+        """Simulation phase: the frames of each replica that failed in this epoch, up to its
+        last failure (the approach to failure, which the reset would drop), kept for the next
+        learning step; at most one window's worth, the latest kept."""
+        st, cfg = self.state, self.config
+        failed = np.flatnonzero(flags.any(axis=0))
+        last = flags.shape[0] - 1 - np.argmax(flags[::-1, failed], axis=0)
+        kept = [frames[:t + 1, r] for r, t in zip(failed, last)]
+        replicas = [np.full(t + 1, r) for r, t in zip(failed, last)]
+        if st.failure_samples is not None:
+            kept, replicas = [st.failure_samples, *kept], [st.failure_sample_replicas, *replicas]
+        cap = cfg.frames_per_epoch * cfg.n_replicas
+        st.failure_samples = np.concatenate(kept)[-cap:]
+        st.failure_sample_replicas = np.concatenate(replicas)[-cap:]
+
+    def _enter_learning(self) -> None:
+        """The unstable fraction was reached: learning starts and its window is fixed. With
+        ``learning_window: failing_epochs`` a replica that failed earlier in the cycle
+        replays the start of its own failing epoch, so every failure of the cycle is in it."""
+        st, cfg = self.state, self.config
+        st.phase = "learning"
+        if cfg.new_optimizer_per_phase:
+            self._new_optimizer()
+        st.learning_positions, st.learning_velocities = st.window_positions, st.window_velocities
+        st.learning_checkpoint, st.own_window = st.window_checkpoint, None
+        if cfg.learning_window == "failing_epochs":
+            own = st.failed_this_cycle & ~np.all(st.failing_window_positions == st.window_positions, axis=(1, 2))
+            st.learning_positions = np.where(own[:, None, None], st.failing_window_positions, st.window_positions)
+            st.learning_velocities = np.where(own[:, None, None], st.failing_window_velocities, st.window_velocities)
+            st.own_window = own
+
     def _restart_replicas(self, for_learning: bool = False) -> None:
         """All replicas back to their initial frames with fresh Maxwell-Boltzmann velocities,
         or, for a learning epoch with ``learning_restart="last_window"``, to the saved states
-        of the window in which the instabilities happened."""
-        st = self.state
-        if for_learning and self.config.learning_restart == "last_window" and st.learning_positions is not None:
-            self.engine.set_states(st.learning_positions, st.learning_velocities)
+        of the window in which the instabilities happened: with ``replay: exact`` OpenMM's
+        checkpoint of its start (thermostat chains and random stream included), then the
+        replicas with a window of their own (`_enter_learning`) set to it."""
+        st, cfg = self.state, self.config
+        if for_learning and cfg.learning_restart == "last_window" and st.learning_positions is not None:
+            if cfg.replay == "exact" and st.learning_checkpoint is not None:
+                self.engine.restore_checkpoint(st.learning_checkpoint)
+                own = np.flatnonzero(st.own_window) if st.own_window is not None else np.zeros(0, dtype=int)
+                self.engine.reset_replicas(own, st.learning_positions[own], st.learning_velocities[own])
+            else:
+                self.engine.set_states(st.learning_positions, st.learning_velocities)
         else:
-            self.engine.set_states(self.initial_positions, seed=self.config.seed + 1000 * (st.epoch + 1))
+            self.engine.set_states(self.initial_positions, seed=cfg.seed + 1000 * (st.epoch + 1))
+            st.failure_samples = st.failure_sample_replicas = None  # a new cycle: other dynamics
         st.stable_positions, st.stable_velocities = self.engine.get_states()
-        st.failed_this_cycle = np.zeros(self.config.n_replicas, dtype=bool)
+        st.failed_this_cycle = np.zeros(cfg.n_replicas, dtype=bool)
+        if not for_learning:
+            st.failing_window_positions, st.failing_window_velocities = (a.copy() for a in self.engine.get_states())
 
     def _select_samples(self, frames: np.ndarray, flags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The sample frames (K, N, 3) and the replica each came from (K,)."""
-        cfg = self.config
-        skip = int(round(cfg.equilibration_ps / cfg.frame_interval_ps))
+        cfg, st = self.config, self.state
+        replay = cfg.learning_restart == "last_window" and st.learning_positions is not None
+        skip = 0 if replay and not cfg.equilibrate_replays else int(round(cfg.equilibration_ps / cfg.frame_interval_ps))
         frames, flags = frames[skip:], flags[skip:]
         ever_failed = np.cumsum(flags, axis=0) > 0  # (T, R): replica has failed by frame t
         if cfg.samples_from == "stable":
@@ -330,7 +386,8 @@ class StableTrainer:
         replica = np.broadcast_to(np.arange(frames.shape[1]), mask.shape)
         return frames[mask], replica[mask]
 
-    def _learning_step(self, samples: np.ndarray, replica_of_sample: Optional[np.ndarray] = None) -> dict:
+    def _learning_step(self, samples: np.ndarray, replica_of_sample: Optional[np.ndarray] = None,
+                       unstable_fraction: Optional[float] = None) -> dict:
         """One optimizer step on  w_obs L_obs + w_ef L_ef  (each loss divided by its value at
         the start of refinement when ``normalize_losses``: the weights are then relative and
         independent of units and bin counts; raw h(r) losses are ~1e-2 while energy/force
@@ -359,7 +416,7 @@ class StableTrainer:
         if st.last_learning_loss is not None and st.predicted_loss_change is not None:
             row["realised_loss_change"] = result.loss - st.last_learning_loss
         if cfg.normalize_losses and st.observable_loss_scale is None:
-            st.observable_loss_scale = max(result.loss, 1e-12)
+            st.observable_loss_scale = max(self._observable_scale(result.loss), 1e-12)
         obs_factor = cfg.observable_weight / (st.observable_loss_scale if cfg.normalize_losses else 1.0)
         observable_grads = [p.grad.detach().clone() for p in params]  # of the plain L_obs
         if obs_factor != 1.0:
@@ -381,13 +438,24 @@ class StableTrainer:
         refit_energy_shift(self.model, self.train_tensors)
         row.update(self._keep_force_budget())
         lr_before = self.optimizer.param_groups[0]["lr"]
-        self.scheduler.step(result.loss)
+        by_unstable = cfg.lr_schedule_on == "unstable_fraction" and unstable_fraction is not None
+        self.scheduler.step(unstable_fraction if by_unstable else result.loss)
         if self.optimizer.param_groups[0]["lr"] < lr_before:
             st.lr_reductions += 1
         self.engine.update_model(self.model)
         return {"observable_loss": result.loss, "grad_norm": grad_norm, "observable_grad_norm": obs_norm,
                 "energy_force_grad_norm": ef_norm, "n_samples": int(len(samples)),
                 "predicted_loss_change": st.predicted_loss_change, **row}
+
+    def _observable_scale(self, window_loss: float) -> float:
+        """The observable loss's normalisation: this (first) window's loss, or the mean loss
+        of the simulation epochs so far (many windows: less noise, F9 of the notes)."""
+        if self.config.observable_scale_from == "simulation_epochs":
+            losses = [r["observable_loss"] for r in self.state.history
+                      if r["phase"] == "simulation" and r.get("observable_loss") is not None]
+            if losses:
+                return float(np.mean(losses))
+        return window_loss
 
     def _observable_backward(self, x: torch.Tensor, row: dict):
         """Accumulate the Boltzmann-estimator gradient of the plain observable loss over
@@ -424,10 +492,10 @@ class StableTrainer:
         cosine = float(torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0))
         return {"split_half_cosine": cosine}
 
-    def _energy_force_backward(self, whole_training_set: bool = False, weight: Optional[float] = None) -> None:
+    def _energy_force_backward(self, whole_training_set: bool = False, weight: Optional[float] = None) -> float:
         """Accumulate w_ef x dL_ef/dtheta on a QM minibatch (``qm_batch_size``) or, with
         None or `whole_training_set`, the whole training set (averaged over frames);
-        w_ef is ``energy_force_weight`` unless `weight` is given."""
+        w_ef is ``energy_force_weight`` unless `weight` is given. Returns that weighted loss."""
         cfg, st = self.config, self.state
         if cfg.normalize_losses and st.energy_force_loss_scale is None:
             st.energy_force_loss_scale = self._energy_force_loss_on_train()
@@ -438,10 +506,13 @@ class StableTrainer:
             chunks = [np.arange(k, min(k + 64, n)) for k in range(0, n, 64)]
         else:
             chunks = [self.rng.choice(n, size=min(cfg.qm_batch_size, n), replace=False)]
-        total = sum(len(c) for c in chunks)
+        total, value = sum(len(c) for c in chunks), 0.0
         for idx in chunks:
             loss, _ = energy_force_loss(self.model, self.train_tensors.batch(idx), cfg.energy_weight, cfg.force_weight)
-            (scale * len(idx) / total * loss).backward()
+            weighted = scale * len(idx) / total * loss
+            weighted.backward()
+            value += float(weighted.detach())
+        return value
 
     def _budget_force_mae(self) -> float:
         return float(evaluate(self.model, self.budget_tensors)["force_mae_meV_per_A"])
@@ -457,11 +528,23 @@ class StableTrainer:
         if cfg.force_mae_budget is None:
             return {}
         mae, steps = self._budget_force_mae(), 0
+        lbfgs = None
         while mae > cfg.force_mae_budget * st.start_force_mae and steps < cfg.max_restore_steps:
-            self.optimizer.zero_grad(set_to_none=False)
-            self._energy_force_backward(whole_training_set=True, weight=1.0)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
-            self.optimizer.step()
+            if cfg.restore_optimizer == "lbfgs":
+                # Its own optimizer, made for this restore: no observable moments carried in.
+                lbfgs = lbfgs or torch.optim.LBFGS(self.model.parameters(), lr=1.0, max_iter=1, history_size=10,
+                                                   line_search_fn="strong_wolfe")
+
+                def closure():
+                    lbfgs.zero_grad(set_to_none=False)
+                    return self._energy_force_backward(whole_training_set=True, weight=1.0)
+
+                lbfgs.step(closure)
+            else:
+                self.optimizer.zero_grad(set_to_none=False)
+                self._energy_force_backward(whole_training_set=True, weight=1.0)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
+                self.optimizer.step()
             refit_energy_shift(self.model, self.train_tensors)
             mae, steps = self._budget_force_mae(), steps + 1
         st.restore_steps += steps
@@ -510,6 +593,8 @@ class StableTrainer:
             self._restart_replicas(for_learning=True)
         else:
             st.window_positions, st.window_velocities = self.engine.get_states()
+            if cfg.replay == "exact":
+                st.window_checkpoint = self.engine.checkpoint()
         frames, flags = self._simulate_epoch()
         row["sim_time_s"] = time.perf_counter() - t0
         st.failed_this_cycle |= flags.any(axis=0)
@@ -520,8 +605,14 @@ class StableTrainer:
             if st.pending_samples is not None:  # earlier windows whose gradient was noise
                 samples = np.concatenate([st.pending_samples, samples])
                 replica_of_sample = np.concatenate([st.pending_replicas, replica_of_sample])
+            if st.failure_samples is not None:  # the simulation phase's approaches to failure
+                samples = np.concatenate([st.failure_samples, samples])
+                replica_of_sample = np.concatenate([st.failure_sample_replicas, replica_of_sample])
+                row["n_failure_samples"] = int(len(st.failure_samples))
+                st.failure_samples = st.failure_sample_replicas = None
             if len(samples) >= 2:
-                row.update(self._learning_step(samples, replica_of_sample))
+                row.update(self._learning_step(samples, replica_of_sample,
+                                               unstable_fraction=float(flags.any(axis=0).mean())))
             st.learning_epochs_done += 1
             all_stable = cfg.until_stable and not flags.any()
             if st.learning_epochs_done >= cfg.learning_epochs or all_stable:  # back to simulation: new cycle
@@ -532,10 +623,7 @@ class StableTrainer:
             stable_frames = frames[flags.cumsum(0) == 0]
             row["observable_loss"] = self.observable_loss_of(stable_frames) if len(stable_frames) >= 2 else None
             if st.failed_this_cycle.mean() >= cfg.unstable_fraction:
-                st.phase = "learning"
-                if cfg.new_optimizer_per_phase:
-                    self._new_optimizer()
-                st.learning_positions, st.learning_velocities = st.window_positions, st.window_velocities
+                self._enter_learning()
         row["grad_time_s"] = time.perf_counter() - t1
         metrics = evaluate(self.model, self.val_tensors)
         row["val_energy_mae_meV"] = metrics["energy_mae_meV"]

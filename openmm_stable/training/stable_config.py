@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from openmm_stable.config import config_from_dict
 from openmm_stable.engine import EngineConfig
 from openmm_stable.errors import InputError
 from openmm_stable.stability import STABILITY_KINDS, TRAINING_BOND_THRESHOLD, WATER_MIN_DISTANCE_THRESHOLD
@@ -24,7 +25,29 @@ OBJECTIVES = ("ensemble", "per_frame")
 # instabilities happened (the paper's loop, with this project's recipe settings);
 # "failure_bank" banks every replica's frames near and at failures and steps whenever
 # enough failures are banked (`openmm_stable.training.failure_bank`; for starts that fail rarely).
-LEARNING_MODES = ("windows", "failure_bank")
+LEARNING_MODES = ("windows", "paper", "failure_bank")  # "paper": windows with `PAPER_SETTINGS`
+REPLAYS = ("states", "exact")
+LEARNING_WINDOWS = ("triggering_epoch", "failing_epochs")
+SCALE_SOURCES = ("first_learning_window", "simulation_epochs")
+RESTORE_OPTIMIZERS = ("shared", "lbfgs")
+SCHEDULE_METRICS = ("observable_loss", "unstable_fraction")
+
+# `learning: paper`: the learning loop as the paper's published code runs it (read from the
+# authors' repository, ../shared/DESIGN.md): plain SGD at 1e-3, the summed gradient clipped
+# to norm 1, the energy/force gradient over the whole training set unnormalised with weight
+# 10, a new optimizer per learning phase, ReduceLROnPlateau (patience 10) on the unstable
+# fraction, learning until no replica fails or the rate is 1/25 of its start; failed
+# replicas go back to the start of the epoch in which they failed, and learning replays
+# those windows exactly (thermostat state included) with every frame a sample. Keys given
+# next to `learning: paper` win over these.
+PAPER_SETTINGS = {
+    "optimizer": "sgd", "lr": 1e-3, "grad_clip": 1.0, "warmup_steps": 0, "normalize_losses": False,
+    "energy_force_weight": 10.0, "qm_batch_size": None, "new_optimizer_per_phase": True,
+    "lr_patience": 10, "lr_factor": 0.2, "max_lr_reductions": 2, "lr_schedule_on": "unstable_fraction",
+    "learning_restart": "last_window", "failure_reset": "epoch_start", "until_stable": True,
+    "random_reset_fraction": 0.05, "unstable_fraction": 0.75, "replay": "exact",
+    "learning_window": "failing_epochs", "equilibrate_replays": False, "samples_from": "all",
+}
 
 @dataclasses.dataclass
 class StableConfig:
@@ -55,6 +78,22 @@ class StableConfig:
     # "epoch_start": its state at the start of the epoch in which it failed (the paper's code),
     # so a learning window that starts there holds the whole approach to failure.
     failure_reset: str = "epoch_start"
+    # How a learning epoch re-runs its window: "states" sets positions and velocities (a fresh
+    # thermostat: new Langevin noise, Nose-Hoover chains at rest); "exact" restores OpenMM's
+    # checkpoint of the window's start, so the re-run is the same dynamics under the updated
+    # model (the paper's deterministic replay; needs an engine in this process).
+    replay: str = "states"
+    # Which states the learning window holds: "triggering_epoch" = every replica's state at
+    # the start of the epoch that reached `unstable_fraction`; "failing_epochs" = a replica
+    # that failed earlier in the cycle starts from the start of ITS failing epoch, so the
+    # re-run holds every failure of the cycle, not only the last epoch's.
+    learning_window: str = "triggering_epoch"
+    # Simulation phase: keep the frames of each failing replica up to its failure and add them
+    # to the first learning step's samples (they are dropped at the reset otherwise).
+    simulation_failure_samples: bool = False
+    # Drop the first `equilibration_ps` of a learning epoch also when it replays saved,
+    # already equilibrated states (True: as before; a failure early in a window is then lost).
+    equilibrate_replays: bool = True
     random_reset_fraction: float = 0.05  # simulation epochs: this fraction of stable replicas restart (paper: 0.05)
     new_optimizer_per_phase: bool = True  # the paper's code makes a new optimizer for each learning phase
     max_epochs: int = 20
@@ -73,6 +112,9 @@ class StableConfig:
     # True: each loss divided by its value at the start (weights are relative); False: the
     # plain weighted sum, as the paper's code adds the energy/force gradient unnormalised.
     normalize_losses: bool = True
+    # With normalize_losses, the observable loss's scale: the first learning window's loss
+    # (one noisy window) or the mean over the simulation epochs before the first step.
+    observable_scale_from: str = "first_learning_window"
     energy_weight: float = 1.0  # inside the energy/force loss, as in pre-training
     force_weight: float = 100.0
     qm_batch_size: Optional[int] = 32  # None: the energy/force gradient over the whole training set
@@ -83,12 +125,16 @@ class StableConfig:
     # the force error drift (benchmarks/README section 5a); the budget acts only on the drift.
     force_mae_budget: Optional[float] = None
     max_restore_steps: int = 10
+    # The restore steps' optimizer: "shared" = the learning optimizer (its moments carry the
+    # observable gradient into the restore); "lbfgs" = a new L-BFGS on the energy/force loss.
+    restore_optimizer: str = "shared"
     optimizer: str = "adam"
     lr: float = 5e-4
     grad_clip: Optional[float] = 1.0
     warmup_steps: int = 5  # learning rate ramps up over the first steps (Adam's first steps are large)
     lr_factor: float = 0.5
     lr_patience: int = 3
+    lr_schedule_on: str = "observable_loss"  # the ReduceLROnPlateau metric (the paper: unstable_fraction)
     max_lr_reductions: int = 3  # training stops after this many reductions
     estimator_minibatch: int = 256
     # Signal diagnostics per learning step: the cosine between the estimator gradients of two
@@ -149,8 +195,11 @@ class StableConfig:
             fail("stability", f"must be one of {', '.join(STABILITY_KINDS)}")
         if self.learning_restart not in LEARNING_RESTARTS:
             fail("learning_restart", f"must be one of {', '.join(LEARNING_RESTARTS)}")
-        if self.learning not in LEARNING_MODES:
-            fail("learning", f"must be one of {', '.join(LEARNING_MODES)}, got {self.learning!r}")
+        for name, allowed in (("learning", LEARNING_MODES), ("replay", REPLAYS), ("learning_window", LEARNING_WINDOWS),
+                              ("observable_scale_from", SCALE_SOURCES), ("restore_optimizer", RESTORE_OPTIMIZERS),
+                              ("lr_schedule_on", SCHEDULE_METRICS)):
+            if getattr(self, name) not in allowed:
+                fail(name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if not isinstance(self.failure_bank, dict):
             fail("failure_bank", "must be a mapping of FailureBankSettings fields")
         if self.observable_objective not in OBJECTIVES:
@@ -168,6 +217,20 @@ class StableConfig:
         if self.neighbourhood_radius is not None and not self.neighbourhood_radius > 0:
             fail("neighbourhood_radius", "must be > 0 (or unset: the RDF's r_max)")
         ObservableLoss(torch.zeros(1), self.observable_loss)  # validates the loss name
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "StableConfig":
+        """From a mapping (YAML, the CLI); unknown keys are an error. ``learning: paper``
+        brings `PAPER_SETTINGS`, under any key given beside it."""
+        values = dict(values or {})
+        if values.get("learning") == "paper":
+            values = {**PAPER_SETTINGS, **values}
+        return config_from_dict(cls, values, "refine config")
+
+    @classmethod
+    def paper(cls, **overrides) -> "StableConfig":
+        """The paper's learning loop (`PAPER_SETTINGS`); `overrides` win."""
+        return cls.from_dict({"learning": "paper", **overrides})
 
     @property
     def steps_per_frame(self) -> int:
