@@ -11,7 +11,9 @@ medians come from the Kaplan-Meier curve (`km_median`, None when more than half 
 replicas outlived the horizon: the median is then not measured, only bounded), and their
 uncertainty from a bootstrap over replicas (`bootstrap_median_interval`). When failures
 are rare, `failure_rate` (failures per replica-ps) and `rate_ratio_test` (exact test of
-two Poisson rates) use every replica-ps of exposure.
+two Poisson rates) use every replica-ps of exposure; `detectable_rate_ratio` says which
+ratio that test resolves with given exposures (its power), so a "no significant
+difference" can be read as "no difference as large as X".
 """
 from __future__ import annotations
 
@@ -146,6 +148,91 @@ def rate_ratio_test(failures_a: int, exposure_a: float, failures_b: int, exposur
 
     return {"estimate": ratio(ka / n), "lower95": ratio(ci.low), "upper95": ratio(ci.high),
             "p": float(test.pvalue)}
+
+
+def binomial_test_p_values(n: int, p0: float) -> np.ndarray:
+    """Two-sided p of the exact binomial test (scipy's ``binomtest``: the sum of the
+    probabilities no larger than the observed one, relative tolerance 1e-7) for every
+    count 0..n at once, so a power sum over many counts needs no test call per count."""
+    from scipy import stats
+
+    pmf = stats.binom.pmf(np.arange(n + 1), n, p0)
+    ordered = np.sort(pmf)
+    below = np.searchsorted(ordered, pmf * (1 + 1e-7), side="right")  # how many are no larger
+    return np.minimum(np.cumsum(ordered)[below - 1], 1.0)
+
+
+def rate_test_power(ratio: float, exposure_a: float, exposure_b: float, rate_b: float, alpha: float = 0.05) -> float:
+    """Probability that `rate_ratio_test` finds p < `alpha` when the true rates are
+    rate_b * ratio (arm a) and rate_b (arm b): the total count n is Poisson, and given n
+    the count of a is binomial, so the power is an exact sum over both (no simulation)."""
+    from scipy import stats
+
+    _check_power_inputs(exposure_a, exposure_b, rate_b, 0.5, alpha)
+    return _power_function(exposure_a, exposure_b, rate_b, alpha, max(1.0, ratio))(ratio)
+
+
+def _check_power_inputs(exposure_a, exposure_b, rate_b, power, alpha) -> None:
+    for name, value in (("exposure_a", exposure_a), ("exposure_b", exposure_b)):
+        if not (math.isfinite(value) and value > 0):
+            raise InputError(f"{name} must be a positive number of replica-ps, got {value!r}")
+    if not (math.isfinite(rate_b) and rate_b >= 0):
+        raise InputError(f"rate_b must be a failure rate >= 0 per ps, got {rate_b!r}")
+    if not (0 < power < 1 and 0 < alpha < 1):
+        raise InputError(f"power and alpha must lie strictly between 0 and 1, got {power!r} and {alpha!r}")
+
+
+def _power_function(exposure_a: float, exposure_b: float, rate_b: float, alpha: float, max_ratio: float):
+    """power(ratio) for ratios up to `max_ratio`: the test's rejection set for every total
+    count that has any weight is built once, then each ratio only reweights it."""
+    from scipy import stats
+
+    p0 = exposure_a / (exposure_a + exposure_b)
+    mu_b = rate_b * exposure_b
+    n_lo = int(stats.poisson.ppf(1e-12, mu_b))
+    n_hi = int(stats.poisson.ppf(1 - 1e-12, mu_b + max_ratio * rate_b * exposure_a)) + 1
+    counts = np.arange(n_lo, n_hi + 1)
+    # p falls as the count's probability does (unimodal in the count), so the test rejects
+    # the two tails: counts <= lower[n] and >= upper[n]
+    lower, upper = np.empty(counts.size), np.empty(counts.size)
+    for i, n in enumerate(counts):
+        kept = np.flatnonzero(binomial_test_p_values(int(n), p0) >= alpha)
+        lower[i], upper[i] = kept[0] - 1, kept[-1] + 1
+
+    def power(ratio: float) -> float:
+        mu_a = ratio * rate_b * exposure_a
+        share = mu_a / (mu_a + mu_b)
+        tails = stats.binom.cdf(lower, counts, share) + stats.binom.sf(upper - 1, counts, share)
+        return float(np.sum(stats.poisson.pmf(counts, mu_a + mu_b) * tails))
+
+    return power
+
+
+def detectable_rate_ratio(exposure_a: float, exposure_b: float, rate_b: float, power: float = 0.8,
+                          alpha: float = 0.05) -> Optional[float]:
+    """The rate ratio a / b closest to 1 from below (a fails less often than b, whose rate
+    is `rate_b` per ps) that `rate_ratio_test` at two-sided `alpha` detects with
+    probability `power`, given the replica-ps each arm ran: the smallest improvement these
+    exposures resolve. None when even a ratio near 0 is not detected that often (too few
+    expected failures in b, or rate_b 0). The search bisects the exact power
+    (`rate_test_power`) in log ratio; with equal exposures a ratio of 0.5 needs about 70
+    expected failures in all at 80 % power."""
+    _check_power_inputs(exposure_a, exposure_b, rate_b, power, alpha)
+    if rate_b == 0:
+        return None
+    power_at = _power_function(exposure_a, exposure_b, rate_b, alpha, 1.0)
+    low, high = 1e-6, 1.0  # power(low) >= power > power(high) (log-space bisection between)
+    if power_at(low) < power:
+        return None
+    for _ in range(40):
+        mid = math.sqrt(low * high)
+        if power_at(mid) >= power:
+            low = mid
+        else:
+            high = mid
+        if high / low < 1 + 1e-4:
+            break
+    return float(low)
 
 
 def fisher_p(stable_a: int, n_a: int, stable_b: int, n_b: int) -> float:

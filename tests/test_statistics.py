@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from openmm_stable.errors import InputError
-from openmm_stable.statistics import (bootstrap_median_interval, failure_rate, fisher_p, kaplan_meier, km_median,
-                                      logrank_p, rate_ratio_test)
+from openmm_stable.statistics import (binomial_test_p_values, bootstrap_median_interval, detectable_rate_ratio,
+                                      failure_rate, fisher_p, kaplan_meier, km_median, logrank_p, rate_ratio_test,
+                                      rate_test_power)
 
 
 def test_kaplan_meier_by_hand():
@@ -114,3 +115,55 @@ def test_rate_ratio_test_is_the_exact_conditional_binomial_test():
     assert none["p"] == 1.0 and math.isnan(none["estimate"])
     with pytest.raises(InputError):
         rate_ratio_test(1, 0.0, 1, 1.0)
+
+
+def test_binomial_test_p_values_are_scipys_for_every_count():
+    from scipy import stats
+
+    for n, p0 in ((1, 0.5), (7, 0.3), (40, 0.5), (101, 0.77)):
+        expected = [stats.binomtest(k, n, p0).pvalue for k in range(n + 1)]
+        np.testing.assert_allclose(binomial_test_p_values(n, p0), expected, rtol=1e-9, atol=1e-15)
+    assert binomial_test_p_values(0, 0.4).tolist() == [1.0]
+
+
+def simulated_power(ratio, exposure_a, exposure_b, rate_b, draws=1500, seed=0):
+    """The fraction of simulated experiments (Poisson counts at the true rates) in which
+    `rate_ratio_test` gives p < 0.05, and its standard error."""
+    rng = np.random.default_rng(seed)
+    ka = rng.poisson(ratio * rate_b * exposure_a, draws)
+    kb = rng.poisson(rate_b * exposure_b, draws)
+    p = {(a, b): rate_ratio_test(a, exposure_a, b, exposure_b)["p"] for a, b in set(zip(ka, kb))}  # once per pair
+    hits = np.mean([p[pair] < 0.05 for pair in zip(ka, kb)])
+    return hits, math.sqrt(hits * (1 - hits) / draws)
+
+
+def test_rate_test_power_is_the_simulated_rejection_rate():
+    """The exact power sum agrees with experiments simulated at the true rates and put
+    through `rate_ratio_test` itself, at unequal exposures and on both sides of 1."""
+    for ratio, exposure_a, exposure_b, rate_b in ((0.5, 600.0, 900.0, 0.05), (2.0, 300.0, 200.0, 0.04),
+                                                  (1.0, 500.0, 500.0, 0.05)):
+        exact = rate_test_power(ratio, exposure_a, exposure_b, rate_b)
+        hits, se = simulated_power(ratio, exposure_a, exposure_b, rate_b)
+        assert abs(exact - hits) < 4 * se + 1e-3, (ratio, exact, hits)
+    assert rate_test_power(1.0, 500.0, 500.0, 0.05) <= 0.05  # an exact test: its size is at most alpha
+
+
+def test_detectable_rate_ratio_of_the_known_case():
+    """A 2x rate (ratio 0.5) needs about 70 failures in all for 80 % power (the rule of
+    thumb of the notes, F10): at 1,000 replica-ps per arm that is a rate of ~0.047/ps in
+    b. The ratio found has 80 % power exactly, also when simulated; more exposure resolves
+    a ratio closer to 1; too little resolves none."""
+    ratio = detectable_rate_ratio(1000.0, 1000.0, 0.047)
+    assert 0.45 < ratio < 0.53
+    assert 60 < 0.047 * 1000.0 * (1 + ratio) < 80  # expected failures in both arms at that ratio
+    assert rate_test_power(ratio, 1000.0, 1000.0, 0.047) == pytest.approx(0.8, abs=1e-3)
+    hits, se = simulated_power(ratio, 1000.0, 1000.0, 0.047)
+    assert abs(hits - 0.8) < 4 * se
+    assert detectable_rate_ratio(4000.0, 4000.0, 0.047) > ratio + 0.1
+    assert detectable_rate_ratio(2000.0, 1000.0, 0.047) > ratio  # more exposure in a helps too
+    assert detectable_rate_ratio(10.0, 10.0, 0.05) is None  # 0.5 expected failures: nothing is detectable
+    assert detectable_rate_ratio(100.0, 100.0, 0.0) is None
+    with pytest.raises(InputError, match="exposure_a"):
+        detectable_rate_ratio(0.0, 100.0, 0.05)
+    with pytest.raises(InputError, match="power and alpha"):
+        detectable_rate_ratio(100.0, 100.0, 0.05, power=1.2)
