@@ -122,6 +122,43 @@ def surrogate_backward(energy_fn: EnergyFn, frames: Tensor, coefficients: Tensor
         (coefficients[chunk].to(energies) * energies).sum().backward()
 
 
+def log_mean_coefficients(scores: Tensor, temperature_K: float, weights: Optional[Tensor] = None) -> EstimatorResult:
+    """Surrogate coefficients of d log<l>/dtheta from per-frame penalties l_k (K,), for
+    frames that are a (weighted) sample of exp(-beta U_theta).
+
+    Uniform frames: c_k = beta (<l> - l_k) / (K <l>), the per-frame gradient divided by
+    <l>. With an excursion penalty (l > 0 only past the data) that is the gradient of
+    log P_theta(excursion), whose size does not shrink as failures get rarer (notes F6).
+
+    Weighted frames (a bank that keeps every frame with l > 0 but only a uniform sample of
+    n_b of the N_0 frames with l = 0, each of those standing for w = N_0 / n_b frames):
+    over the whole population of frames,
+        d log<l>/dtheta = beta (<dU/dtheta> - <l dU/dtheta> / <l>),
+    where <l dU> / <l> = sum_k w_k l_k dU_k / sum_k w_k l_k and <dU> = sum_k w_k dU_k / W,
+    W = sum_k w_k, so
+
+        c_k = beta w_k (1 / W - l_k / sum_j w_j l_j).
+
+    w_k = 1 everywhere is the uniform formula; treating a bank as uniform instead would
+    weight the background's mean gradient by n_b / N_0 too little. sum_k c_k = 0, so a
+    constant energy shift gets no gradient. `loss` and `mean` are <l> = sum w l / W."""
+    scores = scores.detach().to(torch.float64).reshape(-1)
+    K = scores.shape[0]
+    if K < 2:
+        raise InputError("the Boltzmann estimator needs at least two frames")
+    w = torch.ones_like(scores) if weights is None else torch.as_tensor(weights).to(scores).reshape(-1)
+    if w.shape[0] != K or not bool((w > 0).all()):
+        raise InputError(f"log_mean_coefficients: need {K} positive weights, got {w.shape[0]} "
+                         f"({int((w <= 0).sum())} not positive)")
+    total_weight, total_score = w.sum(), (w * scores).sum()
+    if not total_score > 0:
+        raise InputError("log_mean_coefficients: every frame has penalty 0, so log<l> has no gradient (no excursions)")
+    beta = 1.0 / kT_eV(temperature_K)
+    coefficients = beta * w * (1.0 / total_weight - scores / total_score)
+    mean = total_score / total_weight
+    return EstimatorResult(float(mean), mean.reshape(1), coefficients)
+
+
 def boltzmann_gradient(energy_fn: EnergyFn, frames: Tensor, values: Tensor, loss_fn: Callable[[Tensor], Tensor],
                        temperature_K: float, minibatch: Optional[int] = None, per_frame: bool = False) -> EstimatorResult:
     """Gradient of L(<O>) (or of <L(O(x))>, ``per_frame``) w.r.t. the parameters behind
