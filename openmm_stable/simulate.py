@@ -13,6 +13,14 @@ A replica that fails is reset to its starting frame and counted as failed from t
 (frozen): it cannot disturb the others, which run on. Its stable time is that of its first
 unstable check, with an event flag (`failed`): a failure at the last check is not a survivor.
 
+With ``renewal`` a failed replica instead restarts from a fresh dataset frame (one the
+starts did not use, `RestartFrames`) with new velocities and runs on to the horizon: every
+failure is an event and every replica-ps is exposure (R x horizon), so the failure rate
+per replica-ps of a model that fails rarely is measured with all the failures a run can
+give, not one per replica (`statistics.rate_ratio_test`). The stable times and flags stay
+those of each replica's first segment (Kaplan-Meier and log-rank as before); the
+segments are in metrics.json, and observables use the stable frames of every segment.
+
 In an output folder the frames stream to ``frames/*.npy`` and, every ``chunk_checks``
 checks, the engine state and ``progress.json`` (stable times so far) are saved, so a
 killed run keeps its numbers and ``resume`` continues it bit for bit when the engine
@@ -22,6 +30,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -34,7 +44,7 @@ from openmm_stable.config import config_from_dict, load_config
 from openmm_stable.errors import InputError
 from openmm_stable.io import atomic_path, atomic_write_json
 from openmm_stable.data.dataset import QMDataset, hill_formula
-from openmm_stable.engine import EngineConfig, create_engine, masses_amu
+from openmm_stable.engine import EngineConfig, create_engine, masses_amu, maxwell_boltzmann
 from openmm_stable.dynamics import (A2_PER_PS_IN_CM2_PER_S, VACF_MAX_REFERENCE_INTERVAL_PS, first_minimum,
                                     green_kubo_diffusivity, molecular_diffusivity, molecular_velocities,
                                     regular_time_step, vacf_over_segments)
@@ -66,6 +76,9 @@ class SimulationConfig:
     seed: int = 0
     write_trajectories: bool = False
     chunk_checks: int = 10  # checks between saved states when streaming to a folder: the most a kill loses
+    # A failed replica restarts from a fresh frame and runs on (failures per replica-ps
+    # over all segments); False: it is reset and frozen (one first-failure time per replica).
+    renewal: bool = False
     # K at which the reference frames were sampled when the file records none (MD17: 500);
     # None: as recorded, else the run temperature (`openmm_stable.temperature`).
     reference_temperature_K: Optional[float] = None
@@ -80,6 +93,8 @@ class SimulationConfig:
             raise InputError("n_replicas, time_ps and check_interval_ps must be positive")
         if int(self.chunk_checks) != self.chunk_checks or self.chunk_checks < 1:
             raise InputError(f"chunk_checks must be a whole number >= 1, got {self.chunk_checks!r}")
+        if not isinstance(self.renewal, bool):
+            raise InputError(f"renewal must be true or false, got {self.renewal!r}")
         if self.stability not in STABILITY_KINDS:
             raise InputError(f"unknown stability criterion {self.stability!r}; known: {', '.join(STABILITY_KINDS)}")
         if self.vacf_interval_ps is not None and not (self.vacf_interval_ps > 0 and self.vacf_max_lag_ps > 0):
@@ -149,6 +164,7 @@ class SimulationResult:
     platform: str
     velocities: Optional[np.ndarray] = None  # (T * per_check, R, N, 3) A/ps, float32, every velocity_interval_ps
     velocity_interval_ps: Optional[float] = None
+    segments: Optional[dict] = None  # renewal runs: every segment (`renewal_segments`)
 
     @property
     def velocities_per_check(self) -> int:
@@ -159,6 +175,78 @@ def initial_frames(dataset: QMDataset, n_replicas: int, seed: int) -> np.ndarray
     """Indices of distinct starting frames (repeats only if the dataset is smaller)."""
     rng = np.random.default_rng(seed)
     return rng.choice(len(dataset), size=n_replicas, replace=len(dataset) < n_replicas)
+
+
+class RestartFrames:
+    """Where the replicas of a renewal run restart: the dataset frames the initial starts
+    did not use, in a permutation seeded by the run's seed, one after another (`used` is
+    how many were handed out, which a resumed run restores). When they run out the order
+    starts again (frames are then reused), with a note; a dataset whose every frame was a
+    start is permuted whole."""
+
+    def __init__(self, n_frames: int, starts: np.ndarray, seed: int, used: int = 0):
+        unused = np.setdiff1d(np.arange(n_frames), starts)
+        self.reused_from_start = unused.size == 0
+        self.order = np.random.default_rng([seed, 1]).permutation(np.arange(n_frames) if unused.size == 0 else unused)
+        self.used = int(used)
+
+    def take(self, n: int) -> np.ndarray:
+        """The next `n` frames (and a note when restarts begin to reuse frames)."""
+        picks = self.order[np.arange(self.used, self.used + n) % self.order.size]
+        fresh = 0 if self.reused_from_start else self.order.size
+        if self.used <= fresh < self.used + n:
+            print(f"note: renewal has no fresh frames left ({fresh} dataset frames were not starts); restarts now "
+                  f"reuse frames, in the same order", file=sys.stderr)
+        self.used += n
+        return picks
+
+
+def restart_velocities(masses: np.ndarray, temperature_K: float, seed: int, restart_numbers) -> np.ndarray:
+    """Maxwell-Boltzmann velocities (n, N, 3) of restarts number `restart_numbers` of a
+    renewal run: each from its own stream (the run's seed, the restart's number), so a
+    restart's velocities do not depend on which others happen at the same check."""
+    return np.concatenate([maxwell_boltzmann(masses, temperature_K, 1,
+                                             int(np.random.SeedSequence([seed, 2, int(q)]).generate_state(1)[0]))
+                           for q in restart_numbers])
+
+
+def renewal_segments(stable: np.ndarray, times: np.ndarray, start_frames, restarts) -> dict:
+    """Every segment of a renewal run, as parallel lists (replica, start_ps, end_ps,
+    failed, start_frame), from the stable flags (C, R) of the checks done (False: the
+    replica's segment failed at that check) and the restart log [(check, replica, frame)].
+    A failure with no restart (at the run's last check) ends its replica's record; the
+    segments of a replica tile [0, horizon], so the exposure is R x horizon."""
+    stable = np.asarray(stable, dtype=bool)
+    frame_at = {(int(c), int(k)): int(f) for c, k, f in restarts}
+    out: dict = {"replica": [], "start_ps": [], "end_ps": [], "failed": [], "start_frame": []}
+
+    def add(k, t0, t1, failed, frame):
+        for key, value in zip(out, (k, t0, t1, failed, frame)):
+            out[key].append(value)
+
+    horizon = float(times[stable.shape[0] - 1])
+    for k in range(stable.shape[1]):
+        t0, frame, open_ = 0.0, int(start_frames[k]), True
+        for c in np.flatnonzero(~stable[:, k]):
+            add(k, t0, float(times[c]), True, frame)
+            open_ = (int(c), k) in frame_at
+            if open_:
+                t0, frame = float(times[c]), frame_at[(int(c), k)]
+        if open_ and horizon > t0:
+            add(k, t0, horizon, False, frame)
+    return out
+
+
+def stable_runs(stable_mask: np.ndarray) -> list[tuple[int, int, int]]:
+    """(replica, first check, end check) of every run of consecutive stable checks: the
+    stable part of each segment (a renewal run has several per replica, a frozen one at
+    most one, from the start)."""
+    runs = []
+    for k in range(stable_mask.shape[1]):
+        flags = np.concatenate([[False], np.asarray(stable_mask[:, k], dtype=bool), [False]])
+        edges = np.flatnonzero(np.diff(flags.astype(np.int8)))
+        runs += [(k, int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
+    return runs
 
 
 PROGRESS_FILE = "progress.json"  # what a resumed run continues from; see `run_replicas`
@@ -202,9 +290,13 @@ def check_resumable(progress: Optional[dict], identity: dict, out_dir) -> None:
         raise InputError(f"nothing to resume in {out_dir}: it holds no {PROGRESS_FILE} (start a run there without "
                          f"--resume; --overwrite replaces a finished run of an older version)")
     stored = progress["identity"]
+    # a setting added since the run was started is at its default there
+    settings = {**{f.name: f.default for f in dataclasses.fields(SimulationConfig)
+                   if f.default is not dataclasses.MISSING and f.name not in _NOT_IN_IDENTITY},
+                **stored.get("config", {})}
     differ = [k for k in ("model", "dataset") if stored.get(k) != identity[k]]
-    differ += [f"config.{k}" for k in sorted(set(identity["config"]) | set(stored.get("config", {})))
-               if stored.get("config", {}).get(k) != identity["config"].get(k)]
+    differ += [f"config.{k}" for k in sorted(set(identity["config"]) | set(settings))
+               if settings.get(k) != identity["config"].get(k)]
     if differ:
         raise InputError(f"{out_dir} holds a run with another {', '.join(differ)}; --resume continues only the same "
                          f"run (same settings, model and dataset): use another --out, or --overwrite to start afresh")
@@ -267,10 +359,12 @@ class _Frames:
 
 
 def _save_progress(out: Path, identity: dict, config: SimulationConfig, engine, frames: _Frames, checks_done: int,
-                   failed: np.ndarray, times: np.ndarray, wall_s: float) -> None:
+                   failed: np.ndarray, times: np.ndarray, wall_s: float, renewal: Optional[dict] = None) -> None:
     """The engine state after `checks_done` checks (its OpenMM checkpoint when the engine
     has one: exact resume, Langevin noise included), then progress.json with the stability
-    numbers so far, both atomic; the state file it names is written first."""
+    numbers so far, both atomic; the state file it names is written first. `renewal`
+    (a renewal run's restart log, frames used and start frames) goes in too: a resumed
+    run continues the same restart order."""
     from openmm_stable.io import save_torch_file
 
     finished = checks_done == config.n_checks
@@ -285,9 +379,13 @@ def _save_progress(out: Path, identity: dict, config: SimulationConfig, engine, 
         save_torch_file(payload, out / FRAMES_DIR / state_name)
     stable_time, _ = first_instability(~frames["stable"][:checks_done], times[:checks_done])
     horizon = float(times[checks_done - 1])
+    segments = None if renewal is None else renewal_segments(frames["stable"][:checks_done], times,
+                                                             renewal["start_frames"], renewal["restarts"])
     progress = {"identity": identity, "n_checks": config.n_checks, "checks_done": checks_done, "finished": finished,
                 "state": state_name, "wall_time_s": wall_s, "platform": engine.platform_name,
-                "metrics": {"time_ps": horizon, **stability_metrics(stable_time.numpy(), failed, horizon)}}
+                "metrics": {"time_ps": horizon, **stability_metrics(stable_time.numpy(), failed, horizon, segments)}}
+    if renewal is not None:
+        progress["renewal"] = {"restarts": renewal["restarts"], "frames_used": renewal["frames_used"]}
     atomic_write_json(out / PROGRESS_FILE, progress)
     for old in (out / FRAMES_DIR).glob("state_*.pt"):
         if old.name != state_name:
@@ -327,7 +425,8 @@ def run_replicas(model: nn.Module, dataset: QMDataset, config: SimulationConfig,
 
     criterion = criterion or make_criterion(dataset, config.stability, config.bond_threshold,
                                             config.min_distance_threshold)
-    start = dataset.positions[initial_frames(dataset, config.n_replicas, config.seed)]
+    start_frames = initial_frames(dataset, config.n_replicas, config.seed)
+    start = dataset.positions[start_frames]
     engine = create_engine(model, dataset.atomic_numbers, config.n_replicas, config.engine, dataset.box,
                            seed=config.seed)
     n_checks, steps = config.n_checks, config.steps_per_check
@@ -345,10 +444,15 @@ def run_replicas(model: nn.Module, dataset: QMDataset, config: SimulationConfig,
     frames = _Frames(shapes, None if out is None else out / FRAMES_DIR, reopen=resume_from is not None)
     times = (np.arange(n_checks) + 1) * steps * config.engine.timestep_ps
     done, wall_before = 0, 0.0
-    failed = np.zeros(R, dtype=bool)
+    failed = np.zeros(R, dtype=bool)  # renewal: the first segment failed
+    restarts: list = []  # renewal: [check, replica, frame] of every restart so far
     if resume_from is not None:
         done, wall_before = int(resume_from["checks_done"]), float(resume_from.get("wall_time_s", 0.0))
         failed = np.asarray(resume_from["metrics"]["failed"], dtype=bool)
+        restarts = [list(map(int, row)) for row in (resume_from.get("renewal") or {}).get("restarts", [])]
+    pool = RestartFrames(len(dataset), start_frames, config.seed,
+                         used=((resume_from or {}).get("renewal") or {}).get("frames_used", 0))
+    if resume_from is not None:
         if done < n_checks:
             _restore_engine(engine, out, resume_from)
     else:
@@ -371,40 +475,98 @@ def run_replicas(model: nn.Module, dataset: QMDataset, config: SimulationConfig,
         bar.update(1)
         bar.set_postfix(stable=f"{(~failed).sum()}/{R}", t=f"{times[c]:.1f}ps")
 
+    def renew_failed(frame, c0: int) -> None:
+        """Failed replicas restart from fresh frames (none at the last check: the run ends)."""
+        c = c0 + frame.index
+        failed[:] |= frame.unstable
+        frames["positions"][c], frames["deviations"][c], frames["stable"][c] = (frame.positions, frame.deviations,
+                                                                                ~frame.unstable)
+        if v_steps:
+            frames["velocities"][c * per_check:(c + 1) * per_check] = np.stack(pending_velocities)
+            pending_velocities.clear()
+        idx = np.flatnonzero(frame.unstable)
+        if idx.size and c < n_checks - 1:
+            picks = pool.take(idx.size)
+            numbers = range(len(restarts), len(restarts) + idx.size)
+            velocities = restart_velocities(engine.masses, engine.config.temperature_K, config.seed, numbers)
+            engine.reset_replicas(idx, dataset.positions[picks], velocities)
+            restarts.extend([c, int(k), int(f)] for k, f in zip(idx, picks))
+        events[0] += idx.size
+        bar.update(1)
+        bar.set_postfix(failures=events[0], t=f"{times[c]:.1f}ps")
+
+    events = [int((~np.asarray(frames["stable"][:done])).sum())]  # renewal: failures so far, for the bar
+    on_frame = renew_failed if config.renewal else freeze_failed
+    renewal = (lambda: {"restarts": restarts, "frames_used": pool.used,
+                        "start_frames": start_frames}) if config.renewal else (lambda: None)
+
     t0 = time.perf_counter()
     while done < n_checks:
         n = min(config.chunk_checks, n_checks - done)
-        engine.run_checked(n, steps, criterion, lambda frame, c0=done: freeze_failed(frame, c0), velocity_steps=v_steps,
+        engine.run_checked(n, steps, criterion, lambda frame, c0=done: on_frame(frame, c0), velocity_steps=v_steps,
                            on_velocities=lambda v: pending_velocities.append(v.astype(np.float32)))
         done += n
         if out is not None:
             frames.flush()
             _save_progress(out, identity, config, engine, frames, done, failed, times,
-                           wall_before + time.perf_counter() - t0)
+                           wall_before + time.perf_counter() - t0, renewal())
         if on_chunk is not None:
             on_chunk(done)
     bar.close()
     wall = time.perf_counter() - t0
     stable_time, failed_flags = (x.numpy() for x in first_instability(~frames["stable"], times))
     total_wall = wall_before + wall  # over every session of a resumed run
+    segments = renewal_segments(frames["stable"], times, start_frames, restarts) if config.renewal else None
     return SimulationResult(times, frames["positions"], frames["deviations"], stable_time, failed_flags,
-                            np.asarray(frames["stable"]), R * n_checks * steps / total_wall, total_wall, engine.platform_name, frames.arrays.get("velocities"),
-                            v_steps * config.engine.timestep_ps if v_steps else None)
+                            np.asarray(frames["stable"]), R * n_checks * steps / total_wall, total_wall,
+                            engine.platform_name, frames.arrays.get("velocities"),
+                            v_steps * config.engine.timestep_ps if v_steps else None, segments)
+
+
+def occupied_mae(curve, other, reference) -> float:
+    """Mean |curve - other| over the bins `reference` occupies (reference > 0): for a
+    molecule's h(r) the distances it has at all (73 of 200 bins to 10 A for ethanol), so
+    the empty bins beyond the molecule's size do not dilute an error 2-3x."""
+    occupied = np.asarray(reference) > 0
+    if not occupied.any():
+        return math.nan
+    return float(np.abs(np.asarray(curve) - np.asarray(other))[occupied].mean())
 
 
 def hr_comparison(result: SimulationResult, dataset: QMDataset, reference: Optional[QMDataset],
-                  config: SimulationConfig) -> dict:
-    """h(r) over stable frames against the reference (reweighted to the run temperature)."""
+                  config: SimulationConfig, reference_b: Optional[QMDataset] = None) -> dict:
+    """h(r) over stable frames against the reference (reweighted to the run temperature).
+
+    ``hr_mae`` averages over all bins, as every published table did (kept for
+    continuity); ``hr_mae_occupied`` over the bins the reference occupies (`occupied_mae`).
+    The reference's own noise on those bins, to read both against: with `reference_b` (a
+    second independent chain, reweighted the same way) ``hr_noise_mae``, the MAE between
+    the two references; without, ``hr_noise_mae_split_half``, the MAE between the first
+    and second half of the reference frames (contiguous), scaled by 1/sqrt(2) to the
+    full length (variance ~ 1/frames). The halves of one chain share its slow motions,
+    so the split half underestimates the noise of a correlated chain: a lower bound."""
+    T = config.engine.temperature_K
     obs = HrObservable(r_max=config.hr_r_max, n_bins=config.hr_bins)
     stable = result.positions[result.stable_mask]  # (K, N, 3)
     out = {"r": obs.bin_centres.numpy()}
     if stable.shape[0]:
         out["model"] = obs(torch.as_tensor(stable, dtype=torch.float64)).mean(0).numpy()
-    if reference is not None:
-        ref, ess = reference_from_dataset(obs, reference, config.engine.temperature_K)
-        out["reference"], out["reference_ess"] = ref.numpy(), ess
-        if "model" in out:
-            out["hr_mae"] = float(np.abs(out["model"] - out["reference"]).mean())
+    if reference is None:
+        return out
+    ref, ess = reference_from_dataset(obs, reference, T)
+    out["reference"], out["reference_ess"] = ref.numpy(), ess
+    out["hr_occupied_bins"] = int((out["reference"] > 0).sum())
+    if "model" in out:
+        out["hr_mae"] = float(np.abs(out["model"] - out["reference"]).mean())
+        out["hr_mae_occupied"] = occupied_mae(out["model"], out["reference"], out["reference"])
+    if reference_b is not None:
+        out["reference_b"] = reference_from_dataset(obs, reference_b, T)[0].numpy()
+        out["hr_noise_mae"] = occupied_mae(out["reference_b"], out["reference"], out["reference"])
+    elif len(reference) >= 4:
+        half = len(reference) // 2
+        first, second = (reference_from_dataset(obs, reference.subset(np.arange(a, a + half)), T)[0].numpy()
+                         for a in (0, half))
+        out["hr_noise_mae_split_half"] = occupied_mae(first, second, out["reference"]) / math.sqrt(2.0)
     return out
 
 
@@ -435,18 +597,20 @@ def rdf_comparison(result: SimulationResult, dataset: QMDataset, reference: Opti
 
 def diffusivity_comparison(result: SimulationResult, dataset: QMDataset, reference: Optional[QMDataset],
                            config: SimulationConfig, min_frames: int = 10) -> dict:
-    """Diffusivity of the model (each replica's stable part, lags up to half of it, mean
-    weighted by length) and of the reference trajectory (lags up to half the run time,
-    like a replica stable to the end); A^2/ps. The reference needs regularly spaced
-    times and the run's temperature (dynamics cannot be reweighted)."""
+    """Diffusivity of the model (each stable part of a segment, `stable_runs`, lags up to
+    half of it, mean weighted by length; "diffusivity_replicas" counts the parts) and of
+    the reference trajectory (lags up to half the run time, like a replica stable to the
+    end); A^2/ps. The reference needs regularly spaced times and the run's temperature
+    (dynamics cannot be reweighted)."""
     molecules, masses = molecule_ids(dataset), masses_amu(dataset.atomic_numbers)
     dt = config.steps_per_check * config.engine.timestep_ps
     out: dict = {}
-    lengths = result.stable_mask.sum(0)
     values, weights = [], []
-    for k in np.flatnonzero(lengths >= min_frames):
-        n = int(lengths[k])
-        values.append(molecular_diffusivity(result.positions[:n, k], dataset.box, dt, molecules, masses, n // 2))
+    for k, a, b in stable_runs(result.stable_mask):
+        n = b - a
+        if n < min_frames:
+            continue
+        values.append(molecular_diffusivity(result.positions[a:b, k], dataset.box, dt, molecules, masses, n // 2))
         weights.append(n)
     if values:
         out["diffusivity"] = float(np.average(values, weights=weights))
@@ -473,8 +637,9 @@ def vacf_comparison(result: SimulationResult, dataset: QMDataset, reference: Opt
         return out
     dt = float(result.velocity_interval_ps)
     max_lag = max(1, round(config.vacf_max_lag_ps / dt))
-    lengths = result.stable_mask.sum(0) * result.velocities_per_check
-    segments = [result.velocities[:n, k] for k, n in enumerate(lengths) if n >= 4]
+    per = result.velocities_per_check
+    segments = [result.velocities[a * per:b * per, k] for k, a, b in stable_runs(result.stable_mask)
+                if (b - a) * per >= 4]
     periodic = dataset.periodic
     if periodic:
         molecules, masses = molecule_ids(dataset), masses_amu(dataset.atomic_numbers)
@@ -510,16 +675,24 @@ def vacf_comparison(result: SimulationResult, dataset: QMDataset, reference: Opt
     return out
 
 
-def stability_metrics(stable_time_ps, failed, horizon_ps: float) -> dict:
+def stability_metrics(stable_time_ps, failed, horizon_ps: float, segments: Optional[dict] = None) -> dict:
     """The stability numbers of metrics.json (and of a partial run's progress.json): stable
     times with their event flags, the fraction that never failed, the Kaplan-Meier median
-    (None when more than half outlived the horizon) and failures per replica-ps."""
+    (None when more than half outlived the horizon) and failures per replica-ps.
+
+    With a renewal run's `segments` (`renewal_segments`) the failures and the exposure
+    are those of every segment (R x horizon replica-ps), while the stable times, flags,
+    median and stable fraction stay those of the first segments, comparable with frozen
+    runs; `restarts_from_reused_frames` counts restarts from a frame used before."""
     from openmm_stable.statistics import failure_rate, km_median
 
     times = np.asarray(stable_time_ps, dtype=float)
     failed = np.asarray(failed, dtype=bool)
-    rate = failure_rate(times, failed)
-    return {
+    if segments is None:
+        rate = failure_rate(times, failed)
+    else:
+        rate = failure_rate(np.subtract(segments["end_ps"], segments["start_ps"]), segments["failed"])
+    out = {
         "stable_time_ps": times.tolist(),
         "failed": failed.tolist(),
         "median_stable_time_ps": km_median(times, failed, horizon_ps),
@@ -528,6 +701,11 @@ def stability_metrics(stable_time_ps, failed, horizon_ps: float) -> dict:
         "replica_ps": rate["replica_ps"],
         "failure_rate_per_ps": rate["rate_per_ps"],
     }
+    if segments is not None:
+        n = len(segments["start_frame"])
+        out.update({"renewal": True, "restarts": n - times.size, "segments": segments,
+                    "restarts_from_reused_frames": n - len(set(segments["start_frame"]))})
+    return out
 
 
 def check_molecules(dataset: QMDataset, reference: Optional[QMDataset] = None,
@@ -559,7 +737,7 @@ def check_molecules(dataset: QMDataset, reference: Optional[QMDataset] = None,
 def simulate(model: nn.Module, dataset: QMDataset, config: SimulationConfig, out_dir,
              reference: Optional[QMDataset] = None, test_set: Optional[QMDataset] = None,
              progress: bool = True, resume: bool = False, overwrite: bool = False,
-             on_chunk: Optional[Callable[[int], None]] = None) -> dict:
+             on_chunk: Optional[Callable[[int], None]] = None, reference_b: Optional[QMDataset] = None) -> dict:
     """Run, then write metrics.json, plots and (optionally) trajectories to `out_dir`.
 
     Frames stream to ``out_dir/frames`` and progress.json holds the stable times so far
@@ -567,11 +745,20 @@ def simulate(model: nn.Module, dataset: QMDataset, config: SimulationConfig, out
     settings, model and dataset, else InputError). A folder that already holds a run is
     refused unless `resume` or `overwrite`. With a labelled `test_set`, the model's
     energy/force errors on it are stored too, so one file holds stability, observables
-    and accuracy. Every file is written atomically."""
+    and accuracy. `reference_b`, a second independent reference chain of the molecule,
+    gives the h(r) noise band (`hr_comparison`). Every file is written atomically."""
     from openmm_stable import report
+    from openmm_stable.temperature import with_sampling_temperature
 
     check_molecules(dataset, reference)
+    if reference_b is not None:
+        if reference is None or dataset.periodic:
+            raise InputError("a second reference (--reference-b) gives the h(r) noise band of a molecule: it needs "
+                             "a reference and non-periodic data")
+        check_molecules(dataset, reference_b)
     engine, reference = settle_temperatures(config.engine, dataset, reference, config.reference_temperature_K)
+    if reference_b is not None:
+        reference_b = with_sampling_temperature(reference_b, engine.temperature_K, config.reference_temperature_K)
     config = dataclasses.replace(config, engine=engine)
     out = Path(out_dir)
     identity = run_identity(model, dataset, config)
@@ -592,7 +779,7 @@ def simulate(model: nn.Module, dataset: QMDataset, config: SimulationConfig, out
         metrics["bond_threshold_A"] = config.bond_threshold
     else:
         metrics["min_distance_threshold_A"] = config.min_distance_threshold
-    metrics.update(stability_metrics(result.stable_time_ps, result.failed, metrics["time_ps"]))
+    metrics.update(stability_metrics(result.stable_time_ps, result.failed, metrics["time_ps"], result.segments))
     metrics.update({
         "replica_steps_per_s": result.replica_steps_per_s,
         "wall_time_s": result.wall_time_s,
@@ -601,11 +788,9 @@ def simulate(model: nn.Module, dataset: QMDataset, config: SimulationConfig, out
     if dataset.periodic:
         metrics.update(_periodic_observables(result, dataset, reference, config, out))
     else:
-        hr = hr_comparison(result, dataset, reference, config)
-        if "hr_mae" in hr:
-            metrics["hr_mae"] = hr["hr_mae"]
-        if "reference_ess" in hr:
-            metrics["reference_ess"] = hr["reference_ess"]
+        hr = hr_comparison(result, dataset, reference, config, reference_b)
+        metrics.update({k: hr[k] for k in ("hr_mae", "hr_mae_occupied", "hr_occupied_bins", "hr_noise_mae",
+                                           "hr_noise_mae_split_half", "reference_ess") if k in hr})
         curves = {k: hr[k] for k in ("model", "reference") if k in hr}
         if curves:
             report.plot_curves(hr["r"], curves, out / "hr.png", "r (A)", "h(r) (1/A)")
@@ -719,15 +904,18 @@ def write_trajectories(folder, atomic_numbers, result: SimulationResult) -> list
 
 def summary(metrics: dict) -> str:
     """A few lines for the terminal."""
+    renewal = metrics.get("renewal")
     lines = [
-        f"replicas: {metrics['n_replicas']}  time: {metrics['time_ps']:.2f} ps  T: {metrics['temperature_K']} K",
-        f"median stable time: {_fmt_median(metrics['median_stable_time_ps'], metrics['time_ps'])}  "
+        f"replicas: {metrics['n_replicas']}  time: {metrics['time_ps']:.2f} ps  T: {metrics['temperature_K']} K"
+        + ("  (renewal: failed replicas restart from fresh frames)" if renewal else ""),
+        f"median stable time{' (first segments)' if renewal else ''}: "
+        f"{_fmt_median(metrics['median_stable_time_ps'], metrics['time_ps'])}  "
         f"stable fraction: {metrics['stable_fraction']:.2f}  failures: {metrics['failures']} in "
-        f"{metrics['replica_ps']:.3g} replica-ps",
+        f"{metrics['replica_ps']:.3g} replica-ps" + (f" ({metrics['restarts']} restarts)" if renewal else ""),
         f"throughput: {metrics['replica_steps_per_s']:.0f} replica-steps/s",
     ]
     if "hr_mae" in metrics:
-        lines.append(f"h(r) MAE vs reference: {metrics['hr_mae']:.4f} 1/A (reference ESS {metrics['reference_ess']:.0f})")
+        lines.append(hr_summary(metrics))
     if "rdf_mae" in metrics:
         pairs = "  ".join(f"{k} {v:.4f}" for k, v in metrics["rdf_mae"].items())
         lines.append(f"RDF MAE vs reference: {pairs} (reference ESS {metrics['reference_ess']:.0f})")
@@ -747,6 +935,21 @@ def summary(metrics: dict) -> str:
     if "force_mae_meV_per_A" in metrics:
         lines.append(f"test force MAE: {metrics['force_mae_meV_per_A']:.1f} meV/A  energy MAE: {metrics['energy_mae_meV']:.1f} meV")
     return "\n".join(lines)
+
+
+def hr_summary(metrics: dict) -> str:
+    """The h(r) line: the MAE over all bins (the published tables' number), over the bins
+    the reference occupies, and the reference's own noise with the verdict against it."""
+    line = f"h(r) MAE vs reference: {metrics['hr_mae']:.4f} 1/A over all bins (as published)"
+    if "hr_mae_occupied" in metrics:
+        line += f", {metrics['hr_mae_occupied']:.4f} over the {metrics['hr_occupied_bins']} occupied"
+    line += f" (reference ESS {metrics['reference_ess']:.0f})"
+    for key, what in (("hr_noise_mae", "second chain"), ("hr_noise_mae_split_half", "split half, a lower bound")):
+        if key in metrics and "hr_mae_occupied" in metrics:
+            within = metrics["hr_mae_occupied"] <= metrics[key]
+            line += (f"; reference noise {metrics[key]:.4f} ({what}): "
+                     + ("within the reference noise" if within else "beyond the reference noise"))
+    return line
 
 
 def _fmt_median(median, horizon_ps: float) -> str:
