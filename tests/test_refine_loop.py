@@ -45,9 +45,9 @@ def test_split_half_cosine_is_one_for_identical_halves_and_the_step_is_logged(xt
     frames = xtb_ethanol.positions[:6]
     x = torch.as_tensor(np.concatenate([frames, frames]))  # replicas 0 and 1 hold the same frames
     replica = np.repeat([0, 1], 6)
-    assert trainer._signal_diagnostics(x, replica)["split_half_cosine"] == pytest.approx(1.0, abs=1e-9)
+    assert trainer.objective.split_half_cosine(trainer.model, x, replica) == pytest.approx(1.0, abs=1e-9)
     other = torch.as_tensor(np.concatenate([frames, xtb_ethanol.positions[30:36]]))
-    assert trainer._signal_diagnostics(other, replica)["split_half_cosine"] < 0.999
+    assert trainer.objective.split_half_cosine(trainer.model, other, replica) < 0.999
     row = trainer._learning_step(np.concatenate([frames, frames]), replica)
     assert row["split_half_cosine"] == pytest.approx(1.0, abs=1e-9)
     # The first-order prediction is the observable gradient dotted with the step taken.
@@ -60,7 +60,7 @@ def test_regulariser_over_the_whole_training_set_is_its_mean_gradient(xtb_ethano
     trainer = StableTrainer(copy.deepcopy(pretrained_ethanol_model), xtb_ethanol, config, tmp_path, progress=False)
     params = list(trainer.model.parameters())
     trainer.optimizer.zero_grad(set_to_none=True)
-    trainer._energy_force_backward()
+    trainer.regulariser.backward(trainer.model, trainer._energy_force_scale(config.energy_force_weight))
     got = [p.grad.clone() for p in params]
     trainer.optimizer.zero_grad(set_to_none=True)
     everything = np.arange(len(trainer.train_tensors))
@@ -119,7 +119,7 @@ def test_per_frame_objective_is_the_mean_loss_of_the_frames(xtb_ethanol, pretrai
         values = trainer.observable(torch.as_tensor(frames), trainer.z, None)
         row = trainer._learning_step(frames, replica)
         losses[objective] = row["observable_loss"]
-        expected = trainer.loss_fn(values).mean() if objective == "per_frame" else trainer.loss_fn(values.mean(0))
+        expected = trainer.objective.loss_fn(values).mean() if objective == "per_frame" else trainer.objective.loss_fn(values.mean(0))
         assert row["observable_loss"] == pytest.approx(float(expected), rel=1e-9)
         assert trainer.observable_loss_of(frames) == pytest.approx(float(expected), rel=1e-9)
     assert losses["per_frame"] > losses["ensemble"]
@@ -132,7 +132,7 @@ def test_force_budget_restores_the_qm_fit_after_a_step_that_broke_it(xtb_ethanol
     the budget or the step cap is reached; a model within the budget takes none."""
     config = _config(force_mae_budget=1.05, max_restore_steps=5, lr=1e-3, energy_force_weight=0.0)
     trainer = StableTrainer(copy.deepcopy(pretrained_ethanol_model), xtb_ethanol, config, tmp_path, progress=False)
-    start = trainer._budget_force_mae()
+    start = trainer.budget.mae(trainer.model)
     trainer.state.start_force_mae = start
     untouched = [p.detach().clone() for p in trainer.model.parameters()]
     assert trainer._keep_force_budget() == {"train_force_mae_meV_per_A": start, "restore_steps": 0}
@@ -142,13 +142,13 @@ def test_force_budget_restores_the_qm_fit_after_a_step_that_broke_it(xtb_ethanol
     with torch.no_grad():
         for p in trainer.model.parameters():
             p.add_(0.05 * p.abs().mean() * torch.randn(p.shape, generator=generator, dtype=p.dtype))
-    broken = trainer._budget_force_mae()
+    broken = trainer.budget.mae(trainer.model)
     assert broken > 1.05 * start  # the input the guard needs
     row = trainer._keep_force_budget()
     assert 1 <= row["restore_steps"] <= 5 and trainer.state.restore_steps == row["restore_steps"]
     assert row["train_force_mae_meV_per_A"] < broken
     assert row["train_force_mae_meV_per_A"] <= 1.05 * start or row["restore_steps"] == 5
-    assert row["train_force_mae_meV_per_A"] == pytest.approx(trainer._budget_force_mae(), rel=1e-9)
+    assert row["train_force_mae_meV_per_A"] == pytest.approx(trainer.budget.mae(trainer.model), rel=1e-9)
 
 
 def test_force_budget_in_the_loop_is_logged_and_checkpointed(xtb_ethanol, pretrained_ethanol_model, tmp_path):
