@@ -129,7 +129,9 @@ def _save(fig, path) -> Path:
 # (metrics.json key, column title); a column shows when at least one run has the value.
 COMPARE_COLUMNS = [("median_stable_time_ps", "median stable (ps)"), ("stable_fraction", "stable fraction"),
                    ("failure_rate_per_ps", "failures/replica-ps"),
-                   ("hr_mae", "h(r) MAE"), ("rdf_mae_mean", "RDF MAE mean"),
+                   ("hr_mae", "h(r) MAE"), ("hr_mae_occupied", "h(r) MAE occ."),
+                   ("hr_noise_mae", "h(r) ref noise"), ("hr_noise_mae_split_half", "h(r) noise split"),
+                   ("rdf_mae_mean", "RDF MAE mean"),
                    ("diffusivity_cm2_per_s", "D (cm^2/s)"), ("reference_diffusivity_cm2_per_s", "D ref (cm^2/s)"),
                    ("diffusivity_relative_error", "D rel. error"), ("vacf_mae", "VACF MAE"),
                    ("vacf_first_minimum_ps", "VACF min (ps)"), ("vacf_diffusivity_cm2_per_s", "D Green-Kubo"),
@@ -169,13 +171,27 @@ def failed_flags(metrics: dict, source="metrics.json") -> np.ndarray:
     return times < metrics["time_ps"] - 1e-9
 
 
+def run_failures(m: dict) -> dict:
+    """{"failures", "replica_ps"} of a run: of every segment for a renewal run (its
+    metrics' own counts), else from the first-failure times and flags."""
+    from openmm_stable.statistics import failure_rate
+
+    if m.get("renewal"):
+        return {"failures": int(m["failures"]), "replica_ps": float(m["replica_ps"])}
+    rate = failure_rate(m["stable_time_ps"], m["failed"])
+    return {"failures": rate["failures"], "replica_ps": rate["replica_ps"]}
+
+
 def survival_statistics(metrics: Mapping[str, dict]) -> list[str]:
-    """Lines under the comparison table: each run's Kaplan-Meier median with a bootstrap
-    interval and its failures per replica-ps; the log-rank test and the failure-rate ratio
-    of every run against the first one. Runs of different lengths are compared over the
-    shorter one (longer times censored there). Each mapping needs "stable_time_ps",
-    "failed" and "time_ps" (`load_metrics` fills "failed" in for old files)."""
-    from openmm_stable.statistics import (bootstrap_median_interval, failure_rate, km_median, logrank_p,
+    """Lines under the comparison table: each run's Kaplan-Meier median (first segments
+    of a renewal run) with a bootstrap interval and its failures and exposure; the
+    log-rank test and the failure-rate ratio of every run against the first one, with the
+    smallest ratio those exposures resolve (`statistics.detectable_rate_ratio`, at the
+    first run's rate), so that "not significant" says how large an effect it rules out.
+    Runs of different lengths are compared over the shorter one (longer times censored
+    there). Each mapping needs "stable_time_ps", "failed" and "time_ps" (`load_metrics`
+    fills "failed" in for old files)."""
+    from openmm_stable.statistics import (bootstrap_median_interval, detectable_rate_ratio, km_median, logrank_p,
                                           rate_ratio_test)
 
     labels = list(metrics)
@@ -185,10 +201,11 @@ def survival_statistics(metrics: Mapping[str, dict]) -> list[str]:
         times, failed, horizon = m["stable_time_ps"], m["failed"], m["time_ps"]
         median = km_median(times, failed, horizon)
         low, high = bootstrap_median_interval(times, failed, horizon)
-        rate = failure_rate(times, failed)
+        rate = run_failures(m)
         shown = f">= {horizon:g} ps (beyond the horizon)" if median is None else f"{median:.3g} ps"
+        design = ", renewal: every segment" if m.get("renewal") else ""
         lines.append(f"  {label}: {shown}  [{low:.3g}, {high:.3g}]  ({len(times)} replicas; "
-                     f"{rate['failures']} failures in {rate['replica_ps']:.3g} replica-ps)")
+                     f"{rate['failures']} failures in {rate['replica_ps']:.3g} replica-ps{design})")
     first = labels[0]
     for label in labels[1:]:
         a, b = metrics[first], metrics[label]
@@ -197,11 +214,16 @@ def survival_statistics(metrics: Mapping[str, dict]) -> list[str]:
         verdict = "significant at 0.05" if p < 0.05 else "not significant at 0.05"
         window = "" if a["time_ps"] == b["time_ps"] else f" over the common {horizon:g} ps"
         lines.append(f"log-rank test, {label} vs {first}{window}: p = {p:.2g} ({verdict})")
-        ra, rb = failure_rate(a["stable_time_ps"], a["failed"]), failure_rate(b["stable_time_ps"], b["failed"])
+        ra, rb = run_failures(a), run_failures(b)
         if ra["replica_ps"] > 0 and rb["replica_ps"] > 0:
             r = rate_ratio_test(rb["failures"], rb["replica_ps"], ra["failures"], ra["replica_ps"])
             lines.append(f"failure-rate ratio, {label} / {first}: {r['estimate']:.3g} "
                          f"[{r['lower95']:.3g}, {r['upper95']:.3g}], exact p = {r['p']:.2g}")
+            d = detectable_rate_ratio(rb["replica_ps"], ra["replica_ps"], ra["failures"] / ra["replica_ps"])
+            resolved = (f"{d:.2g} ({1 / d:.2g}x fewer failures)" if d is not None
+                        else f"none ({ra['failures']} failures in {first} are too few)")
+            lines.append(f"  smallest rate ratio these exposures resolve with 80 % power at alpha 0.05 (two-sided), "
+                         f"at {first}'s rate: {resolved}")
     return lines
 
 

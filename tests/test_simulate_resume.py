@@ -110,6 +110,15 @@ def test_run_folder_refusals_and_overwrite(xtb_ethanol, tmp_path):
     assert json.loads((out / "progress.json").read_text())["identity"]["config"]["seed"] == 6
     assert (out / "stray_note.txt").exists()  # --overwrite removes only what simulate writes
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(other))
+    # a run started before a setting existed (here renewal) resumes: it ran at the default
+    progress = json.loads((out / "progress.json").read_text())
+    del progress["identity"]["config"]["renewal"]
+    (out / "progress.json").write_text(json.dumps(progress))
+    assert simulate(ZeroModel(), xtb_ethanol, dataclasses.replace(config, seed=6), out, progress=False,
+                    resume=True)["stable_time_ps"] == other["stable_time_ps"]
+    with pytest.raises(InputError, match="another config.renewal"):
+        simulate(ZeroModel(), xtb_ethanol, dataclasses.replace(config, seed=6, renewal=True), out, progress=False,
+                 resume=True)
     (out / "progress.json").write_text('{"checks_done": 3, "ident')
     with pytest.raises(InputError, match="progress.json: not a simulate progress file"):
         simulate(ZeroModel(), xtb_ethanol, config, out, progress=False, resume=True)

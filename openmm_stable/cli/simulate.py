@@ -4,12 +4,16 @@
     openmm-stable simulate model.pt --data water.npz --reference water_traj.npz --out sim/   # at water.npz's 300 K
     openmm-stable simulate model.pt --data aspirin_xtb.npz --config simulate.yaml --replicas 32 --out sim/
     openmm-stable simulate model.pt --data aspirin_xtb.npz --replicas 16 --time 10 --out sim/ --resume  # after a kill
+    openmm-stable simulate model.pt --data ethanol.npz --renewal --replicas 64 --time 16 --reference-b chain2.npz --out sim/
 
 ``--config FILE`` reads a YAML mapping of `SimulationConfig` fields (``engine:`` a mapping
 of `EngineConfig` fields); flags given on the command line override it, as for pretrain
 and refine (`openmm_stable.config.load_config`). Frames stream to ``--out`` as they are
 produced and progress.json holds the stable times so far: ``--resume`` continues a killed
 run, and a folder that already holds a run is refused unless ``--resume`` or ``--overwrite``.
+``--renewal`` restarts a failed replica from a fresh frame and counts every failure in
+R x time replica-ps (the design that resolves rare failures); ``--reference-b`` is a second
+independent reference chain, whose h(r) difference from the reference is the noise band.
 """
 from __future__ import annotations
 
@@ -22,6 +26,9 @@ def register(subparsers) -> None:
     p.add_argument("model", help="model file written by pretrain/refine")
     p.add_argument("--data", required=True, help="dataset: starting frames, bonds and reference h(r)")
     p.add_argument("--reference", default=None, help="reference dataset for h(r) (default: --data)")
+    p.add_argument("--reference-b", default=None,
+                   help="a second independent reference chain (same molecule and temperature): the h(r) noise band "
+                        "(default: a split-half estimate from the reference, a lower bound)")
     p.add_argument("--test-data", default=None, help="labelled dataset: also report energy/force MAE on it")
     p.add_argument("--config", default=None, help="YAML file of SimulationConfig fields (flags override it)")
     p.add_argument("--replicas", type=int, default=None)
@@ -37,6 +44,9 @@ def register(subparsers) -> None:
     p.add_argument("--vacf-interval", type=float, default=None,
                    help="ps between saved velocities for the VACF (default 0.0025; 0: no VACF)")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--renewal", action="store_true",
+                   help="a failed replica restarts from a fresh dataset frame and runs on: failures per replica-ps "
+                        "over every segment (Kaplan-Meier on the first segments)")
     p.add_argument("--trajectories", action="store_true", help="write one DCD per replica")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--resume", action="store_true",
@@ -69,6 +79,7 @@ def config_from_args(args):
 
     overrides = {field: getattr(args, flag) for flag, field in _FLAG_FIELDS.items()}
     overrides["write_trajectories"] = True if args.trajectories else None
+    overrides["renewal"] = True if args.renewal else None
     overrides["engine"] = engine_overrides(args)
     return load_config(SimulationConfig, args.config or None, overrides)
 
@@ -83,9 +94,11 @@ def run(args) -> int:
     dataset = load_dataset(args.data)
     reference = load_dataset(args.reference) if args.reference else dataset
     check_model_matches(args.model, dataset, reference)
+    reference_b = load_dataset(args.reference_b) if args.reference_b else None
     test_set = load_dataset(args.test_data) if args.test_data else None
     metrics = simulate(model, dataset, config, args.out, reference=reference, test_set=test_set,
-                       progress=not args.no_progress, resume=args.resume, overwrite=args.overwrite)
+                       progress=not args.no_progress, resume=args.resume, overwrite=args.overwrite,
+                       reference_b=reference_b)
     print(summary(metrics))
     print(f"wrote {args.out}/metrics.json and plots")
     return 0
