@@ -245,7 +245,8 @@ def test_compare_uses_every_segment_of_renewal_runs_and_says_what_it_resolves(tm
     assert "60 failures in 1e+03 replica-ps, renewal: every segment" in printed
     assert "25 failures in 1.1e+03 replica-ps, renewal: every segment" in printed
     r = rate_ratio_test(25, 1100.0, 60, 1000.0)
-    assert f"failure-rate ratio, after / before: {r['estimate']:.3g} [{r['lower95']:.3g}, {r['upper95']:.3g}]" in printed
+    shown = f"{r['estimate']:.3g} [{r['lower95']:.3g}, {r['upper95']:.3g}]"
+    assert f"failure-rate ratio, after / before: {shown}" in printed
     d = detectable_rate_ratio(1100.0, 1000.0, 60 / 1000.0)
     assert 0.5 < d < 0.65
     assert f"resolve with 80 % power at alpha 0.05 (two-sided), at before's rate: {d:.2g} ({1 / d:.2g}x" in printed

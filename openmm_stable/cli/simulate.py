@@ -4,7 +4,7 @@
     openmm-stable simulate model.pt --data water.npz --reference water_traj.npz --out sim/   # at water.npz's 300 K
     openmm-stable simulate model.pt --data aspirin_xtb.npz --config simulate.yaml --replicas 32 --out sim/
     openmm-stable simulate model.pt --data aspirin_xtb.npz --replicas 16 --time 10 --out sim/ --resume  # after a kill
-    openmm-stable simulate model.pt --data ethanol.npz --renewal --replicas 64 --time 16 --reference-b chain2.npz --out sim/
+    openmm-stable simulate model.pt --data ethanol.npz --replicas 64 --time 16 --renewal --reference-b b.npz --out sim/
 
 ``--config FILE`` reads a YAML mapping of `SimulationConfig` fields (``engine:`` a mapping
 of `EngineConfig` fields); flags given on the command line override it, as for pretrain
