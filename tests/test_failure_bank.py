@@ -226,10 +226,13 @@ def test_bad_settings_are_refused(settings, message):
 
 
 def _config(**overrides) -> StableConfig:
-    bank = dict(min_failures=2, min_excursion_frames=1000, hinge_target=0.02, background_frames=16,
-                constraint_frames=8, force_projections=2, max_steps=3, rebuild_every=2, restore_iterations=3)
+    # A 0.05 A training threshold and a 0.02 A hinge: at 500 K the tiny model's replicas
+    # cross it every few frames, so a bank fills within an epoch or two.
+    bank = dict(min_failures=16, min_excursion_frames=1000, hinge_target=0.02, background_frames=16,
+                constraint_frames=8, force_projections=2, max_steps=4, rebuild_every=2, restore_iterations=3)
+    bank.update(overrides.pop("bank", {}))
     values = dict(learning="failure_bank", failure_bank=bank, n_replicas=4, epoch_ps=0.02, frame_interval_ps=0.005,
-                  bond_threshold=0.12, max_epochs=6, seed=0,
+                  bond_threshold=0.05, equilibration_ps=0.0, max_epochs=8, seed=0,
                   engine=EngineConfig(temperature_K=500.0, friction_per_ps=10.0, platform="CPU"))
     values.update(overrides)
     return StableConfig(**values)
@@ -241,25 +244,32 @@ def test_refine_with_a_failure_bank_steps_writes_its_files_and_resumes_to_the_sa
     start = {k: v.clone() for k, v in model.state_dict().items()}
     refined, summary = refine(model, xtb_ethanol, _config(), tmp_path / "whole", progress=False)
     bank = summary["failure_bank"]
-    assert bank["steps"] >= 1 and bank["failures"] >= 2
+    assert bank["steps"] >= 2 and bank["failures"] >= 16
     assert any(not torch.equal(v, start[k]) for k, v in refined.state_dict().items())
-    for name in ("model.pt", "checkpoint.pt", "bank_log.csv", "metrics.json", "snapshots/cycle_001.pt"):
+    for name in ("model.pt", "checkpoint.pt", "bank_log.csv", "log.csv", "metrics.json", "snapshots/cycle_001.pt"):
         assert (tmp_path / "whole" / name).exists(), name
     rows = load_torch_file(tmp_path / "whole" / "checkpoint.pt")["loop"]["history"]
     stepped = [r for r in rows if r.get("restore_iterations") is not None]
     assert len(stepped) == bank["steps"]
-    for r in stepped:  # the bank that made the step held failures, and the step had its set length
-        assert r["bank_failures"] >= 2 and r["step_norm"] > 0 and 0 < r["projected_grad_fraction"] <= 1
-    # Stopped after 3 epochs, then resumed to 6: the same weights as the uninterrupted run.
-    refine(copy.deepcopy(pretrained_ethanol_model), xtb_ethanol, _config(max_epochs=3), tmp_path / "split",
-           progress=False)
+    for r in stepped:  # the bank that made the step held its failures, and the step had its set length
+        assert r["bank_failures"] >= 16 and r["step_norm"] > 0 and 0 < r["projected_grad_fraction"] <= 1
+        assert r["train_force_mae_meV_per_A"] > 0 and r["failure_rate_per_ps"] > 0
+    assert any(r["epoch"] > 3 for r in stepped), "the resume below would not cover a step"
+    # Stopped after 3 epochs (a half-filled bank, a projection built before the stop), then
+    # resumed to 8: the weights of the uninterrupted run. To round-off, not bit for bit: the
+    # frames OpenMM's CPU platform reports after a Context checkpoint is restored differ in
+    # the last float32 digits (3e-8 A), and the bank's penalties with them.
+    stopped, _ = refine(copy.deepcopy(pretrained_ethanol_model), xtb_ethanol, _config(max_epochs=3),
+                        tmp_path / "split", progress=False)
     resumed, _ = refine(copy.deepcopy(pretrained_ethanol_model), xtb_ethanol, _config(), tmp_path / "split",
                         resume=True, progress=False)
+    moved = max(float((resumed.state_dict()[k] - v).abs().max()) for k, v in stopped.state_dict().items())
+    assert moved > 1e-3  # the resumed run stepped
     for name, value in refined.state_dict().items():
-        assert torch.equal(resumed.state_dict()[name], value), name
+        torch.testing.assert_close(resumed.state_dict()[name], value, rtol=1e-5, atol=2e-5, msg=name)
 
 
 def test_training_temperature_below_the_run_temperature_is_refused(xtb_ethanol, pretrained_ethanol_model, tmp_path):
-    config = _config(failure_bank={"training_temperature_K": 300.0})
+    config = _config(bank={"training_temperature_K": 300.0})
     with pytest.raises(InputError, match="failure_bank.training_temperature_K: 300 K is below"):
         refine(copy.deepcopy(pretrained_ethanol_model), xtb_ethanol, config, tmp_path, progress=False)

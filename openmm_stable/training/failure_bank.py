@@ -353,6 +353,7 @@ class FailureBankTrainer(StableTrainer):
         cfg, st, s, m = self.config, self.state, self.settings, self.mode
         t0 = time.perf_counter()
         failures = [0]
+        failed_replicas = np.zeros(cfg.n_replicas, dtype=bool)
 
         def score_and_restart(frame) -> None:
             scores = self.penalties(np.nan_to_num(frame.positions, nan=0.0))
@@ -361,6 +362,7 @@ class FailureBankTrainer(StableTrainer):
             if frame.unstable.any():
                 idx = np.flatnonzero(frame.unstable)
                 failures[0] += idx.size
+                failed_replicas[idx] = True
                 start = self.rng.integers(len(self.dataset), size=idx.size)
                 self.engine.reset_replicas(idx, self.dataset.positions[start], seed=int(self.rng.integers(2**31 - 1)))
 
@@ -376,7 +378,7 @@ class FailureBankTrainer(StableTrainer):
             m["failures_since_step"] += failures[0]
         row = {"epoch": st.epoch + 1, "cycle": m["steps"], "phase": "failure_bank", "failures_this_epoch": failures[0],
                "replica_ps": m["replica_ps"], "sim_time_s": time.perf_counter() - t0,
-               "unstable_fraction": failures[0] / cfg.n_replicas, **self.bank.composition()}
+               "unstable_fraction": float(failed_replicas.mean()), **self.bank.composition()}
         t1 = time.perf_counter()
         if self.bank.ready(s) and m["steps"] < s.max_steps:
             row.update(self.take_step())
@@ -449,8 +451,9 @@ class FailureBankTrainer(StableTrainer):
         fresh optimizer: the notes' B6, F8); returns its iterations."""
         cfg = self.config
         params = list(self.model.parameters())
-        optimizer = torch.optim.LBFGS(params, lr=1.0, max_iter=self.settings.restore_iterations, history_size=10,
-                                      line_search_fn="strong_wolfe")
+        iterations = self.settings.restore_iterations
+        optimizer = torch.optim.LBFGS(params, lr=1.0, max_iter=iterations, max_eval=2 * iterations + 5,
+                                      history_size=10, line_search_fn="strong_wolfe")
         n = len(self.train_tensors)
         chunks = [np.arange(k, min(k + 64, n)) for k in range(0, n, 64)]
 
@@ -466,10 +469,10 @@ class FailureBankTrainer(StableTrainer):
 
         self.model.train()
         optimizer.step(closure)
-        iterations = int(optimizer.state[params[0]].get("n_iter", 0))
+        done = int(optimizer.state[params[0]].get("n_iter", 0))
         self.model.zero_grad(set_to_none=False)
         refit_energy_shift(self.model, self.train_tensors)
-        return iterations
+        return done
 
     def take_step(self) -> dict:
         s, m, st = self.settings, self.mode, self.state
