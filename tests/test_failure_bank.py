@@ -15,8 +15,9 @@ from openmm_stable.io import load_torch_file
 from openmm_stable.models import create_model
 from openmm_stable.observables import BondDeviationObservable, make_observable
 from openmm_stable.training.estimator import log_mean_coefficients, model_energy_fn, surrogate_backward
-from openmm_stable.training.failure_bank import (FailureBank, FailureBankSettings, ProjectionBasis, constraint_rows,
-                                                 flat_grad, set_flat_parameters)
+from openmm_stable.training.failure_bank import (FailureBank, FailureBankSettings, FailureBankTrainer,
+                                                 ProjectionBasis, constraint_rows, flat_grad, rate_stop_reason,
+                                                 set_flat_parameters)
 from openmm_stable.training.stable import StableConfig, refine
 from openmm_stable.units import kT_eV
 
@@ -219,6 +220,7 @@ def test_bank_keeps_every_excursion_and_failure_and_a_uniform_background():
     ({"max_force_mae_ratio": 1.01}, "failure_bank.max_force_mae_ratio: must be >= restore_above"),
     ({"stop_rate_ratio": 1.0}, "failure_bank.stop_rate_ratio"),
     ({"bogus": 1}, r"failure_bank: unknown setting\(s\) \['bogus'\]"),
+    ({"hinge_target": "0.2"}, "failure_bank.hinge_target: must be a number"),
 ])
 def test_bad_settings_are_refused(settings, message):
     with pytest.raises(InputError, match=message):
@@ -273,3 +275,27 @@ def test_training_temperature_below_the_run_temperature_is_refused(xtb_ethanol, 
     config = _config(bank={"training_temperature_K": 300.0})
     with pytest.raises(InputError, match="failure_bank.training_temperature_K: 300 K is below"):
         refine(copy.deepcopy(pretrained_ethanol_model), xtb_ethanol, config, tmp_path, progress=False)
+
+
+def test_stop_when_the_rate_over_the_start_exposure_fell_below_a_fifth():
+    mode = {"steps": 1, "start_rate": 0.1, "start_exposure_ps": 100.0, "exposure_since_step": 99.0,
+            "failures_since_step": 0}
+    assert rate_stop_reason(mode, 0.2) is None  # not yet as many replica-ps as the start had
+    mode.update(exposure_since_step=100.0, failures_since_step=3)  # 0.03/ps: not below 0.2 x 0.1
+    assert rate_stop_reason(mode, 0.2) is None
+    mode.update(failures_since_step=1)
+    assert "below 0.2 x the start's 0.1/ps" in rate_stop_reason(mode, 0.2)
+    assert rate_stop_reason({**mode, "steps": 0}, 0.2) is None  # no step yet: nothing to compare
+
+
+def test_a_training_temperature_runs_the_replicas_hotter(xtb_ethanol, pretrained_ethanol_model, tmp_path):
+    trainer = FailureBankTrainer(copy.deepcopy(pretrained_ethanol_model), xtb_ethanol,
+                                 _config(bank={"training_temperature_K": 900.0}), tmp_path, progress=False)
+    assert trainer.temperature_K == 900.0 and trainer.engine.config.temperature_K == 900.0
+    assert trainer.config.engine.temperature_K == 500.0  # the model record keeps the evaluation temperature
+    # the hinge targets come from the QM training frames, whatever the temperature
+    expected = trainer.deviation.hinge_targets(trainer.train_set.positions)
+    default = FailureBankTrainer(copy.deepcopy(pretrained_ethanol_model), xtb_ethanol,
+                                 _config(bank={"hinge_target": None}), tmp_path / "b", progress=False)
+    torch.testing.assert_close(default.hinge.target, expected)
+    assert 0.05 < float(expected.max()) < 0.6

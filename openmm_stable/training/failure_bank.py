@@ -88,6 +88,13 @@ class FailureBankSettings:
         for name in ("step_norm", "deviation_cap", "damping"):
             if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) > 0):
                 fail(name, f"must be a number > 0, got {getattr(self, name)!r}")
+        for name in ("hinge_target", "hinge_quantile", "training_temperature_K"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                fail(name, f"must be a number (or unset), got {value!r}")
+        for name in ("restore_above", "max_force_mae_ratio", "stop_rate_ratio"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), (int, float)):
+                fail(name, f"must be a number, got {getattr(self, name)!r}")
         if self.hinge_target is not None and not self.hinge_target >= 0:
             fail("hinge_target", f"must be >= 0 A (or unset: from the data), got {self.hinge_target!r}")
         if self.hinge_quantile is not None and not 0 < self.hinge_quantile <= 1:
@@ -297,6 +304,19 @@ def constraint_rows(model: torch.nn.Module, atomic_numbers, frames: np.ndarray, 
     return torch.stack(rows)
 
 
+def rate_stop_reason(mode: dict, ratio: float) -> Optional[str]:
+    """Why to stop, or None: the model's failure rate since the last step, once it has run
+    as many replica-ps as the start needed to fill its first bank (the same exposure, so
+    the two rates are equally resolved), is below `ratio` x the start's rate."""
+    if not mode["steps"] or mode["exposure_since_step"] < mode["start_exposure_ps"]:
+        return None
+    rate = mode["failures_since_step"] / mode["exposure_since_step"]
+    if rate >= ratio * mode["start_rate"]:
+        return None
+    return (f"failure rate {rate:.3g}/ps over {mode['exposure_since_step']:.3g} replica-ps, below {ratio:g} x "
+            f"the start's {mode['start_rate']:.3g}/ps")
+
+
 # --- the trainer -----------------------------------------------------------------------------------
 class FailureBankTrainer(StableTrainer):
     """`StableTrainer`'s set-up (model, QM frames, engine, checkpoints) with the failure-bank
@@ -382,11 +402,8 @@ class FailureBankTrainer(StableTrainer):
         t1 = time.perf_counter()
         if self.bank.ready(s) and m["steps"] < s.max_steps:
             row.update(self.take_step())
-        elif m["steps"] > 0 and m["exposure_since_step"] >= m["start_exposure_ps"]:
-            m["last_rate"] = m["failures_since_step"] / m["exposure_since_step"]
-            if m["last_rate"] < s.stop_rate_ratio * m["start_rate"]:
-                m["stop_reason"] = (f"failure rate {m['last_rate']:.3g}/ps over {m['exposure_since_step']:.3g} "
-                                    f"replica-ps, below {s.stop_rate_ratio:g} x the start's {m['start_rate']:.3g}/ps")
+        else:
+            m["stop_reason"] = rate_stop_reason(m, s.stop_rate_ratio)
         row["grad_time_s"] = time.perf_counter() - t1
         if m["steps"] > 0 and m["exposure_since_step"] > 0:
             m["last_rate"] = m["failures_since_step"] / m["exposure_since_step"]
