@@ -109,6 +109,9 @@ def test_projection_removes_the_constraint_rows_and_is_a_projector():
     damped = ProjectionBasis(rows, damping=1e-3)
     for row in rows:  # damping leaves a small remainder, never an amplification
         assert 0 < float(damped.project(row).norm()) < 0.05 * float(row.norm())
+    g = torch.as_tensor(rng.normal(size=20))
+    single = ProjectionBasis(rows.float(), damping=1e-3)  # float32 rows, as constraint_rows stores them
+    torch.testing.assert_close(single.project(g), damped.project(g), rtol=0, atol=1e-5 * float(g.norm()))
 
 
 def test_projected_step_leaves_the_constrained_energies_and_forces_unchanged_to_first_order(ethanol):
@@ -117,7 +120,7 @@ def test_projected_step_leaves_the_constrained_energies_and_forces_unchanged_to_
     model = create_model("schnet", "tiny").double()
     frames = (torch.as_tensor(pos)[None] + 0.05 * torch.randn(4, len(z), 3, dtype=torch.float64)).numpy()
     n_projections, seed = 3, 7
-    rows = constraint_rows(model, z, frames, n_projections, seed)
+    rows = constraint_rows(model, z, frames, n_projections, seed, dtype=torch.float64)
     assert rows.shape == (4 * (1 + n_projections), sum(p.numel() for p in model.parameters()))
     basis = ProjectionBasis(rows, damping=1e-12)
     # A direction that moves the energies: the gradient of the energies of other frames.
