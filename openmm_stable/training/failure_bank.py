@@ -23,7 +23,6 @@ learns from stable frames only, and h(r) of the stable ensemble points the wrong
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from typing import Optional
 
