@@ -302,3 +302,37 @@ def test_a_training_temperature_runs_the_replicas_hotter(xtb_ethanol, pretrained
                                  _config(bank={"hinge_target": None}), tmp_path / "b", progress=False)
     torch.testing.assert_close(default.hinge.target, expected)
     assert 0.05 < float(expected.max()) < 0.6
+
+
+@pytest.mark.parametrize("direction", ["random", "hr"])
+def test_control_directions_step_as_far_in_the_same_subspace(xtb_ethanol, pretrained_ethanol_model, tmp_path,
+                                                             direction):
+    """The controls of benchmarks/README 5e: a random or an h(r) direction, projected into the
+    same QM-safe subspace, and the step as long as the method's."""
+    trainer = FailureBankTrainer(copy.deepcopy(pretrained_ethanol_model), xtb_ethanol,
+                                 _config(bank={"direction": direction}, observable={"name": "hr", "r_max": 6.0,
+                                                                                    "n_bins": 60}),
+                                 tmp_path, progress=False)
+    basis = trainer.projection()
+    frames = xtb_ethanol.positions[:8]
+    hinge = torch.randn(sum(p.numel() for p in trainer.model.parameters()), dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(0))
+    chosen = trainer.step_direction(basis, basis.project(hinge), frames)
+    assert chosen.norm() > 0 and not torch.allclose(chosen / chosen.norm(), basis.project(hinge) / basis.project(hinge).norm())
+    rows = basis.rows.double()  # the constraint rows barely see it (the projection is damped, not exact)
+    unprojected = torch.randn(chosen.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    seen = lambda v: float((rows @ v.double()).norm() / v.norm())  # noqa: E731
+    if direction == "random":
+        assert seen(chosen) < 0.05 * seen(unprojected)
+    if direction == "hr":  # the observable's own gradient, projected
+        trainer.model.zero_grad(set_to_none=False)
+        trainer.objective.backward(trainer.model, torch.as_tensor(frames, dtype=torch.float64))
+        from openmm_stable.training.failure_bank import flat_grad
+
+        raw = flat_grad(trainer.model).double()
+        torch.testing.assert_close(chosen.double(), basis.project(raw), rtol=1e-5, atol=1e-9)
+        assert seen(chosen) < 0.5 * seen(raw)
+    with pytest.raises(InputError, match="failure_bank.direction"):
+        _config(bank={"direction": "sideways"}) and FailureBankTrainer(
+            copy.deepcopy(pretrained_ethanol_model), xtb_ethanol, _config(bank={"direction": "sideways"}), tmp_path,
+            progress=False)

@@ -45,6 +45,9 @@ BANK_LOG_COLUMNS = ["epoch", "step", "failures_this_epoch", "bank_failures", "ba
                     "start_failure_rate_per_ps", "failure_rate_per_ps", "replica_ps", "sim_time_s", "grad_time_s"]
 
 
+DIRECTIONS = ("hinge", "random", "hr")
+
+
 @dataclasses.dataclass
 class FailureBankSettings:
     """The settings of ``learning: failure_bank`` (``StableConfig.failure_bank``); the
@@ -68,6 +71,11 @@ class FailureBankSettings:
     max_steps: int = 12
     stop_rate_ratio: float = 0.2  # stop when the failure rate is below this fraction of its start
     training_temperature_K: Optional[float] = None  # K, replicas run here (>= the engine's); None: the engine's
+    # The step's direction, for the controls of benchmarks/README 5e: "hinge" (the method:
+    # the projected gradient of log P(excursion)); "random" (a random direction in the same
+    # QM-safe subspace, same length and step count: does any kick help?); "hr" (the projected
+    # h(r) gradient of the run's `observable` on the same frames: isolates the observable).
+    direction: str = "hinge"
 
     def __post_init__(self) -> None:
         def fail(field, message):
@@ -107,6 +115,8 @@ class FailureBankSettings:
                                         f"got {self.max_force_mae_ratio!r}")
         if not 0 < self.stop_rate_ratio < 1:
             fail("stop_rate_ratio", f"must be in (0, 1), got {self.stop_rate_ratio!r}")
+        if self.direction not in DIRECTIONS:
+            fail("direction", f"must be one of {', '.join(DIRECTIONS)}, got {self.direction!r}")
         if self.training_temperature_K is not None and not self.training_temperature_K > 0:
             fail("training_temperature_K", f"must be > 0 K (or unset), got {self.training_temperature_K!r}")
 
@@ -514,9 +524,10 @@ class FailureBankTrainer(StableTrainer):
         if all(h[2].size >= 2 and (h[1] > 0).any() for h in halves):
             g0, g1 = (basis.project(self.log_excursion_gradient(*h)[0]) for h in halves)
             row["split_half_cosine"] = float(torch.nn.functional.cosine_similarity(g0, g1, dim=0))
-        if projected.norm() > 0:
+        direction = self.step_direction(basis, projected, frames)
+        if direction.norm() > 0:
             theta = torch.nn.utils.parameters_to_vector(self.model.parameters()).detach().double()
-            theta = theta - m["step_norm"] * projected / projected.norm()
+            theta = theta - m["step_norm"] * direction / direction.norm()
             set_flat_parameters(self.model, theta)
             refit_energy_shift(self.model, self.train_tensors)
         mae = self._train_force_mae()
@@ -535,6 +546,22 @@ class FailureBankTrainer(StableTrainer):
         st.cycle = m["steps"]
         self._save_snapshot(ended_stable=False)
         return row
+
+    def step_direction(self, basis: "ProjectionBasis", projected: torch.Tensor, frames: np.ndarray) -> torch.Tensor:
+        """What the step follows (``direction``): the projected hinge gradient; or, for the
+        controls, a random direction or the h(r) ensemble gradient of the same (unweighted)
+        frames, projected the same way (the step length is fixed, so only the direction differs)."""
+        kind = self.settings.direction
+        if kind == "random":
+            generator = torch.Generator().manual_seed(int(self.rng.integers(2**31 - 1)))
+            return basis.project(torch.randn(projected.shape, generator=generator, dtype=projected.dtype))
+        if kind == "hr":
+            self.model.zero_grad(set_to_none=False)
+            self.objective.backward(self.model, torch.as_tensor(frames, dtype=torch.float64))
+            grad = flat_grad(self.model).to(projected.dtype)
+            self.model.zero_grad(set_to_none=False)
+            return basis.project(grad)
+        return projected
 
     def fit(self, resume: bool = False) -> dict:
         summary = super().fit(resume=resume)
