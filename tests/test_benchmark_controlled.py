@@ -79,3 +79,56 @@ def test_pooled_arm_counts_a_failure_at_the_last_check(tmp_path):
     # against 4 survivors: 2 failures, not 1 (p 0.32 from the times alone)
     survivors = {"stable_time_ps": [1.0] * 4, "failed": [False] * 4}
     assert controlled._survival.logrank(arm, survivors, 1.0) == pytest.approx(0.1278, abs=1e-4)
+
+
+def _rare_failures_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rare_failures", SCRIPT.with_name("rare_failures.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rare_failure_screen_rule_and_verdict_follow_the_preregistration():
+    """benchmarks/rare_failures.py: the screen picks the arm the pre-registered rule names,
+    and the verdict checks every pass criterion (numbers built here, no simulation)."""
+    rf = _rare_failures_module()
+
+    def arm(failures, exposure=100.0, force=80.0, hr=0.004, noise=0.002):
+        return {"failures": failures, "replica_ps": exposure, "failure_rate_per_ps": failures / exposure,
+                "force_mae_meV_per_A": force, "hr_mae": hr, "hr_noise_mae": noise}
+
+    def screen(arms):
+        return {"arms": arms, "rate_ratio": {f"{a}_vs_{b}": rf.ratio(arms[a], arms[b]) for a in arms for b in arms
+                                             if a != b}}
+
+    arms = {"pretrained": arm(40), "paper": arm(30), "bank_hot": arm(10), "bank_random": arm(35), "bank_hr": arm(38),
+            "energy_force_only": arm(41)}
+    assert rf.choose(screen(arms))[0] == "bank_hot"
+    arms["bank_hot"] = arm(36)  # no better than the random direction: nothing qualifies
+    assert rf.choose(screen(arms))[0] is None
+    confirm = {"pretrained": arm(80, 1000.0), "bank_hot": arm(20, 1000.0, force=83.0),
+               "energy_force_only": arm(78, 1000.0), "bank_random": arm(75, 1000.0)}
+    result = rf.verdict(screen(confirm), "bank_hot")
+    assert result["passed"] and all(result["checks"].values())
+    confirm["bank_hot"] = arm(20, 1000.0, force=90.0)  # 1.125x the start's force MAE
+    result = rf.verdict(screen(confirm), "bank_hot")
+    assert not result["passed"] and result["checks"]["test force MAE <= 1.05x"] is False
+    confirm["bank_hot"] = arm(50, 1000.0, force=80.0)  # ratio 0.625: misses the 0.5 bound
+    assert not rf.verdict(screen(confirm), "bank_hot")["checks"]["rate ratio vs pretrained"]
+
+
+@pytest.mark.slow
+def test_rare_failures_quick(tmp_path):
+    """Every stage of benchmarks/rare_failures.py on tiny data: screen and confirmation."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MPLBACKEND="Agg")
+    proc = subprocess.run([sys.executable, str(SCRIPT.with_name("rare_failures.py")), "--quick", "--workdir",
+                           str(tmp_path), "--phase", "all"], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    section = json.loads((tmp_path / "stability_controlled.json").read_text())["rare_renewal"]
+    assert set(section["screen"]["arms"]) == {"pretrained", "paper", "bank_hot", "bank_random", "bank_hr",
+                                              "energy_force_only"}
+    assert section["chosen_arm"] is not None and "checks" in section and isinstance(section["passed"], bool)
+    saved = section
+    assert saved["arms"]["pretrained"]["replica_ps"] > 0 and "bank_hot_vs_pretrained" in saved["rate_ratio"]

@@ -1,0 +1,342 @@
+"""Benchmark 5e: refinement of a start that fails rarely, in a renewal design (issue 23).
+
+The arms, the screen, the confirmation and the pass criteria are pre-registered in
+benchmarks/README.md, section 5e, and in `CRITERIA` below: the screen chooses one arm on
+its own evaluation seeds, the confirmation measures it on fresh ones. The endpoint is
+failures at 0.5 A per replica-ps (`simulate --renewal`: a failed replica restarts from a
+fresh held-out frame and the clock runs on), compared by the exact conditional binomial
+test (`openmm_stable.statistics.rate_ratio_test`).
+
+The start is C3 of benchmark 5 (SchNet-small on 400 frames of the 700 K xTB ethanol pool),
+made by `stability_controlled.py`'s own stages in --workdir. Every stage writes to --workdir
+and is skipped when its output exists (refinements and evaluations resume after a kill), so
+the experiment can span sessions; results go to `results/stability_controlled.json` under
+``"rare_renewal"`` as they come:
+
+    python benchmarks/rare_failures.py --workdir runs/rare --phase screen
+    python benchmarks/rare_failures.py --workdir runs/rare --phase confirm
+    python benchmarks/rare_failures.py --workdir runs/rare_q --quick      # a smoke run of every stage
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine_info, write_json  # noqa: E402
+from _stages import StageTimings, stage  # noqa: E402
+import stability_controlled  # noqa: E402
+
+# Written before any run (benchmarks/README.md 5e): what the confirmation must show.
+CRITERIA = {
+    "endpoint": "failures at 0.5 A per replica-ps, renewal, 700 K; exact conditional binomial test",
+    "rate_ratio_at_most": 0.5, "upper95_below": 0.8,
+    "against": ["pretrained", "energy_force_only", "bank_random"],
+    "test_force_mae_ratio_at_most": 1.05,
+    "hr_mae_occupied": "at most the start's plus the reference noise band (two independent xTB chains)",
+    "screen_rule": "the refined arm with the lowest pooled screen failure rate whose rate ratio against pretrained "
+                   "is below 0.5 and below bank_random's and bank_hr's",
+}
+REFINED_ARMS = ("paper", "bank_hot", "bank_random", "bank_hr", "bank")
+CONTROL_ARM = "energy_force_only"  # matched to bank_hot refinement k (as many L-BFGS iterations)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", default="runs/rare", help="data, models and runs (not committed)")
+    p.add_argument("--results", default=None, help="results JSON (default benchmarks/results/stability_controlled.json; "
+                                                  "with --quick, in --workdir)")
+    p.add_argument("--phase", choices=["screen", "confirm", "all"], default="screen")
+    p.add_argument("--arms", nargs="+", choices=REFINED_ARMS, default=["paper", "bank_hot", "bank_random", "bank_hr"],
+                   help="refined arms of the screen (bank at 700 K costs ~4x bank_hot; see README 5e)")
+    p.add_argument("--screen-refinements", type=int, default=2)
+    p.add_argument("--confirm-refinements", type=int, default=4)
+    p.add_argument("--screen-temperature", type=float, default=900.0)
+    p.add_argument("--temperature", type=float, default=700.0, help="K: data, start, confirmation")
+    p.add_argument("--hot-temperature", type=float, default=900.0, help="K: bank_hot's training temperature")
+    p.add_argument("--group-replicas", type=int, default=32)
+    p.add_argument("--screen-ps", type=float, default=4.0)
+    p.add_argument("--confirm-ps", type=float, default=8.0)
+    p.add_argument("--confirm-groups", type=int, default=4)
+    p.add_argument("--bank-epochs", type=int, default=400, help="cap on bank refinement epochs (0.25 ps each)")
+    p.add_argument("--paper-epochs", type=int, default=36)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every stage")
+    args = p.parse_args(argv)
+    # What stability_controlled's data and pre-training stages read.
+    args.frames, args.eval_frames, args.rare_frames, args.pretrain_min, args.data = 3000, 500, 400, 4.0, None
+    if args.quick:
+        args.frames, args.eval_frames, args.rare_frames, args.pretrain_min = 120, 30, 40, 0.05
+        args.temperature = args.screen_temperature = args.hot_temperature = 500.0
+        args.group_replicas, args.screen_ps, args.confirm_ps, args.confirm_groups = 4, 0.1, 0.1, 2
+        args.screen_refinements, args.confirm_refinements, args.bank_epochs, args.paper_epochs = 1, 2, 2, 2
+    return args
+
+
+# --- the arms ------------------------------------------------------------------------------
+def engine_config(temperature_K: float):
+    from openmm_stable.engine import EngineConfig
+
+    return EngineConfig(temperature_K=temperature_K, timestep_fs=0.5, integrator="langevin", friction_per_ps=1.0)
+
+
+def arm_config(arm: str, seed: int, args):
+    """The StableConfig of a refined arm (README 5e); the bank arms run failure_bank's
+    defaults, bank_random / bank_hr change only its direction."""
+    from openmm_stable.training.stable import StableConfig
+
+    if arm == "paper":
+        return StableConfig.paper(n_replicas=8, epoch_ps=0.5, frame_interval_ps=0.025, max_epochs=args.paper_epochs,
+                                  observable={"name": "hr", "r_max": 6.0, "n_bins": 120}, seed=seed,
+                                  engine=engine_config(args.temperature))
+    bank = {"training_temperature_K": args.hot_temperature} if arm != "bank" else {}
+    if arm == "bank_random":
+        bank["direction"] = "random"
+    if arm == "bank_hr":
+        bank["direction"] = "hr"
+    if args.quick:
+        bank.update(min_failures=1, min_excursion_frames=1, min_failures_with_excursions=1, max_steps=1,
+                    constraint_frames=8, background_frames=8, hinge_target=0.0)
+    return StableConfig(learning="failure_bank", n_replicas=args.group_replicas, epoch_ps=0.25,
+                        frame_interval_ps=0.025, equilibration_ps=0.0, max_epochs=args.bank_epochs, seed=seed,
+                        observable={"name": "hr", "r_max": 6.0, "n_bins": 120},
+                        bond_threshold=0.02 if args.quick else 0.25, failure_bank=bank,
+                        engine=engine_config(args.temperature))
+
+
+def refined(start_file: Path, arm: str, k: int, train, pool, work: Path, args):
+    """Refinement k of `arm` (seed args.seed + k), from the start's model FILE (its record's
+    split keeps pre-training's held-out frames out of the regulariser); resumed if killed."""
+    from openmm_stable.models import load_model
+    from openmm_stable.training.stable import refine
+
+    out = work / f"refine_{arm}_seed{k}"
+    if (out / "model.pt").exists() and (out / "metrics.json").exists():
+        return load_model(out / "model.pt"), json.loads((out / "metrics.json").read_text())
+    return refine(start_file, train, arm_config(arm, args.seed + k, args), out, reference=pool,
+                  resume=(out / "checkpoint.pt").exists(), progress=True)
+
+
+def optimizer_iterations(summary: dict, folder: Path) -> int:
+    """Parameter updates a bank refinement made: its steps plus every L-BFGS restore iteration."""
+    bank = summary.get("failure_bank", {})
+    log = folder / "bank_log.csv"
+    restores = 0
+    if log.exists():
+        with open(log) as handle:
+            restores = sum(int(float(r["restore_iterations"] or 0)) for r in csv.DictReader(handle))
+    return int(bank.get("steps", 0)) + restores
+
+
+def energy_force_only(start_file: Path, k: int, iterations: int, work: Path, args):
+    """Plain extra training, the control: `iterations` L-BFGS iterations on the energy/force
+    loss over the start's own training frames (its record's split), as many as the matched
+    bank_hot refinement updated the weights."""
+    import torch
+
+    from openmm_stable.data import load_dataset
+    from openmm_stable.models import load_model, read_model_record, save_model
+    from openmm_stable.training.batching import FrameTensors
+    from openmm_stable.training.learning import EnergyForceRegulariser
+
+    out = work / f"control_seed{k}" / "model.pt"
+    if out.exists():
+        return load_model(out)
+    record = read_model_record(start_file)
+    train = load_dataset(work / "rare_train.npz").subset(record.payload["split"]["train"])
+    model = load_model(start_file)
+    regulariser = EnergyForceRegulariser(FrameTensors(train), 1.0, 100.0, None, np.random.default_rng(args.seed + k))
+    lbfgs = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=1, history_size=10, line_search_fn="strong_wolfe")
+
+    def closure():
+        lbfgs.zero_grad(set_to_none=False)
+        return regulariser.backward(model, 1.0, whole_training_set=True)
+
+    for _ in range(iterations):
+        lbfgs.step(closure)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_model(model, out, atomic_numbers=record.atomic_numbers, kind="refined",
+               dataset_fingerprint=record.dataset_fingerprint, split=record.payload["split"],
+               bonds=record.payload.get("bonds"), control={"lbfgs_iterations": iterations})
+    return model
+
+
+# --- evaluation --------------------------------------------------------------------------------
+def evaluate(model, name: str, group: int, seed: int, held_out, pool, reference_b, temperature_K: float,
+             horizon_ps: float, work: Path, args) -> dict:
+    """One renewal evaluation group: `group_replicas` replicas from held-out frames (seed
+    `seed`), failures and exposure, test force MAE, h(r) with the reference noise band."""
+    from openmm_stable.report import load_metrics
+    from openmm_stable.simulate import SimulationConfig, simulate
+
+    out = work / f"eval_{name}_g{group}"
+    if not (out / "metrics.json").exists():
+        config = SimulationConfig(n_replicas=args.group_replicas, time_ps=horizon_ps, check_interval_ps=0.05,
+                                  stability="bonds", bond_threshold=0.5, renewal=True, seed=seed,
+                                  vacf_interval_ps=None, engine=engine_config(temperature_K))
+        simulate(model, held_out, config, out, reference=pool, test_set=held_out, progress=True,
+                 resume=(out / "progress.json").exists(), reference_b=reference_b)
+    return load_metrics(out)
+
+
+def pooled(groups: list) -> dict:
+    failures = int(sum(m["failures"] for m in groups))
+    exposure = float(sum(m["replica_ps"] for m in groups))
+    hr = [m.get("hr_mae_occupied") for m in groups if m.get("hr_mae_occupied") is not None]
+    noise = [m.get("hr_noise_mae") for m in groups if m.get("hr_noise_mae") is not None]
+    return {"failures": failures, "replica_ps": exposure, "failure_rate_per_ps": failures / exposure,
+            "force_mae_meV_per_A": float(np.mean([m["force_mae_meV_per_A"] for m in groups])),
+            "force_mae_per_group": [m["force_mae_meV_per_A"] for m in groups],
+            "hr_mae": float(np.mean(hr)) if hr else None, "hr_noise_mae": float(np.mean(noise)) if noise else None,
+            "groups": len(groups)}
+
+
+def ratio(a: dict, b: dict) -> dict:
+    from openmm_stable.statistics import rate_ratio_test
+
+    test = rate_ratio_test(a["failures"], a["replica_ps"], b["failures"], b["replica_ps"])
+    return {"estimate": test["estimate"], "lower95": test["lower95"], "upper95": test["upper95"], "p": test["p"]}
+
+
+def run_phase(phase: str, start, start_file, train, pool, held_out, reference_b, work: Path, timings, args) -> dict:
+    """Refine (n refinements per arm), then evaluate every model on its group (pretrained
+    on all groups), pooled per arm, with rate ratios against the start and the controls."""
+    screen = phase == "screen"
+    n = args.screen_refinements if screen else args.confirm_refinements
+    temperature = args.screen_temperature if screen else args.temperature
+    horizon = args.screen_ps if screen else args.confirm_ps
+    seeds = [(100 if screen else 200) + g for g in range(n if screen else args.confirm_groups)]
+    arms = list(args.arms) if screen else [args.chosen, "bank_random"]
+    models: dict = {"pretrained": [start] * len(seeds)}
+    steps: dict = {}
+    for arm in arms:
+        stage(f"{phase}: refine {arm} ({n} refinements)")
+        runs = [timings(f"{phase}_refine_{arm}_{k}", lambda k=k: refined(start_file, arm, k, train, pool, work, args))
+                for k in range(n)]
+        models[arm] = [model for model, _ in runs]
+        if arm.startswith("bank"):
+            steps[arm] = [optimizer_iterations(s, work / f"refine_{arm}_seed{k}") for k, (_, s) in enumerate(runs)]
+    matched = "bank_hot" if "bank_hot" in steps else next(iter(steps), None)
+    if matched is not None:
+        stage(f"{phase}: energy/force-only control matched to {matched}")
+        models[CONTROL_ARM] = [energy_force_only(start_file, k, steps[matched][k], work, args) for k in range(n)]
+    result: dict = {"temperature_K": temperature, "horizon_ps": horizon, "seeds": seeds, "arms": {},
+                    "optimizer_iterations": steps, "control_matched_to": matched}
+    for arm, arm_models in models.items():
+        stage(f"{phase}: evaluate {arm}")
+        groups = [evaluate(arm_models[g % len(arm_models)], f"{phase}_{arm}", g, seed, held_out, pool, reference_b,
+                           temperature, horizon, work, args) for g, seed in enumerate(seeds)]
+        result["arms"][arm] = {**pooled(groups), "refinements": 0 if arm == "pretrained" else len(arm_models)}
+    result["rate_ratio"] = {f"{arm}_vs_{other}": ratio(result["arms"][arm], result["arms"][other])
+                            for arm in result["arms"] if arm != "pretrained"
+                            for other in ("pretrained", CONTROL_ARM, "bank_random", "bank_hr")
+                            if other in result["arms"] and other != arm}
+    return result
+
+
+def choose(screen: dict) -> tuple:
+    """The screen's rule (`CRITERIA`): (arm or None, why)."""
+    rr = screen["rate_ratio"]
+    candidates = []
+    for arm in screen["arms"]:
+        if arm in ("pretrained", CONTROL_ARM, "bank_random", "bank_hr"):
+            continue
+        vs = rr[f"{arm}_vs_pretrained"]["estimate"]
+        beats = all(screen["arms"][arm]["failure_rate_per_ps"] < screen["arms"][c]["failure_rate_per_ps"]
+                    for c in ("bank_random", "bank_hr") if c in screen["arms"])
+        if vs < 0.5 and beats:
+            candidates.append((screen["arms"][arm]["failure_rate_per_ps"], arm))
+    if not candidates:
+        return None, "no refined arm had a screen rate ratio below 0.5 against pretrained and below both direction controls"
+    return min(candidates)[1], "lowest pooled screen failure rate among the qualifying arms"
+
+
+def verdict(confirm: dict, chosen: str) -> dict:
+    arms, rr = confirm["arms"], confirm["rate_ratio"]
+    checks = {f"rate ratio vs {other}": rr[f"{chosen}_vs_{other}"]["estimate"] <= CRITERIA["rate_ratio_at_most"]
+              and rr[f"{chosen}_vs_{other}"]["upper95"] < CRITERIA["upper95_below"]
+              for other in CRITERIA["against"] if f"{chosen}_vs_{other}" in rr}
+    checks["test force MAE <= 1.05x"] = (arms[chosen]["force_mae_meV_per_A"]
+                                         <= CRITERIA["test_force_mae_ratio_at_most"]
+                                         * arms["pretrained"]["force_mae_meV_per_A"])
+    hr, hr0, noise = arms[chosen]["hr_mae"], arms["pretrained"]["hr_mae"], arms["pretrained"]["hr_noise_mae"]
+    checks["h(r) within the noise band"] = None if None in (hr, hr0, noise) else hr <= hr0 + noise
+    return {"checks": checks, "passed": all(v is True for v in checks.values())}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from openmm_stable.data import save_dataset
+    from openmm_stable.data.generate import generate_xtb_dataset
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    results_path = Path(args.results) if args.results else (
+        work / "stability_controlled.json" if args.quick
+        else Path(__file__).resolve().parent / "results" / "stability_controlled.json")
+    timings = StageTimings(work)
+
+    stage("reference data (the C3 pool) and a second independent chain for the h(r) noise band")
+    data = timings("generate", lambda: stability_controlled.reference_data(args, work))
+    chain_b = work / "ethanol_xtb_b.npz"
+    reference_b = timings("generate_b", lambda: generate_xtb_dataset(
+        "ethanol", chain_b, n_frames=args.frames - args.eval_frames, temperature=args.temperature, stride=10,
+        seed=args.seed + 1, progress=True, resume=True))
+    n = len(data)
+    pool, held_out = data.subset(np.arange(n - args.eval_frames)), data.subset(np.arange(n - args.eval_frames, n))
+    order = np.random.default_rng(args.seed).permutation(len(pool))
+    train = pool.subset(np.sort(order[:args.rare_frames]))
+    if not (work / "rare_train.npz").exists():
+        save_dataset(train, work / "rare_train.npz")
+
+    stage("the C3 start (SchNet-small, 400 frames)")
+    from openmm_stable.data import load_dataset
+
+    train = load_dataset(work / "rare_train.npz")  # the file the start's record fingerprints
+    start = timings("pretrain_rare", lambda: stability_controlled.pretrained("rare", train, args.pretrain_min, work,
+                                                                             args))
+    start_file = work / "pretrain_rare" / "model.pt"
+
+    payload = json.loads(results_path.read_text()) if results_path.exists() else {}
+    section = payload.get("rare_renewal", {})
+    section.update({"temperature_K": args.temperature, "criteria": CRITERIA, "quick": args.quick,
+                    "start": {"frames": len(train), "architecture": "schnet-small"}, "machine": machine_info()})
+    if args.phase in ("screen", "all"):
+        section["screen"] = run_phase("screen", start, start_file, train, pool, held_out, reference_b, work,
+                                      timings, args)
+        section["chosen_arm"], section["chosen_because"] = choose(section["screen"])
+        if args.quick and section["chosen_arm"] is None:  # the smoke run exercises the confirmation too
+            section["chosen_arm"], section["chosen_because"] = "bank_hot", "quick smoke run: the rule chose none"
+        section.setdefault("passed", False)
+        section.setdefault("status", "screened; not yet confirmed")
+        payload["rare_renewal"] = section
+        write_json(results_path, payload)
+    if args.phase in ("confirm", "all"):
+        args.chosen = section.get("chosen_arm")
+        if args.chosen is None:
+            print("no arm was chosen by the screen: nothing to confirm")
+        else:
+            confirm = run_phase("confirm", start, start_file, train, pool, held_out, reference_b, work, timings, args)
+            section.update({"arms": confirm["arms"], "rate_ratio": confirm["rate_ratio"], "confirm": confirm})
+            section.update(verdict(confirm, args.chosen))
+            section["status"] = "confirmed" if section["passed"] else "confirmation missed the pre-registered pass"
+    section["timings_s"] = timings.seconds
+    payload["rare_renewal"] = section
+    write_json(results_path, payload)
+    print(json.dumps({k: section.get(k) for k in ("chosen_arm", "status", "passed")}, indent=1))
+    for phase in ("screen", "confirm"):
+        if phase in section:
+            for arm, values in section[phase]["arms"].items():
+                print(f"{phase:8s} {arm:18s} {values['failures']:4d} failures in {values['replica_ps']:7.1f} replica-ps"
+                      f"  rate {values['failure_rate_per_ps']:.4f}/ps  force MAE {values['force_mae_meV_per_A']:.1f}")
+    return section
+
+
+if __name__ == "__main__":
+    main()
