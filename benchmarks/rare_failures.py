@@ -13,8 +13,8 @@ and is skipped when its output exists (refinements and evaluations resume after 
 the experiment can span sessions; results go to `results/stability_controlled.json` under
 ``"rare_renewal"`` as they come:
 
-    python benchmarks/rare_failures.py --workdir runs/rare --phase screen
-    python benchmarks/rare_failures.py --workdir runs/rare --phase confirm
+    python benchmarks/rare_failures.py --workdir ../rare_runs --phase screen    # outside the checkout: kept
+    python benchmarks/rare_failures.py --workdir ../rare_runs --phase confirm
     python benchmarks/rare_failures.py --workdir runs/rare_q --quick      # a smoke run of every stage
 """
 from __future__ import annotations
@@ -66,6 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--confirm-groups", type=int, default=4)
     p.add_argument("--bank-epochs", type=int, default=400, help="cap on bank refinement epochs (0.25 ps each)")
     p.add_argument("--paper-epochs", type=int, default=36)
+    p.add_argument("--refine-only", action="store_true",
+                   help="only the refinements of --arms (a second process can refine while the first evaluates)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every stage")
     args = p.parse_args(argv)
@@ -204,9 +206,11 @@ def ratio(a: dict, b: dict) -> dict:
     return {"estimate": test["estimate"], "lower95": test["lower95"], "upper95": test["upper95"], "p": test["p"]}
 
 
-def run_phase(phase: str, start, start_file, train, pool, held_out, reference_b, work: Path, timings, args) -> dict:
+def run_phase(phase: str, start, start_file, train, pool, held_out, reference_b, work: Path, timings, args,
+              save=lambda result: None) -> dict:
     """Refine (n refinements per arm), then evaluate every model on its group (pretrained
-    on all groups), pooled per arm, with rate ratios against the start and the controls."""
+    on all groups), pooled per arm, with rate ratios against the start and the controls;
+    `save(partial result)` after every evaluated arm (a killed run keeps its numbers)."""
     screen = phase == "screen"
     n = args.screen_refinements if screen else args.confirm_refinements
     temperature = args.screen_temperature if screen else args.temperature
@@ -222,7 +226,9 @@ def run_phase(phase: str, start, start_file, train, pool, held_out, reference_b,
         models[arm] = [model for model, _ in runs]
         if arm.startswith("bank"):
             steps[arm] = [optimizer_iterations(s, work / f"refine_{arm}_seed{k}") for k, (_, s) in enumerate(runs)]
-    matched = "bank_hot" if "bank_hot" in steps else next(iter(steps), None)
+    if args.refine_only:
+        return {"refined_only": arms}
+    matched = "bank_hot" if "bank_hot" in steps else None  # the control is defined by bank_hot's updates
     if matched is not None:
         stage(f"{phase}: energy/force-only control matched to {matched}")
         models[CONTROL_ARM] = [energy_force_only(start_file, k, steps[matched][k], work, args) for k in range(n)]
@@ -233,11 +239,14 @@ def run_phase(phase: str, start, start_file, train, pool, held_out, reference_b,
         groups = [evaluate(arm_models[g % len(arm_models)], f"{phase}_{arm}", g, seed, held_out, pool, reference_b,
                            temperature, horizon, work, args) for g, seed in enumerate(seeds)]
         result["arms"][arm] = {**pooled(groups), "refinements": 0 if arm == "pretrained" else len(arm_models)}
-    result["rate_ratio"] = {f"{arm}_vs_{other}": ratio(result["arms"][arm], result["arms"][other])
-                            for arm in result["arms"] if arm != "pretrained"
-                            for other in ("pretrained", CONTROL_ARM, "bank_random", "bank_hr")
-                            if other in result["arms"] and other != arm}
+        result["rate_ratio"] = rate_ratios(result["arms"])
+        save(result)
     return result
+
+
+def rate_ratios(arms: dict) -> dict:
+    return {f"{arm}_vs_{other}": ratio(arms[arm], arms[other]) for arm in arms if arm != "pretrained"
+            for other in ("pretrained", CONTROL_ARM, "bank_random", "bank_hr") if other in arms and other != arm}
 
 
 def choose(screen: dict) -> tuple:
@@ -307,9 +316,19 @@ def main(argv=None) -> dict:
     section = payload.get("rare_renewal", {})
     section.update({"temperature_K": args.temperature, "criteria": CRITERIA, "quick": args.quick,
                     "start": {"frames": len(train), "architecture": "schnet-small"}, "machine": machine_info()})
+    def save(phase: str):
+        def write(result: dict) -> None:
+            section[phase] = {**result, "partial": True}
+            payload["rare_renewal"] = section
+            write_json(results_path, payload)
+        return write
+
     if args.phase in ("screen", "all"):
         section["screen"] = run_phase("screen", start, start_file, train, pool, held_out, reference_b, work,
-                                      timings, args)
+                                      timings, args, save=save("screen"))
+        if args.refine_only:
+            print(f"refined {', '.join(args.arms)}; evaluate with a run without --refine-only")
+            return section
         section["chosen_arm"], section["chosen_because"] = choose(section["screen"])
         if args.quick and section["chosen_arm"] is None:  # the smoke run exercises the confirmation too
             section["chosen_arm"], section["chosen_because"] = "bank_hot", "quick smoke run: the rule chose none"
@@ -322,7 +341,8 @@ def main(argv=None) -> dict:
         if args.chosen is None:
             print("no arm was chosen by the screen: nothing to confirm")
         else:
-            confirm = run_phase("confirm", start, start_file, train, pool, held_out, reference_b, work, timings, args)
+            confirm = run_phase("confirm", start, start_file, train, pool, held_out, reference_b, work, timings, args,
+                                save=save("confirm"))
             section.update({"arms": confirm["arms"], "rate_ratio": confirm["rate_ratio"], "confirm": confirm})
             section.update(verdict(confirm, args.chosen))
             section["status"] = "confirmed" if section["passed"] else "confirmation missed the pre-registered pass"
