@@ -34,5 +34,9 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q --durations=10 -m "slow or not slow" $(PYTEST_ARGS)
 
+# The benchmark scripts' --quick smoke runs (the slow tests that exercise them).
+bench-quick: $(STAMP)
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache
