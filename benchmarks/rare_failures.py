@@ -281,7 +281,7 @@ def verdict(confirm: dict, chosen: str) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from openmm_stable.data import save_dataset
+    from openmm_stable.data import load_dataset, save_dataset
     from openmm_stable.data.generate import generate_xtb_dataset
 
     work = Path(args.workdir)
@@ -294,9 +294,9 @@ def main(argv=None) -> dict:
     stage("reference data (the C3 pool) and a second independent chain for the h(r) noise band")
     data = timings("generate", lambda: stability_controlled.reference_data(args, work))
     chain_b = work / "ethanol_xtb_b.npz"
-    reference_b = timings("generate_b", lambda: generate_xtb_dataset(
+    reference_b = load_dataset(chain_b) if chain_b.exists() else timings("generate_b", lambda: generate_xtb_dataset(
         "ethanol", chain_b, n_frames=args.frames - args.eval_frames, temperature=args.temperature, stride=10,
-        seed=args.seed + 1, progress=True, resume=True))
+        seed=args.seed + 1, progress=True, resume=(chain_b.parent / (chain_b.name + ".partial.extxyz")).exists()))
     n = len(data)
     pool, held_out = data.subset(np.arange(n - args.eval_frames)), data.subset(np.arange(n - args.eval_frames, n))
     order = np.random.default_rng(args.seed).permutation(len(pool))
@@ -305,8 +305,6 @@ def main(argv=None) -> dict:
         save_dataset(train, work / "rare_train.npz")
 
     stage("the C3 start (SchNet-small, 400 frames)")
-    from openmm_stable.data import load_dataset
-
     train = load_dataset(work / "rare_train.npz")  # the file the start's record fingerprints
     start = timings("pretrain_rare", lambda: stability_controlled.pretrained("rare", train, args.pretrain_min, work,
                                                                              args))
