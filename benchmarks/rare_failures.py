@@ -279,6 +279,36 @@ def verdict(confirm: dict, chosen: str) -> dict:
     return {"checks": checks, "passed": all(v is True for v in checks.values())}
 
 
+def plot_rates(section: dict, path: Path) -> None:
+    """Failures per replica-ps of every arm with its exact (Garwood) 95 % interval, one
+    panel per phase: the endpoint, as people would rather look at it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from scipy import stats
+
+    phases = [phase for phase in ("screen", "confirm") if phase in section and "arms" in section[phase]]
+    if not phases:
+        return
+    fig, axes = plt.subplots(1, len(phases), figsize=(5.5 * len(phases), 3.6), squeeze=False)
+    for ax, phase in zip(axes[0], phases):
+        arms = section[phase]["arms"]
+        names = list(arms)
+        rates = np.array([arms[a]["failure_rate_per_ps"] for a in names])
+        low = np.array([stats.chi2.ppf(0.025, 2 * arms[a]["failures"]) / 2 if arms[a]["failures"] else 0.0
+                        for a in names]) / np.array([arms[a]["replica_ps"] for a in names])
+        high = np.array([stats.chi2.ppf(0.975, 2 * arms[a]["failures"] + 2) / 2 for a in names]) / \
+            np.array([arms[a]["replica_ps"] for a in names])
+        ax.bar(range(len(names)), rates, yerr=[rates - low, high - rates], capsize=4, color="tab:blue")
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        ax.set(ylabel="failures per replica-ps", title=f"{phase}: {section[phase]['temperature_K']:g} K, "
+                                                        f"{arms['pretrained']['replica_ps']:g} replica-ps per arm")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from openmm_stable.data import load_dataset, save_dataset
@@ -347,6 +377,7 @@ def main(argv=None) -> dict:
     section["timings_s"] = timings.seconds
     payload["rare_renewal"] = section
     write_json(results_path, payload)
+    plot_rates(section, results_path.with_name("rare_renewal_rates.png"))
     print(json.dumps({k: section.get(k) for k in ("chosen_arm", "status", "passed")}, indent=1))
     for phase in ("screen", "confirm"):
         if phase in section:
