@@ -66,6 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--confirm-groups", type=int, default=4)
     p.add_argument("--bank-epochs", type=int, default=400, help="cap on bank refinement epochs (0.25 ps each)")
     p.add_argument("--paper-epochs", type=int, default=36)
+    p.add_argument("--chosen-arm", choices=REFINED_ARMS, default=None,
+                   help="confirm this arm instead of the screen rule's choice; recorded as a choice made outside the "
+                        "rule (benchmarks/README 5e says which and why, written before the confirmation)")
     p.add_argument("--refine-only", action="store_true",
                    help="only the refinements of --arms (a second process can refine while the first evaluates)")
     p.add_argument("--seed", type=int, default=0)
@@ -136,10 +139,10 @@ def optimizer_iterations(summary: dict, folder: Path) -> int:
     return int(bank.get("steps", 0)) + restores
 
 
-def energy_force_only(start_file: Path, k: int, iterations: int, work: Path, args):
+def energy_force_only(start_file: Path, matched: str, k: int, iterations: int, work: Path, args):
     """Plain extra training, the control: `iterations` L-BFGS iterations on the energy/force
-    loss over the start's own training frames (its record's split), as many as the matched
-    bank_hot refinement updated the weights."""
+    loss over the start's own training frames (its record's split), as many as refinement
+    k of the `matched` arm updated the weights."""
     import torch
 
     from openmm_stable.data import load_dataset
@@ -147,7 +150,7 @@ def energy_force_only(start_file: Path, k: int, iterations: int, work: Path, arg
     from openmm_stable.training.batching import FrameTensors
     from openmm_stable.training.learning import EnergyForceRegulariser
 
-    out = work / f"control_seed{k}" / "model.pt"
+    out = work / f"control_{matched}_seed{k}" / "model.pt"
     if out.exists():
         return load_model(out)
     record = read_model_record(start_file)
@@ -228,10 +231,12 @@ def run_phase(phase: str, start, start_file, train, pool, held_out, reference_b,
             steps[arm] = [optimizer_iterations(s, work / f"refine_{arm}_seed{k}") for k, (_, s) in enumerate(runs)]
     if args.refine_only:
         return {"refined_only": arms}
-    matched = "bank_hot" if "bank_hot" in steps else None  # the control is defined by bank_hot's updates
-    if matched is not None:
+    # The control has as many updates as the screen's bank_hot (pre-registered) or the chosen arm.
+    matched = "bank_hot" if screen else args.chosen
+    if matched in steps:
         stage(f"{phase}: energy/force-only control matched to {matched}")
-        models[CONTROL_ARM] = [energy_force_only(start_file, k, steps[matched][k], work, args) for k in range(n)]
+        models[CONTROL_ARM] = [energy_force_only(start_file, matched, k, steps[matched][k], work, args)
+                               for k in range(n)]
     result: dict = {"temperature_K": temperature, "horizon_ps": horizon, "seeds": seeds, "arms": {},
                     "optimizer_iterations": steps, "control_matched_to": matched}
     for arm, arm_models in models.items():
@@ -366,6 +371,9 @@ def main(argv=None) -> dict:
         write_json(results_path, payload)
     if args.phase in ("confirm", "all"):
         args.chosen = section.get("chosen_arm")
+        if args.chosen_arm is not None and args.chosen_arm != args.chosen:
+            args.chosen = section["confirmed_arm_chosen_outside_the_rule"] = args.chosen_arm
+            section["confirmed_arm"] = args.chosen
         if args.chosen is None:
             print("no arm was chosen by the screen: nothing to confirm")
         else:
