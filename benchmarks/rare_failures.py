@@ -379,6 +379,9 @@ def main(argv=None) -> dict:
         else:
             confirm = run_phase("confirm", start, start_file, train, pool, held_out, reference_b, work, timings, args,
                                 save=save("confirm"))
+            if args.refine_only:
+                print("refined the confirmation's arms; evaluate with a run without --refine-only")
+                return section
             section.update({"arms": confirm["arms"], "rate_ratio": confirm["rate_ratio"], "confirm": confirm})
             section.update(verdict(confirm, args.chosen))
             section["status"] = "confirmed" if section["passed"] else "confirmation missed the pre-registered pass"
