@@ -69,6 +69,9 @@ def parse_args(argv=None):
     p.add_argument("--chosen-arm", choices=REFINED_ARMS, default=None,
                    help="confirm this arm instead of the screen rule's choice; recorded as a choice made outside the "
                         "rule (benchmarks/README 5e says which and why, written before the confirmation)")
+    p.add_argument("--only-arms", nargs="+", default=None,
+                   help="refine and evaluate only these arms of the phase (pretrained, energy_force_only and refined "
+                        "arms), so that several processes can share a phase; a run without it combines the results")
     p.add_argument("--refine-only", action="store_true",
                    help="only the refinements of --arms (a second process can refine while the first evaluates)")
     p.add_argument("--seed", type=int, default=0)
@@ -220,20 +223,23 @@ def run_phase(phase: str, start, start_file, train, pool, held_out, reference_b,
     horizon = args.screen_ps if screen else args.confirm_ps
     seeds = [(100 if screen else 200) + g for g in range(n if screen else args.confirm_groups)]
     arms = list(args.arms) if screen else [args.chosen, "bank_random"]
-    models: dict = {"pretrained": [start] * len(seeds)}
+    wanted = (lambda arm: True) if args.only_arms is None else (lambda arm: arm in args.only_arms)
+    models: dict = {"pretrained": [start] * len(seeds)} if wanted("pretrained") else {}
+    matched = "bank_hot" if screen else args.chosen  # the control has as many updates as this arm
     steps: dict = {}
     for arm in arms:
+        if not (wanted(arm) or (wanted(CONTROL_ARM) and arm == matched)):
+            continue
         stage(f"{phase}: refine {arm} ({n} refinements)")
         runs = [timings(f"{phase}_refine_{arm}_{k}", lambda k=k: refined(start_file, arm, k, train, pool, work, args))
                 for k in range(n)]
-        models[arm] = [model for model, _ in runs]
+        if wanted(arm):
+            models[arm] = [model for model, _ in runs]
         if arm.startswith("bank"):
             steps[arm] = [optimizer_iterations(s, work / f"refine_{arm}_seed{k}") for k, (_, s) in enumerate(runs)]
     if args.refine_only:
         return {"refined_only": arms}
-    # The control has as many updates as the screen's bank_hot (pre-registered) or the chosen arm.
-    matched = "bank_hot" if screen else args.chosen
-    if matched in steps:
+    if matched in steps and wanted(CONTROL_ARM):
         stage(f"{phase}: energy/force-only control matched to {matched}")
         models[CONTROL_ARM] = [energy_force_only(start_file, matched, k, steps[matched][k], work, args)
                                for k in range(n)]
@@ -245,7 +251,8 @@ def run_phase(phase: str, start, start_file, train, pool, held_out, reference_b,
                            temperature, horizon, work, args) for g, seed in enumerate(seeds)]
         result["arms"][arm] = {**pooled(groups), "refinements": 0 if arm == "pretrained" else len(arm_models)}
         result["rate_ratio"] = rate_ratios(result["arms"])
-        save(result)
+        if args.only_arms is None:  # a process of a shared phase leaves the results file to the combining run
+            save(result)
     return result
 
 
@@ -359,8 +366,8 @@ def main(argv=None) -> dict:
     if args.phase in ("screen", "all"):
         section["screen"] = run_phase("screen", start, start_file, train, pool, held_out, reference_b, work,
                                       timings, args, save=save("screen"))
-        if args.refine_only:
-            print(f"refined {', '.join(args.arms)}; evaluate with a run without --refine-only")
+        if args.refine_only or args.only_arms is not None:
+            print("done; a run without --refine-only and --only-arms combines the results")
             return section
         section["chosen_arm"], section["chosen_because"] = choose(section["screen"])
         if args.quick and section["chosen_arm"] is None:  # the smoke run exercises the confirmation too
@@ -379,8 +386,9 @@ def main(argv=None) -> dict:
         else:
             confirm = run_phase("confirm", start, start_file, train, pool, held_out, reference_b, work, timings, args,
                                 save=save("confirm"))
-            if args.refine_only:
-                print("refined the confirmation's arms; evaluate with a run without --refine-only")
+            if args.refine_only or args.only_arms is not None:
+                print(f"done: {confirm.get('refined_only') or list(confirm['arms'])}; a run without --refine-only "
+                      "and --only-arms combines the results")
                 return section
             section.update({"arms": confirm["arms"], "rate_ratio": confirm["rate_ratio"], "confirm": confirm})
             section.update(verdict(confirm, args.chosen))
