@@ -72,6 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--only-arms", nargs="+", default=None,
                    help="refine and evaluate only these arms of the phase (pretrained, energy_force_only and refined "
                         "arms), so that several processes can share a phase; a run without it combines the results")
+    p.add_argument("--collect", action="store_true",
+                   help="run nothing: pool the finished evaluations of --phase into the results file (marked partial)")
     p.add_argument("--refine-only", action="store_true",
                    help="only the refinements of --arms (a second process can refine while the first evaluates)")
     p.add_argument("--seed", type=int, default=0)
@@ -256,6 +258,20 @@ def run_phase(phase: str, start, start_file, train, pool, held_out, reference_b,
     return result
 
 
+def collect(phase: str, work: Path, args) -> dict:
+    """The evaluations of `phase` finished so far, pooled per arm (nothing is run): what a
+    session that ends mid-phase leaves in the results file, marked partial."""
+    from openmm_stable.report import load_metrics
+
+    groups: dict = {}
+    for folder in sorted(work.glob(f"eval_{phase}_*_g*")):
+        if (folder / "metrics.json").exists():
+            arm = folder.name[len(f"eval_{phase}_"):].rsplit("_g", 1)[0]
+            groups.setdefault(arm, []).append(load_metrics(folder))
+    arms = {arm: {**pooled(runs), "groups_done": len(runs)} for arm, runs in groups.items()}
+    return {"arms": arms, "rate_ratio": rate_ratios(arms) if "pretrained" in arms else {}, "partial": True}
+
+
 def rate_ratios(arms: dict) -> dict:
     return {f"{arm}_vs_{other}": ratio(arms[arm], arms[other]) for arm in arms if arm != "pretrained"
             for other in ("pretrained", CONTROL_ARM, "bank_random", "bank_hr") if other in arms and other != arm}
@@ -356,6 +372,18 @@ def main(argv=None) -> dict:
     section = payload.get("rare_renewal", {})
     section.update({"temperature_K": args.temperature, "criteria": CRITERIA, "quick": args.quick,
                     "start": {"frames": len(train), "architecture": "schnet-small"}, "machine": machine_info()})
+    if args.collect:
+        phases = ["screen", "confirm"] if args.phase == "all" else [args.phase]
+        for phase in phases:
+            if phase == "confirm" and args.chosen_arm is not None:
+                section["confirmed_arm_chosen_outside_the_rule"] = section["confirmed_arm"] = args.chosen_arm
+            section[phase] = {**section.get(phase, {}), **collect(phase, work, args)}
+        payload["rare_renewal"] = section
+        write_json(results_path, payload)
+        print(json.dumps({phase: {a: (v["failures"], v["replica_ps"], v["groups_done"])
+                                  for a, v in section[phase]["arms"].items()} for phase in phases}))
+        return section
+
     def save(phase: str):
         def write(result: dict) -> None:
             section[phase] = {**result, "partial": True}
