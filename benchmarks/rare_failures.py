@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, write_json  # noqa: E402
-from _stages import StageTimings, stage  # noqa: E402
+from _stages import stage  # noqa: E402
 import stability_controlled  # noqa: E402
 
 # Written before any run (benchmarks/README.md 5e): what the confirmation must show.
@@ -342,12 +342,7 @@ def main(argv=None) -> dict:
     from openmm_stable.data import load_dataset, save_dataset
     from openmm_stable.data.generate import generate_xtb_dataset
 
-    work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    results_path = Path(args.results) if args.results else (
-        work / "stability_controlled.json" if args.quick
-        else Path(__file__).resolve().parent / "results" / "stability_controlled.json")
-    timings = StageTimings(work)
+    work, results_path, timings = stability_controlled.workdir_and_results(args)
 
     stage("reference data (the C3 pool) and a second independent chain for the h(r) noise band")
     data = timings("generate", lambda: stability_controlled.reference_data(args, work))

@@ -126,6 +126,17 @@ def parse_args(argv=None):
     return args
 
 
+def workdir_and_results(args) -> tuple:
+    """(--workdir, the results JSON, stage timings): benchmarks/results/stability_controlled.json,
+    or with --quick a file in --workdir (a smoke run never touches the published results)."""
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    results_path = Path(args.results) if args.results else (
+        work / "stability_controlled.json" if args.quick
+        else Path(__file__).resolve().parent / "results" / "stability_controlled.json")
+    return work, results_path, StageTimings(work)
+
+
 # --- data and models ---------------------------------------------------------------------------
 def reference_data(args, work: Path):
     from openmm_stable.data import load_dataset
@@ -536,12 +547,7 @@ def main(argv=None) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    results_path = Path(args.results) if args.results else (
-        work / "stability_controlled.json" if args.quick
-        else Path(__file__).resolve().parent / "results" / "stability_controlled.json")
-    timings = StageTimings(work)
+    work, results_path, timings = workdir_and_results(args)
 
     stage("reference data: GFN2-xTB ethanol trajectory")
     data = timings("generate", lambda: reference_data(args, work))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 # Ethanol (C2H5OH) by hand, in Angstrom: C-C 1.51, C-O 1.43, C-H 1.09, O-H 0.97.
 # Atom order: C (methyl), C (methylene), O, then the methyl H, methylene H, hydroxyl H.
@@ -22,3 +23,15 @@ ETHANOL_POSITIONS = np.array(
 )
 # Covalent bonds of the molecule above, as (i, j) index pairs.
 ETHANOL_BONDS = [(0, 1), (1, 2), (0, 3), (0, 4), (0, 5), (1, 6), (1, 7), (2, 8)]
+
+
+class Harmonic(torch.nn.Module):
+    """U = k x^2 / 2 summed over the coordinates of each frame (eV, Angstrom): the exactly
+    solvable case the estimator tests check against (<x^2> = kT/k)."""
+
+    def __init__(self, k: float):
+        super().__init__()
+        self.k = torch.nn.Parameter(torch.tensor(k, dtype=torch.float64))
+
+    def forward(self, frames):
+        return 0.5 * self.k * (frames**2).sum(dim=(1, 2))

@@ -10,16 +10,7 @@ from openmm_stable.training.estimator import (ObservableLoss, boltzmann_coeffici
                                               jacobian_gradient, model_energy_fn)
 from openmm_stable.units import kT_eV
 
-
-class Harmonic(torch.nn.Module):
-    """U = k x^2 / 2 per coordinate (eV, Angstrom)."""
-
-    def __init__(self, k: float):
-        super().__init__()
-        self.k = torch.nn.Parameter(torch.tensor(k, dtype=torch.float64))
-
-    def forward(self, frames):
-        return 0.5 * self.k * (frames**2).sum(dim=(1, 2))
+from _structures import Harmonic
 
 
 def test_harmonic_exact_derivative_within_statistical_error():

@@ -21,16 +21,7 @@ from openmm_stable.training.failure_bank import (FailureBank, FailureBankSetting
 from openmm_stable.training.stable import StableConfig, refine
 from openmm_stable.units import kT_eV
 
-
-class Harmonic(torch.nn.Module):
-    """U = k x^2 / 2 (eV, A) of one coordinate per frame."""
-
-    def __init__(self, k: float):
-        super().__init__()
-        self.k = torch.nn.Parameter(torch.tensor(k, dtype=torch.float64))
-
-    def forward(self, frames):
-        return 0.5 * self.k * (frames**2).sum(dim=(1, 2))
+from _structures import Harmonic
 
 
 def _mean_hinge(k: float, d: float, kT: float) -> float:

@@ -33,7 +33,7 @@ from openmm_stable.engine import create_engine
 from openmm_stable.errors import InputError
 from openmm_stable.io import atomic_write_json, write_csv
 from openmm_stable.observables import BondDeviationObservable
-from openmm_stable.training.batching import energy_force_loss, evaluate, refit_energy_shift
+from openmm_stable.training.batching import evaluate, refit_energy_shift
 from openmm_stable.training.estimator import (ObservableLoss, log_mean_coefficients, model_energy_fn,
                                               surrogate_backward)
 from openmm_stable.training.stable import StableTrainer
@@ -424,13 +424,7 @@ class FailureBankTrainer(StableTrainer):
         row["start_failure_rate_per_ps"] = m["start_rate"]
         row["failure_rate_per_ps"] = m["last_rate"] if m["steps"] else m["start_failures"] / m["start_exposure_ps"]
         row["step"] = m["steps"]
-        metrics = evaluate(self.model, self.val_tensors)
-        row["val_energy_mae_meV"] = metrics["energy_mae_meV"]
-        row["val_force_mae_meV_per_A"] = metrics["force_mae_meV_per_A"]
-        st.epoch += 1
-        st.positions, st.velocities = self.engine.get_states()
-        st.history.append(row)
-        st.finished = self._done()
+        self._end_epoch(row)
         write_csv(self.out / "bank_log.csv", st.history, BANK_LOG_COLUMNS)
         return row
 
@@ -480,23 +474,14 @@ class FailureBankTrainer(StableTrainer):
     def restore(self) -> int:
         """L-BFGS on the plain energy/force loss over the whole training set (its own,
         fresh optimizer: the notes' B6, F8); returns its iterations."""
-        cfg = self.config
         params = list(self.model.parameters())
         iterations = self.settings.restore_iterations
         optimizer = torch.optim.LBFGS(params, lr=1.0, max_iter=iterations, max_eval=2 * iterations + 5,
                                       history_size=10, line_search_fn="strong_wolfe")
-        n = len(self.train_tensors)
-        chunks = [np.arange(k, min(k + 64, n)) for k in range(0, n, 64)]
 
-        def closure():
+        def closure():  # the plain (unnormalised) energy/force loss over the whole training set
             optimizer.zero_grad(set_to_none=False)
-            total = 0.0
-            for idx in chunks:
-                loss, _ = energy_force_loss(self.model, self.train_tensors.batch(idx), cfg.energy_weight,
-                                            cfg.force_weight)
-                (loss * len(idx) / n).backward()
-                total += float(loss.detach()) * len(idx) / n
-            return torch.tensor(total)
+            return torch.tensor(self.regulariser.backward(self.model, 1.0, whole_training_set=True))
 
         self.model.train()
         optimizer.step(closure)

@@ -551,6 +551,12 @@ class StableTrainer:
             if st.failed_this_cycle.mean() >= cfg.unstable_fraction:
                 self._enter_learning()
         row["grad_time_s"] = time.perf_counter() - t1
+        return self._end_epoch(row)
+
+    def _end_epoch(self, row: dict) -> dict:
+        """What every learning mode does after an epoch: validation errors into the row, the
+        replica states and the row into the loop state, the stop rule."""
+        st = self.state
         metrics = evaluate(self.model, self.val_tensors)
         row["val_energy_mae_meV"] = metrics["energy_mae_meV"]
         row["val_force_mae_meV_per_A"] = metrics["force_mae_meV_per_A"]
