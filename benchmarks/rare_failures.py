@@ -52,7 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--workdir", default="runs/rare", help="data, models and runs (not committed)")
     p.add_argument("--results", default=None, help="results JSON (default benchmarks/results/stability_controlled.json; "
                                                   "with --quick, in --workdir)")
-    p.add_argument("--phase", choices=["screen", "confirm", "all"], default="screen")
+    p.add_argument("--phase", choices=["screen", "confirm", "converged", "all"], default="screen",
+                   help="converged: the confirmation repeated from the start trained to convergence (README 5e)")
     p.add_argument("--arms", nargs="+", choices=REFINED_ARMS, default=["paper", "bank_hot", "bank_random", "bank_hr"],
                    help="refined arms of the screen (bank at 700 K costs ~4x bank_hot; see README 5e)")
     p.add_argument("--screen-refinements", type=int, default=2)
@@ -76,6 +77,10 @@ def parse_args(argv=None):
                    help="run nothing: pool the finished evaluations of --phase into the results file (marked partial)")
     p.add_argument("--refine-only", action="store_true",
                    help="only the refinements of --arms (a second process can refine while the first evaluates)")
+    p.add_argument("--converged-replicas", type=int, default=48, help="replicas per evaluation group, converged phase")
+    p.add_argument("--converge-patience", type=int, default=100, help="L-BFGS iterations without a better validation "
+                                                                       "force MAE before the converged start stops")
+    p.add_argument("--converge-max-iterations", type=int, default=3000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every stage")
     args = p.parse_args(argv)
@@ -86,6 +91,7 @@ def parse_args(argv=None):
         args.temperature = args.screen_temperature = args.hot_temperature = 500.0
         args.group_replicas, args.screen_ps, args.confirm_ps, args.confirm_groups = 4, 0.1, 0.1, 2
         args.screen_refinements, args.confirm_refinements, args.bank_epochs, args.paper_epochs = 1, 2, 2, 2
+        args.converged_replicas, args.converge_patience, args.converge_max_iterations = 4, 10, 20
     return args
 
 
@@ -144,50 +150,113 @@ def optimizer_iterations(summary: dict, folder: Path) -> int:
     return int(bank.get("steps", 0)) + restores
 
 
-def energy_force_only(start_file: Path, matched: str, k: int, iterations: int, work: Path, args):
-    """Plain extra training, the control: `iterations` L-BFGS iterations on the energy/force
-    loss over the start's own training frames (its record's split), as many as refinement
-    k of the `matched` arm updated the weights."""
+def lbfgs_energy_force(model, frames, iterations: int, seed: int, after_iteration=None) -> None:
+    """`iterations` full-batch L-BFGS iterations on the energy/force loss of pre-training over
+    `frames`; `after_iteration(i)` may return True to stop early."""
     import torch
 
-    from openmm_stable.data import load_dataset
-    from openmm_stable.models import load_model, read_model_record, save_model
     from openmm_stable.training.batching import FrameTensors
     from openmm_stable.training.learning import EnergyForceRegulariser
 
-    out = work / f"control_{matched}_seed{k}" / "model.pt"
-    if out.exists():
-        return load_model(out)
-    record = read_model_record(start_file)
-    train = load_dataset(work / "rare_train.npz").subset(record.payload["split"]["train"])
-    model = load_model(start_file)
-    regulariser = EnergyForceRegulariser(FrameTensors(train), 1.0, 100.0, None, np.random.default_rng(args.seed + k))
+    regulariser = EnergyForceRegulariser(FrameTensors(frames), 1.0, 100.0, None, np.random.default_rng(seed))
     lbfgs = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=1, history_size=10, line_search_fn="strong_wolfe")
 
     def closure():
         lbfgs.zero_grad(set_to_none=False)
         return regulariser.backward(model, 1.0, whole_training_set=True)
 
-    for _ in range(iterations):
+    for i in range(iterations):
         lbfgs.step(closure)
+        if after_iteration is not None and after_iteration(i + 1):
+            break
+
+
+def save_like(model, record, out: Path, **extra) -> None:
+    from openmm_stable.models import save_model
+
     out.parent.mkdir(parents=True, exist_ok=True)
     save_model(model, out, atomic_numbers=record.atomic_numbers, kind="refined",
                dataset_fingerprint=record.dataset_fingerprint, split=record.payload["split"],
-               bonds=record.payload.get("bonds"), control={"lbfgs_iterations": iterations})
+               bonds=record.payload.get("bonds"), **extra)
+
+
+def energy_force_only(start_file: Path, matched: str, k: int, iterations: int, work: Path, args):
+    """Plain extra training, the control: `iterations` L-BFGS iterations on the energy/force
+    loss over the start's own training frames (its record's split), as many as refinement
+    k of the `matched` arm updated the weights."""
+    from openmm_stable.data import load_dataset
+    from openmm_stable.models import load_model, read_model_record
+
+    out = work / f"control_{matched}_seed{k}" / "model.pt"
+    if out.exists():
+        return load_model(out)
+    record = read_model_record(start_file)
+    train = load_dataset(args.data_dir / "rare_train.npz").subset(record.payload["split"]["train"])
+    model = load_model(start_file)
+    lbfgs_energy_force(model, train, iterations, args.seed + k)
+    save_like(model, record, out, control={"lbfgs_iterations": iterations})
     return model
+
+
+def converged_start(start_file: Path, work: Path, args):
+    """The C3 start trained to convergence (README 5e, third part): full-batch L-BFGS on its
+    own training frames from where the time-budgeted Adam run stopped, the validation frames
+    of its record deciding when to stop (no improvement of the validation force MAE in
+    `converge_patience` iterations) and which iterate to keep. `curve.csv` is its learning
+    curve. The test frames stay unseen."""
+    import copy
+
+    from openmm_stable.data import load_dataset
+    from openmm_stable.models import load_model, read_model_record
+    from openmm_stable.training.batching import FrameTensors, evaluate, refit_energy_shift
+
+    folder = work / "converged_start"
+    out = folder / "model.pt"
+    if out.exists():
+        return load_model(out), out
+    record = read_model_record(start_file)
+    data = load_dataset(args.data_dir / "rare_train.npz")
+    train, val = data.subset(record.payload["split"]["train"]), FrameTensors(data.subset(record.payload["split"]["val"]))
+    train_tensors = FrameTensors(train)
+    model = load_model(start_file)
+    best = {"val": evaluate(model, val)["force_mae_meV_per_A"], "iteration": 0, "state": copy.deepcopy(model.state_dict())}
+    rows = [(0, evaluate(model, train_tensors)["force_mae_meV_per_A"], best["val"])]
+    every = 10
+
+    def after_iteration(i: int) -> bool:
+        if i % every:
+            return False
+        refit_energy_shift(model, train_tensors)
+        val_mae = evaluate(model, val)["force_mae_meV_per_A"]
+        rows.append((i, evaluate(model, train_tensors)["force_mae_meV_per_A"], val_mae))
+        print(f"converged start: iteration {i}: train force MAE {rows[-1][1]:.2f}, validation {val_mae:.2f} meV/A",
+              flush=True)
+        if val_mae < best["val"]:
+            best.update(val=val_mae, iteration=i, state=copy.deepcopy(model.state_dict()))
+        return i - best["iteration"] >= args.converge_patience
+
+    lbfgs_energy_force(model, train, args.converge_max_iterations, args.seed, after_iteration)
+    model.load_state_dict(best["state"])
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "curve.csv", "w") as handle:
+        handle.write("iteration,train_force_mae_meV_per_A,val_force_mae_meV_per_A\n")
+        handle.writelines(f"{i},{t:.4f},{v:.4f}\n" for i, t, v in rows)
+    save_like(model, record, out, converged={"lbfgs_iterations_kept": best["iteration"],
+                                             "lbfgs_iterations_run": rows[-1][0], "val_force_mae": best["val"]})
+    return model, out
 
 
 # --- evaluation --------------------------------------------------------------------------------
 def evaluate(model, name: str, group: int, seed: int, held_out, pool, reference_b, temperature_K: float,
-             horizon_ps: float, work: Path, args) -> dict:
-    """One renewal evaluation group: `group_replicas` replicas from held-out frames (seed
+             horizon_ps: float, replicas: int, work: Path) -> dict:
+    """One renewal evaluation group: `replicas` replicas from held-out frames (seed
     `seed`), failures and exposure, test force MAE, h(r) with the reference noise band."""
     from openmm_stable.report import load_metrics
     from openmm_stable.simulate import SimulationConfig, simulate
 
     out = work / f"eval_{name}_g{group}"
     if not (out / "metrics.json").exists():
-        config = SimulationConfig(n_replicas=args.group_replicas, time_ps=horizon_ps, check_interval_ps=0.05,
+        config = SimulationConfig(n_replicas=replicas, time_ps=horizon_ps, check_interval_ps=0.05,
                                   stability="bonds", bond_threshold=0.5, renewal=True, seed=seed,
                                   vacf_interval_ps=None, engine=engine_config(temperature_K))
         simulate(model, held_out, config, out, reference=pool, test_set=held_out, progress=True,
@@ -223,7 +292,9 @@ def run_phase(phase: str, start, start_file, train, pool, held_out, reference_b,
     n = args.screen_refinements if screen else args.confirm_refinements
     temperature = args.screen_temperature if screen else args.temperature
     horizon = args.screen_ps if screen else args.confirm_ps
-    seeds = [(100 if screen else 200) + g for g in range(n if screen else args.confirm_groups)]
+    first_seed = {"screen": 100, "confirm": 200, "converged": 300}[phase]
+    seeds = [first_seed + g for g in range(n if screen else args.confirm_groups)]
+    replicas = args.converged_replicas if phase == "converged" else args.group_replicas
     arms = list(args.arms) if screen else [args.chosen, "bank_random"]
     wanted = (lambda arm: True) if args.only_arms is None else (lambda arm: arm in args.only_arms)
     models: dict = {"pretrained": [start] * len(seeds)} if wanted("pretrained") else {}
@@ -250,7 +321,7 @@ def run_phase(phase: str, start, start_file, train, pool, held_out, reference_b,
     for arm, arm_models in models.items():
         stage(f"{phase}: evaluate {arm}")
         groups = [evaluate(arm_models[g % len(arm_models)], f"{phase}_{arm}", g, seed, held_out, pool, reference_b,
-                           temperature, horizon, work, args) for g, seed in enumerate(seeds)]
+                           temperature, horizon, replicas, work) for g, seed in enumerate(seeds)]
         result["arms"][arm] = {**pooled(groups), "refinements": 0 if arm == "pretrained" else len(arm_models)}
         result["rate_ratio"] = rate_ratios(result["arms"])
         if args.only_arms is None:  # a process of a shared phase leaves the results file to the combining run
@@ -316,7 +387,7 @@ def plot_rates(section: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     from scipy import stats
 
-    phases = [phase for phase in ("screen", "confirm") if phase in section and "arms" in section[phase]]
+    phases = [phase for phase in ("screen", "confirm", "converged") if phase in section and "arms" in section[phase]]
     if not phases:
         return
     fig, axes = plt.subplots(1, len(phases), figsize=(5.5 * len(phases), 3.6), squeeze=False)
@@ -343,6 +414,7 @@ def main(argv=None) -> dict:
     from openmm_stable.data.generate import generate_xtb_dataset
 
     work, results_path, timings = stability_controlled.workdir_and_results(args)
+    args.data_dir = work  # the data files; a phase's runs may sit in a folder below
 
     stage("reference data (the C3 pool) and a second independent chain for the h(r) noise band")
     data = timings("generate", lambda: stability_controlled.reference_data(args, work))
@@ -368,11 +440,12 @@ def main(argv=None) -> dict:
     section.update({"temperature_K": args.temperature, "criteria": CRITERIA, "quick": args.quick,
                     "start": {"frames": len(train), "architecture": "schnet-small"}, "machine": machine_info()})
     if args.collect:
-        phases = ["screen", "confirm"] if args.phase == "all" else [args.phase]
+        phases = ["screen", "confirm", "converged"] if args.phase == "all" else [args.phase]
         for phase in phases:
             if phase == "confirm" and args.chosen_arm is not None:
                 section["confirmed_arm_chosen_outside_the_rule"] = section["confirmed_arm"] = args.chosen_arm
-            section[phase] = {**section.get(phase, {}), **collect(phase, work, args)}
+            section[phase] = {**section.get(phase, {}),
+                              **collect(phase, work / "converged" if phase == "converged" else work, args)}
         payload["rare_renewal"] = section
         write_json(results_path, payload)
         print(json.dumps({phase: {a: (v["failures"], v["replica_ps"], v["groups_done"])
@@ -416,13 +489,36 @@ def main(argv=None) -> dict:
             section.update({"arms": confirm["arms"], "rate_ratio": confirm["rate_ratio"], "confirm": confirm})
             section.update(verdict(confirm, args.chosen))
             section["status"] = "confirmed" if section["passed"] else "confirmation missed the pre-registered pass"
+    if args.phase in ("converged", "all"):
+        args.chosen = args.chosen_arm or section.get("confirmed_arm") or section.get("chosen_arm")
+        if args.chosen is None:
+            print("no arm was chosen or confirmed: nothing to repeat from the converged start")
+        else:
+            stage("the C3 start trained to convergence (L-BFGS stopped on its validation frames)")
+            folder = work / "converged"
+            model, model_file = timings("converged_start", lambda: converged_start(start_file, folder, args))
+            result = run_phase("converged", model, model_file, train, pool, held_out, reference_b, folder, timings,
+                               args, save=save("converged"))
+            if args.refine_only or args.only_arms is not None:
+                print("done; a run without --refine-only and --only-arms combines the results")
+                return section
+            from openmm_stable.models import read_model_record
+
+            result["start"] = read_model_record(model_file).payload.get("converged")
+            result.update(verdict(result, args.chosen), arm=args.chosen)
+            section["converged"] = result
+            # The primary result: the confirmation from a start the control cannot improve by itself.
+            section.update({"arms": result["arms"], "rate_ratio": result["rate_ratio"], "checks": result["checks"],
+                            "passed": result["passed"], "primary": "converged", "confirmed_arm": args.chosen,
+                            "status": "confirmed from the converged start" if result["passed"]
+                            else "the converged confirmation missed the pre-registered pass"})
     section["timings_s"] = timings.seconds
     payload["rare_renewal"] = section
     write_json(results_path, payload)
     plot_rates(section, results_path.with_name("rare_renewal_rates.png"))
     print(json.dumps({k: section.get(k) for k in ("chosen_arm", "status", "passed")}, indent=1))
-    for phase in ("screen", "confirm"):
-        if phase in section:
+    for phase in ("screen", "confirm", "converged"):
+        if phase in section and "arms" in section[phase]:
             for arm, values in section[phase]["arms"].items():
                 print(f"{phase:8s} {arm:18s} {values['failures']:4d} failures in {values['replica_ps']:7.1f} replica-ps"
                       f"  rate {values['failure_rate_per_ps']:.4f}/ps  force MAE {values['force_mae_meV_per_A']:.1f}")

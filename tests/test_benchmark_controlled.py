@@ -132,3 +132,9 @@ def test_rare_failures_quick(tmp_path):
     assert section["chosen_arm"] is not None and "checks" in section and isinstance(section["passed"], bool)
     saved = section
     assert saved["arms"]["pretrained"]["replica_ps"] > 0 and "bank_hot_vs_pretrained" in saved["rate_ratio"]
+    converged = section["converged"]  # the confirmation repeated from the start trained to convergence
+    assert section["primary"] == "converged" and set(converged["arms"]) == {"pretrained", "bank_hot", "bank_random",
+                                                                           "energy_force_only"}
+    assert converged["seeds"][0] == 300 and converged["start"]["lbfgs_iterations_run"] >= 10
+    curve = (tmp_path / "converged" / "converged_start" / "curve.csv").read_text().splitlines()
+    assert curve[0].startswith("iteration,") and len(curve) >= 3
