@@ -5,9 +5,9 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_OUT ?= demo_output
-# Extra pip arguments, e.g. EXTRAS=test,distributed,cuda12 on a GPU machine. `distributed`
-# (Ray) is in by default: its tests are part of the default suite.
-EXTRAS ?= test,distributed
+# Extra pip arguments, e.g. EXTRAS=test,distributed,mace,cuda12 on a GPU machine. `distributed`
+# (Ray) and `mace` (mace-torch) are in by default: their tests are part of the default suite.
+EXTRAS ?= test,distributed,mace
 
 .PHONY: install demo test test-all bench-quick clean
 

@@ -2,17 +2,20 @@
 
 >>> from openmm_stable.models import create_model
 >>> model = create_model("schnet", preset="small")        # energies (eV) of a batch
->>> names = list(ARCHITECTURES)                            # every family we ship
+>>> names = family_names()                                 # every family this process knows
 
-Families: ``schnet`` (invariant, our plain-PyTorch SchNet: portable, fast on CPU),
+Families are found through the entry-point group ``openmm_stable.architectures``
+(`openmm_stable.models.registry`), so another package adds one without editing this one.
+Ours: ``schnet`` (invariant, our plain-PyTorch SchNet: portable, fast on CPU),
 ``graph-network`` (torchmd-net's SchNet-type), ``equivariant-transformer`` and
 ``tensornet`` (torchmd-net). All pass ``torch.jit.script``.
 """
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -21,57 +24,68 @@ from torch import nn
 
 from openmm_stable.errors import InputError
 from openmm_stable.models.base import NNIP, batch_index, energy_and_forces, model_device, model_dtype
+from openmm_stable.models.registry import (ArchitectureFamily, FamilyUnavailable, family_names, get_family,
+                                           register_family)
 
 
-@dataclasses.dataclass(frozen=True)
-class Preset:
-    features: int
-    layers: int
-    n_rbf: int
-    cutoff: float = 5.0
+class _FamilyView(Mapping):
+    """``ARCHITECTURES``: name -> `ArchitectureFamily`, read live from the registry (listing
+    names imports nothing; looking one up imports its module)."""
+
+    def __getitem__(self, name: str) -> ArchitectureFamily:
+        if name not in family_names():
+            raise KeyError(name)
+        return get_family(name)
+
+    def __iter__(self):
+        return iter(family_names())
+
+    def __len__(self) -> int:
+        return len(family_names())
+
+    def __contains__(self, name) -> bool:
+        return name in family_names()
 
 
-PRESETS = {
-    "tiny": Preset(features=16, layers=1, n_rbf=16),
-    "small": Preset(features=64, layers=3, n_rbf=32),
-    "medium": Preset(features=128, layers=4, n_rbf=50),
-    "large": Preset(features=256, layers=6, n_rbf=64, cutoff=6.0),
-}
+ARCHITECTURES: Mapping[str, ArchitectureFamily] = _FamilyView()
 
 
-def _schnet(features, layers, n_rbf, cutoff):
-    from openmm_stable.models.schnet import SchNet
-
-    return SchNet(features=features, layers=layers, n_rbf=n_rbf, cutoff=cutoff)
-
-
-def _torchmdnet(architecture: str) -> Callable[..., nn.Module]:
-    def build(features, layers, n_rbf, cutoff):
-        from openmm_stable.models.torchmdnet import build_torchmdnet
-
-        heads = 8 if features % 8 == 0 else 1
-        return build_torchmdnet(architecture, features, layers, n_rbf, cutoff, num_heads=heads)
-
-    return build
-
-
-ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
-    "schnet": _schnet,
-    "graph-network": _torchmdnet("graph-network"),
-    "equivariant-transformer": _torchmdnet("equivariant-transformer"),
-    "tensornet": _torchmdnet("tensornet"),
-}
-
-
-def create_model(architecture: str = "schnet", preset: str = "small", **overrides) -> NNIP:
-    """A fresh model of `architecture` at size `preset`; `overrides` change preset fields."""
-    if architecture not in ARCHITECTURES:
-        raise InputError(f"unknown architecture {architecture!r}; known: {', '.join(ARCHITECTURES)}")
-    if preset not in PRESETS:
-        raise InputError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
-    hparams = dataclasses.asdict(dataclasses.replace(PRESETS[preset], **overrides))
-    net = ARCHITECTURES[architecture](**hparams)
+def create_model(architecture: str = "schnet", preset: Optional[str] = "small", **overrides) -> NNIP:
+    """A fresh model of `architecture` at size `preset` (one of that family's presets);
+    `overrides` change its hyper-parameters. ``preset=None``: the overrides are all of them."""
+    family = get_family(architecture)
+    hparams = family.hparams(preset, overrides)
+    net = family.build(**hparams)
     return NNIP(net, spec={"architecture": architecture, "preset": preset, "hparams": hparams})
+
+
+def model_from_spec(spec: dict) -> NNIP:
+    """An untrained model with the architecture a model file records (``spec``): its
+    hparams are all the network needs, whether or not its preset is still known."""
+    family = get_family(spec["architecture"])
+    preset = spec.get("preset")
+    return create_model(spec["architecture"], preset if preset in family.presets else None, **spec["hparams"])
+
+
+def import_foreign_model(architecture: str, path, allow_pickle: bool = False) -> NNIP:
+    """A checkpoint trained by another program (e.g. a MACE ``.model``), read by its
+    family's ``load_foreign``; pickle-based files need ``allow_pickle=True``."""
+    family = get_family(architecture)
+    if family.load_foreign is None:
+        able = [name for name in family_names() if _can_load_foreign(name)]
+        raise InputError(f"architecture {architecture!r} cannot read checkpoints trained elsewhere; "
+                         f"families that can: {', '.join(able) or 'none installed'}")
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model file {path} does not exist")
+    return family.load_foreign(path, allow_pickle=bool(allow_pickle))
+
+
+def _can_load_foreign(name: str) -> bool:
+    try:
+        return get_family(name).load_foreign is not None
+    except FamilyUnavailable:
+        return False
 
 
 MODEL_FORMAT = "openmm-stable-model"
@@ -149,8 +163,7 @@ def read_model_record(path, map_location="cpu") -> ModelRecord:
 
 
 def model_from_record(record: ModelRecord) -> NNIP:
-    spec = record.spec
-    model = create_model(spec["architecture"], spec.get("preset", "small"), **spec["hparams"])
+    model = model_from_spec(record.spec)
     model.load_state_dict(record.payload["state_dict"])
     return model
 
@@ -161,7 +174,8 @@ def load_model(path, map_location="cpu") -> NNIP:
 
 
 __all__ = [
-    "ARCHITECTURES", "PRESETS", "NNIP", "ModelRecord", "create_model", "save_model", "load_model",
-    "read_model_record", "model_from_record",
+    "ARCHITECTURES", "ArchitectureFamily", "NNIP", "ModelRecord", "create_model", "save_model", "load_model",
+    "read_model_record", "model_from_record", "model_from_spec", "import_foreign_model",
+    "family_names", "get_family", "register_family",
     "energy_and_forces", "batch_index", "model_device", "model_dtype",
 ]

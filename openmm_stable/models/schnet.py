@@ -109,3 +109,28 @@ class SchNet(nn.Module):
         for interaction in self.interactions:
             h = interaction(h, rbf, envelope, i, j)
         return self.readout(h).squeeze(-1)
+
+
+def _build(features: int, layers: int, n_rbf: int, cutoff: float) -> SchNet:
+    return SchNet(features=features, layers=layers, n_rbf=n_rbf, cutoff=cutoff)
+
+
+def _family():
+    from openmm_stable.models.registry import ArchitectureFamily
+
+    return ArchitectureFamily(
+        name="schnet",
+        presets={
+            "tiny": {"features": 16, "layers": 1, "n_rbf": 16, "cutoff": 5.0},
+            "small": {"features": 64, "layers": 3, "n_rbf": 32, "cutoff": 5.0},
+            "medium": {"features": 128, "layers": 4, "n_rbf": 50, "cutoff": 5.0},
+            "large": {"features": 256, "layers": 6, "n_rbf": 64, "cutoff": 6.0},
+        },
+        build=_build,
+        extension_imports=(),  # plain PyTorch ops: the exported file needs no extension library
+        description="invariant SchNet in plain PyTorch (portable, fast on CPU, per-atom energies)",
+    )
+
+
+# The registry's entry for this family (entry point `schnet` of group openmm_stable.architectures).
+FAMILY = _family()

@@ -1,8 +1,9 @@
 """TorchMD-Net architectures (graph network, equivariant transformer, TensorNet).
 
 Exported TorchScript files of these models call warp-based neighbour-list ops that are
-registered by ``import torchmdnet.models.model``; `openmm_stable.export.load_exported`
-and the openmm-ml plugin do that import before loading.
+registered by ``import torchmdnet.models.model``: the families' ``extension_imports``, which
+`openmm_stable.export.load_exported` and `make_torch_force` import before loading a file.
+Importing this module quiets warp's banner before torchmd-net imports warp.
 """
 from __future__ import annotations
 
@@ -76,3 +77,29 @@ def build_torchmdnet(architecture: str, features: int, layers: int, n_rbf: int, 
         "static_shapes": False,
     }
     return TorchMDNetEnergy(create_model(args))
+
+
+# The same four sizes as the other families; the hyper-parameters a model file records.
+PRESETS = {
+    "tiny": {"features": 16, "layers": 1, "n_rbf": 16, "cutoff": 5.0},
+    "small": {"features": 64, "layers": 3, "n_rbf": 32, "cutoff": 5.0},
+    "medium": {"features": 128, "layers": 4, "n_rbf": 50, "cutoff": 5.0},
+    "large": {"features": 256, "layers": 6, "n_rbf": 64, "cutoff": 6.0},
+}
+
+
+def _family(architecture: str, description: str):
+    from openmm_stable.models.registry import ArchitectureFamily
+
+    def build(features: int, layers: int, n_rbf: int, cutoff: float) -> nn.Module:
+        heads = 8 if features % 8 == 0 else 1  # attention heads must divide the width
+        return build_torchmdnet(architecture, features, layers, n_rbf, cutoff, num_heads=heads)
+
+    return ArchitectureFamily(name=architecture, presets=PRESETS, build=build,
+                              extension_imports=("torchmdnet.models.model",), description=description)
+
+
+# The registry's entries (group openmm_stable.architectures).
+GRAPH_NETWORK = _family("graph-network", "torchmd-net's SchNet-type graph network")
+EQUIVARIANT_TRANSFORMER = _family("equivariant-transformer", "torchmd-net's equivariant transformer")
+TENSORNET = _family("tensornet", "torchmd-net's TensorNet")
