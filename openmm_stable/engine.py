@@ -40,7 +40,8 @@ class EngineConfig:
     # On CPU platforms, keep freed memory in the process (`openmm_stable.allocator`):
     # page faults otherwise take 30-50 % of a step.
     keep_freed_memory: bool = True
-    # Replicas split over this many Ray worker processes (`openmm_stable.distributed`);
+    # Replicas split over this many Ray worker processes (`openmm_stable.distributed`, chosen by
+    # `openmm_stable.engines.create_engine`);
     # 1: one engine in this process. `ray_address` joins an existing Ray cluster.
     workers: int = 1
     ray_address: Optional[str] = None
@@ -110,22 +111,6 @@ def checked_frame(index: int, positions: np.ndarray, velocities: np.ndarray, cri
     deviations = criterion(torch.as_tensor(positions))
     unstable = criterion.unstable(deviations).numpy() | ~np.isfinite(positions).all(axis=(1, 2))
     return CheckedFrame(index, positions, velocities, deviations.numpy(), unstable)
-
-
-def create_engine(model: nn.Module, atomic_numbers: Sequence[int], n_replicas: int,
-                  config: Optional["EngineConfig"] = None, box_angstrom: Optional[np.ndarray] = None,
-                  seed: int = 0):
-    """The engine `simulate` and `refine` run on: a `ReplicaEngine` in this process, or, with
-    ``config.workers > 1`` or a ``config.ray_address``, the same interface over Ray workers.
-
-    `seed` is the run's one seed (``SimulationConfig.seed`` / ``StableConfig.seed``): it
-    seeds the thermostat's random stream and the velocities drawn when none are given."""
-    config = config or EngineConfig()
-    if int(config.workers) > 1 or config.ray_address:
-        from openmm_stable.distributed import DistributedReplicaEngine
-
-        return DistributedReplicaEngine(model, atomic_numbers, n_replicas, config, box_angstrom, seed=seed)
-    return ReplicaEngine(model, atomic_numbers, n_replicas, config, box_angstrom, seed=seed)
 
 
 def kinetic_temperature(masses_amu_: np.ndarray, velocities: np.ndarray) -> np.ndarray:

@@ -18,7 +18,10 @@ In a production script, through openmm-ml (plugin in `openmm_stable.openmmml_plu
 """
 from __future__ import annotations
 
+import json
+import sys
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Tuple
 
@@ -107,39 +110,104 @@ def script_force_module(model: nn.Module, atomic_numbers: Sequence[int], n_repli
     return torch.jit.script(cls(model, atomic_numbers, n_replicas, atom_indices, dtype))
 
 
+EXPORT_RECORD = "openmm_stable.json"  # extra file of the TorchScript archive: what loading it needs
+
+
 def export_model(model: nn.Module, path, atomic_numbers: Sequence[int], n_replicas: int = 1,
                  dtype: torch.dtype = torch.float32) -> Path:
-    """Write a TorchScript file that ``openmmtorch.TorchForce(path)`` loads."""
+    """Write a TorchScript file that ``openmmtorch.TorchForce(path)`` loads. The archive
+    also records the architecture and the modules to import before loading it
+    (`EXPORT_RECORD`), so `load_exported` / `make_torch_force` import exactly those."""
     path = Path(path)
-    script_force_module(model, atomic_numbers, n_replicas, dtype=dtype).save(str(path))
+    architecture = (getattr(model, "spec", None) or {}).get("architecture")
+    record = {"architecture": architecture, "extension_imports": list(extension_imports_of(architecture))}
+    script_force_module(model, atomic_numbers, n_replicas, dtype=dtype).save(
+        str(path), _extra_files={EXPORT_RECORD: json.dumps(record)})
     return path
 
 
+def extension_imports_of(architecture: Optional[str]) -> tuple[str, ...]:
+    """The modules a TorchScript file of `architecture` needs imported before it loads
+    (its family's ``extension_imports``); () for an unknown or unnamed architecture."""
+    if architecture is None:
+        return ()
+    from openmm_stable.models.registry import get_family
+
+    try:
+        return tuple(get_family(architecture).extension_imports)
+    except InputError:  # not a family here (a foreign module): nothing known to import
+        return ()
+
+
+def exported_record(path) -> Optional[dict]:
+    """The record `export_model` wrote into an exported file, read from the archive without
+    loading the module; None for files of older versions or of other programs."""
+    try:
+        with zipfile.ZipFile(str(path)) as archive:
+            for name in archive.namelist():
+                if name.endswith("/extra/" + EXPORT_RECORD):
+                    record = json.loads(archive.read(name))
+                    return record if isinstance(record, dict) else None
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return None
+    return None
+
+
 def load_exported(path) -> torch.jit.ScriptModule:
-    """Load an exported file (registering torchmd-net's custom ops if the file calls them)."""
-    return _with_extension_ops(lambda: torch.jit.load(str(path)))
+    """Load an exported file, importing first what its architecture's custom ops need."""
+    return _with_extension_ops(lambda: torch.jit.load(str(path)), path)
 
 
-def _with_extension_ops(load):
-    """`load()`, retried once after registering torchmd-net's custom ops if it failed for
-    want of them. Registering imports torchmd-net and warp (seconds, and a banner about
-    the CUDA driver), so files of our own models, which call no such ops, never pay it."""
+def _with_extension_ops(load, path=None):
+    """`load()` after importing the extension modules the file's record names. A file
+    without a record (exported by an older version) is loaded as it is and, if that fails
+    for want of a custom op, once more after importing every family's extension modules.
+    Files of plain-PyTorch models (schnet) import nothing: torchmd-net and warp take seconds
+    and print a banner about the CUDA driver."""
+    record = exported_record(path) if path is not None else None
+    if record is not None:
+        _import_extensions(record, path)
+        return load()
     try:
         return load()
     except Exception as err:  # torch raises RuntimeError; OpenMM wraps it in its own exception
-        if "Unknown builtin op: torchmdnet" not in str(err) or not _register_extension_ops():
+        if "Unknown builtin op" not in str(err) or not _import_all_extensions():
             raise
     return load()
 
 
-def _register_extension_ops() -> bool:
-    """Import what registers torchmd-net's ops; False if torchmd-net is not installed."""
-    try:
-        import openmm_stable.models.torchmdnet  # noqa: F401  (quiets warp)
-        import torchmdnet.models.model  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def _import_extensions(record: dict, path) -> None:
+    """Import the extension modules for a file's recorded architecture (the family's list
+    when it is registered here, else the list recorded at export), with a clear error."""
+    import importlib
+
+    architecture = record.get("architecture")
+    modules = extension_imports_of(architecture) or tuple(record.get("extension_imports") or ())
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise InputError(f"{path} holds a {architecture} model: loading it needs `import {module}`, which "
+                             f"failed ({err}); install the package that provides the {architecture} family") from err
+
+
+def _import_all_extensions() -> bool:
+    """Import every available family's extension modules; True if any was newly imported."""
+    import importlib
+
+    from openmm_stable.models.registry import available_families
+
+    imported = False
+    for family in available_families():
+        for module in family.extension_imports:
+            if module in sys.modules:
+                continue
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                continue
+            imported = True
+    return imported
 
 
 _TORCH_PLUGINS_RETRIED: set = set()
@@ -177,7 +245,7 @@ def make_torch_force(module_or_path, periodic: bool = False, outputs_forces: boo
 
     _load_torch_kernels()
     if isinstance(module_or_path, (str, Path)):
-        force = _with_extension_ops(lambda: TorchForce(str(module_or_path)))
+        force = _with_extension_ops(lambda: TorchForce(str(module_or_path)), module_or_path)
     else:  # a module built in this process: any ops it calls are registered already
         force = TorchForce(module_or_path)
     force.setUsesPeriodicBoundaryConditions(bool(periodic))

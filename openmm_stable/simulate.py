@@ -44,7 +44,8 @@ from openmm_stable.config import config_from_dict, load_config
 from openmm_stable.errors import InputError
 from openmm_stable.io import atomic_path, atomic_write_json
 from openmm_stable.data.dataset import QMDataset, hill_formula
-from openmm_stable.engine import EngineConfig, create_engine, masses_amu, maxwell_boltzmann
+from openmm_stable.engine import EngineConfig, masses_amu, maxwell_boltzmann
+from openmm_stable.engines import create_engine
 from openmm_stable.dynamics import (A2_PER_PS_IN_CM2_PER_S, VACF_MAX_REFERENCE_INTERVAL_PS, first_minimum,
                                     green_kubo_diffusivity, molecular_diffusivity, molecular_velocities,
                                     regular_time_step, vacf_over_segments)

@@ -31,7 +31,8 @@ from openmm_stable.data import load_dataset
 from openmm_stable.distributed import DistributedReplicaEngine, WorkerLostError, connect
 from openmm_stable.distributed import engine as distributed_engine
 from openmm_stable.distributed.generate import chain_path, chain_seed
-from openmm_stable.engine import EngineConfig, ReplicaEngine, create_engine, masses_amu, maxwell_boltzmann
+from openmm_stable.engine import EngineConfig, ReplicaEngine, masses_amu, maxwell_boltzmann
+from openmm_stable.engines import create_engine
 from openmm_stable.errors import InputError
 from openmm_stable.stability import make_criterion
 from openmm_stable.training.stable import StableConfig, StableTrainer

@@ -20,7 +20,6 @@ from openmm_stable.errors import InputError
 from openmm_stable.models import read_model_record
 
 DTYPES = ("float32", "float64")
-TORCHMDNET_ARCHS = ("graph-network", "equivariant-transformer", "tensornet")
 
 
 def register(subparsers) -> None:
@@ -88,7 +87,7 @@ def run(args) -> int:
     import torch
 
     from openmm_stable.data.dataset import hill_formula
-    from openmm_stable.export import export_model, load_exported
+    from openmm_stable.export import export_model, extension_imports_of, load_exported
     from openmm_stable.models import model_from_record
 
     if args.replicas < 1:
@@ -117,8 +116,8 @@ def run(args) -> int:
     print("Positions in nm -> energy in kJ/mol; replica k holds particles "
           f"{n}*k .. {n}*k+{n - 1}, with the atoms in the order above. Load it in OpenMM with:")
     print("    import torch                      # before openmmtorch (it preloads CUDA libraries)")
-    if arch in TORCHMDNET_ARCHS:
-        print("    import torchmdnet.models.model    # registers the neighbour-list ops this file calls")
+    for module in extension_imports_of(arch):  # the family's own list (registry)
+        print(f"    import {module:<28}  # registers the custom ops this file calls")
     print("    from openmmtorch import TorchForce")
     print(f"    force = TorchForce({str(out)!r})")
     print("    force.setUsesPeriodicBoundaryConditions(True)   # only for a periodic box")

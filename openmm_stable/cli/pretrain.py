@@ -36,7 +36,7 @@ _FLAG_FIELDS = {
 
 
 def register(subparsers) -> None:
-    from openmm_stable.models import ARCHITECTURES, PRESETS
+    from openmm_stable.models.registry import family_names
 
     d = PretrainConfig()
     p = subparsers.add_parser(
@@ -48,8 +48,11 @@ def register(subparsers) -> None:
     p.add_argument("data", metavar="DATA", help="dataset file (any format `openmm-stable data info` reads)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--config", default=None, help="YAML file of PretrainConfig fields (flags override it)")
-    p.add_argument("--architecture", choices=list(ARCHITECTURES), default=None, help=f"default {d.architecture}")
-    p.add_argument("--preset", choices=list(PRESETS), default=None, help=f"model size (default {d.preset})")
+    # Names from the architecture registry (entry points; nothing is imported to list them).
+    # Presets belong to each family, so they are checked when the config is (a clear error).
+    p.add_argument("--architecture", choices=family_names(), default=None, help=f"default {d.architecture}")
+    p.add_argument("--preset", default=None,
+                   help=f"model size: tiny, small, medium or large for every family (default {d.preset})")
     p.add_argument("--epochs", type=int, default=None, help=f"maximum epochs (default {d.max_epochs}; early stopping usually ends sooner)")
     p.add_argument("--train", default=None, help="training frames: 1k, 200, 0.8 or 80%% (default 1k; 80%% of a file under 1,300 frames)")
     p.add_argument("--val", default=None, help="validation frames (default 100; 10%% of a small file)")

@@ -1,6 +1,6 @@
 """Replicas beyond one process: the replica engine and QM data generation on a Ray cluster.
 
-`DistributedReplicaEngine` has `ReplicaEngine`'s interface; `openmm_stable.engine.create_engine`
+`DistributedReplicaEngine` has `ReplicaEngine`'s interface; `openmm_stable.engines.create_engine`
 returns it when ``EngineConfig.workers > 1`` or ``EngineConfig.ray_address`` is set, which is
 what ``--workers N`` / ``--ray-address ADDR`` on `simulate` and `refine` do. Ray comes with
 the ``distributed`` extra (``pip install 'openmm-stable[distributed]'``); nothing here

@@ -29,7 +29,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from openmm_stable.engine import create_engine
+from openmm_stable.engines import create_engine
 from openmm_stable.errors import InputError
 from openmm_stable.io import atomic_write_json, write_csv
 from openmm_stable.observables import BondDeviationObservable

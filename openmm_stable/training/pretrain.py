@@ -48,7 +48,8 @@ from openmm_stable.allocator import keep_freed_memory
 from openmm_stable.data.dataset import QMDataset
 from openmm_stable.data.splits import parse_size, split_indices
 from openmm_stable.temperature import recorded_temperature
-from openmm_stable.models import ARCHITECTURES, PRESETS, create_model, load_model, save_model
+from openmm_stable.models import create_model, load_model, save_model
+from openmm_stable.models.registry import family_names, get_family
 from openmm_stable.models.base import MAX_Z, NNIP, check_cutoff_fits_box
 from openmm_stable.config import config_from_dict, load_config
 from openmm_stable.geometry import find_bonds
@@ -129,10 +130,14 @@ class PretrainConfig:
         def fail(field: str, message: str):
             raise InputError(f"pretrain config: {field}: {message}")
 
-        if self.architecture not in ARCHITECTURES:
-            fail("architecture", f"unknown {self.architecture!r}; known: {', '.join(ARCHITECTURES)}")
-        if self.preset not in PRESETS:
-            fail("preset", f"unknown {self.preset!r}; known: {', '.join(PRESETS)}")
+        if self.architecture not in family_names():
+            fail("architecture", f"unknown {self.architecture!r}; known: {', '.join(family_names())}")
+        try:
+            presets = get_family(self.architecture).presets  # imports the family's module: says what is missing
+        except InputError as err:
+            fail("architecture", str(err))
+        if self.preset not in presets:
+            fail("preset", f"unknown {self.preset!r} for {self.architecture}; known: {', '.join(presets)}")
         for name in ("energy_weight", "force_weight"):
             value = getattr(self, name)
             if not _is_real(value) or value < 0 or not math.isfinite(value):

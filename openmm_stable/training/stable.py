@@ -45,7 +45,7 @@ from openmm_stable.errors import InputError
 from openmm_stable.config import config_to_dict
 from openmm_stable.data.dataset import QMDataset
 from openmm_stable.data.splits import split_indices
-from openmm_stable.engine import create_engine
+from openmm_stable.engines import create_engine
 from openmm_stable.io import atomic_write_json, atomic_write_text, load_torch_file, save_torch_file, get_rng_state, set_rng_state, write_csv
 from openmm_stable.models import NNIP, model_from_record, read_model_record, save_model
 from openmm_stable.geometry import find_bonds, half_box_width
