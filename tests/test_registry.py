@@ -318,3 +318,27 @@ def test_create_engine_picks_the_engine(ethanol):
     expected = model(torch.as_tensor(np.tile(z, 2)), torch.as_tensor(np.concatenate([pos, shifted]), dtype=torch.float32),
                      batch_index(2, len(z))).detach().numpy() * EV_IN_KJ_PER_MOL
     np.testing.assert_allclose(engine.potential_energies().sum(), expected.sum(), rtol=1e-5)
+
+
+def test_exported_file_without_record_still_loads(ethanol, tmp_path):
+    """A graph-network file exported before files carried their record: a fresh process
+    loads it (the failed load for want of torchmd-net's ops is retried after importing
+    every family's extension modules) and gets the model's energy."""
+    from openmm_stable.export import exported_record, script_force_module
+    from openmm_stable.units import EV_IN_KJ_PER_MOL, NM_IN_ANGSTROM
+
+    z, pos = ethanol
+    torch.manual_seed(0)
+    model = create_model("graph-network", "tiny")
+    path = tmp_path / "old_openmm.pt"
+    script_force_module(model, z.tolist(), dtype=torch.float64).save(str(path))  # no extra files
+    assert exported_record(path) is None
+    with torch.no_grad():
+        expected = model.double()(torch.as_tensor(z), torch.as_tensor(pos), batch_index(1, len(z))).item()
+    code = ("import sys, torch\nfrom openmm_stable.export import load_exported\n"
+            f"module = load_exported({str(path)!r})\n"
+            f"print('energy', repr(float(module(torch.tensor({(pos / NM_IN_ANGSTROM).tolist()!r}, dtype=torch.float64)))))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    energy = float(proc.stdout.split("energy")[-1])
+    assert abs(energy - expected * EV_IN_KJ_PER_MOL) <= 1e-9 * abs(expected * EV_IN_KJ_PER_MOL)
