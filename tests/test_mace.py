@@ -24,10 +24,10 @@ import torch
 pytest.importorskip("mace")
 
 from openmm_stable.errors import InputError  # noqa: E402
-from openmm_stable.models import read_model_record, save_model  # noqa: E402
+from openmm_stable.models import (create_model, import_foreign_model, load_model, read_model_record,  # noqa: E402
+                                  save_model)
 from openmm_stable.models.base import NNIP, batch_index, check_cutoff_fits_box, energy_and_forces  # noqa: E402
-from openmm_stable.models.mace import (FAMILY, MACENetwork, build, export_mace_model,  # noqa: E402
-                                       import_mace_model, load_mace_file)
+from openmm_stable.models.mace import FAMILY, MACENetwork, build, export_mace_model, import_mace_model  # noqa: E402
 from openmm_stable.units import EV_IN_KJ_PER_MOL, NM_IN_ANGSTROM  # noqa: E402
 
 from _structures import ETHANOL_BONDS, ETHANOL_POSITIONS, ETHANOL_Z  # noqa: E402
@@ -106,7 +106,7 @@ def user_model_file(tmp_path_factory) -> pathlib.Path:
 
 @pytest.fixture(scope="module")
 def imported(user_model_file) -> NNIP:
-    return import_mace_model(user_model_file, allow_pickle=True)
+    return import_foreign_model("mace", user_model_file, allow_pickle=True)  # the registry's way in
 
 
 def _calculator(model_or_path):
@@ -147,7 +147,7 @@ def test_import_refuses_a_pickle_without_opt_in(user_model_file, tmp_path):
         with pytest.raises(InputError, match="allow_pickle=True"):
             import_mace_model(path)
         with pytest.raises(InputError, match="allow_pickle=True"):
-            FAMILY.load_foreign(path, allow_pickle=False)
+            import_foreign_model("mace", path)
     assert not marker.exists()
     with pytest.raises(InputError, match="not a MACE model module"):
         import_mace_model(hostile, allow_pickle=True)  # opened on request: it ran, and is not a model
@@ -349,7 +349,7 @@ def test_import_to_record_loads_without_pickle_with_the_same_forces(imported, tm
     save_model(imported, path, atomic_numbers=ETHANOL_Z)
     record = read_model_record(path)  # torch.load(weights_only=True)
     assert record.architecture == "mace" and record.cutoff == 4.0
-    loaded = load_mace_file(path)
+    loaded = load_model(path)  # through the registry: FAMILY.build(**recorded hparams) + state dict
     pos = _ethanol_frames(1, seed=11, sigma=0.1)[0].numpy()
     e0, f0 = _ours(imported, ETHANOL_Z, pos)
     e1, f1 = _ours(loaded, ETHANOL_Z, pos)
@@ -393,8 +393,6 @@ def test_export_to_mace_gives_our_forces(imported, tmp_path):
     assert _rel_error(np.asarray(forces), f * EV_IN_KJ_PER_MOL * NM_IN_ANGSTROM) < RTOL
 
     with pytest.raises(InputError, match="only models of the 'mace' architecture"):
-        from openmm_stable.models import create_model
-
         export_mace_model(create_model("schnet", "tiny"), tmp_path / "schnet.model")
 
 
@@ -403,14 +401,13 @@ def test_presets_build_and_rebuild_from_their_hparams():
     z = torch.as_tensor(ETHANOL_Z)
     pos = torch.as_tensor(ETHANOL_POSITIONS, dtype=torch.float32)
     for preset in ("tiny", "small"):
-        hparams = FAMILY.hparams(preset, {"atomic_numbers": [1, 6, 8]})
         torch.manual_seed(0)
-        net = build(**hparams)
-        e = net(z, pos, batch_index(1, 9), None)
-        assert e.shape == (1,) and e.dtype == torch.float32 and bool(torch.isfinite(e).all())
-        again = build(**hparams)
-        again.load_state_dict(net.state_dict())
-        assert torch.equal(again(z, pos, batch_index(1, 9), None), e)
+        model = create_model("mace", preset, atomic_numbers=[1, 6, 8])
+        e = model(z, pos, batch_index(1, 9), None)
+        assert e.shape == (1,) and bool(torch.isfinite(e).all()) and next(model.parameters()).dtype == torch.float32
+        again = build(**model.spec["hparams"])
+        again.load_state_dict(model.net.state_dict())
+        assert torch.equal(again(z, pos, batch_index(1, 9), None), model.net(z, pos, batch_index(1, 9), None))
     assert set(FAMILY.presets) == {"tiny", "small", "medium", "large"}
     with pytest.raises(InputError, match="no hyper-parameter"):
         FAMILY.hparams("tiny", {"chanels": 3})

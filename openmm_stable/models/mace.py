@@ -375,17 +375,13 @@ def to_mace_module(model: NNIP, dtype: Optional[torch.dtype] = None) -> nn.Modul
 
 
 def load_mace_file(path) -> NNIP:
-    """Our mace model file (written by `save_model`), opened without pickle."""
-    from openmm_stable.models import read_model_record
+    """Our model file of the mace architecture (written by `save_model`), opened without pickle."""
+    from openmm_stable.models import model_from_record, read_model_record
 
     record = read_model_record(path)
     if record.architecture != NAME:
         raise InputError(f"{path}: a {record.architecture!r} model; only 'mace' models can be written as MACE files")
-    spec = record.spec
-    hparams = FAMILY.hparams(spec.get("preset"), spec.get("hparams", {}))
-    model = NNIP(build(**hparams), spec={**spec, "hparams": hparams})
-    model.load_state_dict(record.payload["state_dict"])
-    return model
+    return model_from_record(record)
 
 
 def export_mace_model(model_or_file, out_path, dtype: Optional[torch.dtype] = torch.float64) -> Path:
