@@ -13,8 +13,9 @@ import sys
 
 from openmm_stable.errors import InputError, WorkerError
 
-# Stage modules, in pipeline order. Each lives in openmm_stable/cli/<name>.py.
-_STAGES = ["data", "pretrain", "export", "simulate", "refine", "compare"]
+# Stage modules, in pipeline order. Each lives in openmm_stable/cli/<name>.py (`importing`: the
+# `import` command, a model trained elsewhere in place of `pretrain`).
+_STAGES = ["data", "pretrain", "importing", "export", "simulate", "refine", "compare"]
 
 
 def build_parser() -> argparse.ArgumentParser:
