@@ -84,7 +84,8 @@ def _distribution(root: Path) -> Path:
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toyfamily\nVersion: 0.1\nProvides-Extra: broken\n")
     (info / "entry_points.txt").write_text(
-        "[openmm_stable.architectures]\ntoy = toyfamily:FAMILY\nbroken = brokenfamily:FAMILY\n")
+        "[openmm_stable.architectures]\ntoy = toyfamily:FAMILY\nbroken = brokenfamily:FAMILY\n"
+        "schnet = toyfamily:FAMILY\n")  # tries to take over a built-in name
     return root
 
 
@@ -119,6 +120,8 @@ def _toy_forces(model, z, pos):
 def test_toy_family_from_an_entry_point_trains_saves_and_reloads(toy_installed, ethanol, tmp_path):
     z, pos = ethanol
     assert "toy" in family_names() and "toy" not in BUILTIN_FAMILIES
+    unregister_family("schnet")  # forget the loaded one: read the entry points again
+    assert type(create_model("schnet", "tiny").net).__module__ == "openmm_stable.models.schnet"  # ours wins
     model = create_model("toy", "tiny")
     assert model.spec == {"architecture": "toy", "preset": "tiny", "hparams": {"width": 2.0, "init": 0.5}}
     assert type(model.net).__module__ == "toyfamily"

@@ -129,13 +129,23 @@ def unregister_family(name: str) -> None:
 
 def _entry_points() -> dict[str, Any]:
     """name -> entry point (or a BUILTIN_FAMILIES path string), read fresh each call so that
-    a distribution added to sys.path is seen; the first distribution to name a family wins."""
+    a distribution added to sys.path is seen. Two distributions naming the same family: ours
+    wins (another package cannot silently replace a built-in), else the first found."""
     found: dict[str, Any] = {}
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        found.setdefault(ep.name, ep)
+        if ep.name not in found or _distribution_name(ep) == "openmm-stable":
+            found[ep.name] = ep
     for name, target in BUILTIN_FAMILIES.items():
         found.setdefault(name, target)
     return found
+
+
+def _distribution_name(target) -> Optional[str]:
+    dist = getattr(target, "dist", None)
+    try:
+        return dist.metadata["Name"] if dist is not None else None
+    except Exception:  # unreadable metadata
+        return None
 
 
 def family_names() -> list[str]:
@@ -156,12 +166,11 @@ def _load_target(target) -> Any:
 
 def _install_hint(name: str, target) -> str:
     """What to install: the extra of the same name when the providing distribution has one."""
-    dist = getattr(target, "dist", None)
+    dist, dist_name = getattr(target, "dist", None), _distribution_name(target)
     try:
-        dist_name = dist.metadata["Name"] if dist is not None else None
         extras = list(dist.metadata.get_all("Provides-Extra") or []) if dist is not None else []
     except Exception:  # metadata unreadable: a generic hint
-        dist_name, extras = None, []
+        extras = []
     if dist_name and name in extras:
         return f"install the `{name}` extra: pip install '{dist_name}[{name}]'"
     if dist_name:
