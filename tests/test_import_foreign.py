@@ -190,6 +190,32 @@ def test_energy_unit_and_delta_learning_reference_energies(tmp_path, ethanol):
     torch.testing.assert_close(energy, total_energy, rtol=1e-10, atol=1e-10)
 
 
+def test_imported_model_runs_as_the_exported_torchscript_force(tmp_path, ethanol):
+    """simulate, refine and export run the model as TorchScript (`openmm_stable.export`):
+    an equivariant transformer with Atomref, ZBL and D2 priors compiles and gives the
+    eager energies (kJ/mol from positions in nm, two replicas)."""
+    from openmm_stable.export import script_force_module
+    from openmm_stable.units import EV_IN_KJ_PER_MOL
+
+    z, positions = ethanol
+    path = tmp_path / "priors.ckpt"
+    priors = [{"Atomref": {"max_z": 100}},
+              {"ZBL": {"cutoff_distance": 3.0, "max_num_neighbors": 10, "atomic_number": list(range(100)),
+                       "distance_scale": 1e-10, "energy_scale": 1.602176634e-19}},
+              {"D2": {"cutoff_distance": 4.0, "max_num_neighbors": 16, "atomic_number": list(range(100)),
+                      "distance_scale": 1e-10, "energy_scale": 1.602176634e-19}}]
+    write_torchmd_train_checkpoint(path, torchmd_train_hparams(model="equivariant-transformer", num_heads=2,
+                                                               prior_model=priors), seed=5)
+    model = import_torchmdnet_checkpoint(path)
+    zt, pos, batch = structures(z, positions, n=2)
+    energy, _ = ours(model, zt, pos, batch)
+    ref_energy, _ = torchmdnet_reference(path, zt, pos, batch)
+    torch.testing.assert_close(energy, ref_energy, rtol=1e-10, atol=1e-10)
+    module = script_force_module(model, z.tolist(), n_replicas=2, dtype=torch.float64)
+    exported = float(module(pos / 10.0))
+    assert exported == pytest.approx(float(energy.sum()) * EV_IN_KJ_PER_MOL, rel=1e-10)
+
+
 def test_bad_checkpoints_are_refused_clearly(tmp_path):
     not_ckpt = tmp_path / "weights.ckpt"
     torch.save({"weights": torch.zeros(3)}, not_ckpt)
@@ -242,3 +268,7 @@ def test_cli_import_writes_our_record(tmp_path, ethanol, capsys):
 
     assert main(["import", str(data), "--out", str(tmp_path / "x.pt")]) == 2  # not a checkpoint kind we know
     assert ".ckpt" in capsys.readouterr().err
+    mace_file = tmp_path / "mine.model"  # dispatched to the MACE importer, which refuses a pickle unasked
+    torch.save(torch.nn.Linear(2, 2), mace_file)
+    assert main(["import", str(mace_file), "--out", str(tmp_path / "m.pt")]) == 2
+    assert "allow_pickle" in capsys.readouterr().err and not (tmp_path / "m.pt").exists()
