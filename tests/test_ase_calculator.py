@@ -159,3 +159,24 @@ def test_bad_periodic_input_refused():
     molecule.calc = Calculator(model)
     with pytest.raises(Exception, match="periodic cell"):
         molecule.get_stress()
+
+
+def test_mace_model_file(tmp_path):
+    """A MACE model file (the `mace` extra) through the same calculator: our forces, and a
+    stress by autograd (its neighbour list differentiates through the box) equal to ASE's."""
+    pytest.importorskip("mace")
+    torch.manual_seed(4)
+    atoms = water_box()
+    path = tmp_path / "mace.pt"
+    save_model(create_model("mace", "tiny", atomic_numbers=[1, 8], cutoff=3.0), path, atomic_numbers=atoms.numbers)
+    atoms.calc = Calculator(path)
+    reference = load_model(path)
+    reference.net.double()
+    energy, forces = energy_and_forces(reference, torch.as_tensor(atoms.numbers), torch.as_tensor(atoms.positions),
+                                       torch.zeros(len(atoms), dtype=torch.long), torch.as_tensor(atoms.cell.array))
+    assert atoms.get_potential_energy() == pytest.approx(float(energy.detach()), rel=1e-12)
+    np.testing.assert_allclose(atoms.get_forces(), forces.numpy(), rtol=1e-10, atol=1e-12)
+    stress = atoms.get_stress()
+    assert atoms.calc._box_gradient_exact
+    np.testing.assert_allclose(stress, calculate_numerical_stress(atoms, eps=1e-4), rtol=1e-5, atol=1e-8)
+    assert np.abs(stress).max() > 1e-4
