@@ -100,7 +100,8 @@ class Calculator(_AseCalculator):
         (model.net if isinstance(model, NNIP) else model).to(self.dtype)  # NNIP's offsets stay float64
         self.model = model.eval()
         self._evaluate = _StandardCell(self.model)
-        self.expected_numbers = None if atomic_numbers is None else np.asarray(atomic_numbers, dtype=np.int64).reshape(-1)
+        self.expected_numbers = (None if atomic_numbers is None
+                                 else np.asarray(atomic_numbers, dtype=np.int64).reshape(-1))
         self.check_molecule = bool(check_molecule)
         self._box_gradient_exact: Optional[bool] = None
         self._float64_copy: Optional[nn.Module] = None

@@ -100,7 +100,8 @@ def write_torchmd_train_checkpoint(path, hparams: dict, seed: int = 0, standardi
         "state_dict": {"model." + k: v for k, v in model.state_dict().items()},
         "loops": {"fit_loop": {"state_dict": {}, "epoch_progress": {"total": {"ready": 10, "completed": 9}}}},
         "callbacks": {"ModelCheckpoint{'monitor': 'val_total_mse_loss', 'mode': 'min'}": {
-            "monitor": "val_total_mse_loss", "best_model_score": torch.tensor(0.01), "best_model_path": "logs/best.ckpt",
+            "monitor": "val_total_mse_loss", "best_model_score": torch.tensor(0.01),
+            "best_model_path": "logs/best.ckpt",
             "best_k_models": {"logs/best.ckpt": torch.tensor(0.01)}, "dirpath": "logs"}},
         "optimizer_states": [optimizer.state_dict()], "lr_schedulers": [scheduler.state_dict()],
         "hparams_name": "hparams",

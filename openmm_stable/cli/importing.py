@@ -97,7 +97,8 @@ def check_forces(model, dataset) -> str:
     forces = forces.detach().to(torch.float64).numpy().reshape(k, n, 3)
     if not np.isfinite(forces).all():
         raise InputError(f"the imported model gives non-finite forces on {dataset.source}: wrong units or molecule?")
-    line = f"check on {k} frame{'s' if k > 1 else ''} of {dataset.source}: mean energy {float(energies.detach().mean()):.6f} eV"
+    mean = float(energies.detach().mean())
+    line = f"check on {k} frame{'s' if k > 1 else ''} of {dataset.source}: mean energy {mean:.6f} eV"
     if dataset.forces is not None:
         mae = float(np.abs(forces - dataset.forces[:k]).mean())
         line += f", force MAE {1000 * mae:.1f} meV/A against the file's forces"
