@@ -266,6 +266,8 @@ def test_cli_import_writes_our_record(tmp_path, ethanol, capsys):
     ref_energy, ref_forces = torchmdnet_reference(ckpt, zt, pos, batch)
     energy, forces = ours(load_model(out), zt, pos, batch)
     torch.testing.assert_close(forces, ref_forces, rtol=1e-9, atol=1e-10)
+    exported = tmp_path / "imported_openmm.pt"  # the next stage takes the file like one of pretrain's
+    assert main(["export", str(out), "--out", str(exported), "--dtype", "float64"]) == 0 and exported.exists()
 
     assert main(["import", str(data), "--out", str(tmp_path / "x.pt")]) == 2  # not a checkpoint kind we know
     assert ".ckpt" in capsys.readouterr().err
