@@ -70,7 +70,8 @@ class Calculator(_AseCalculator):
     """ASE calculator around an openmm-stable model file (or an in-memory model).
 
     model: a file written by `save_model` (pretrain, refine, `openmm-stable import`) or a
-        module meeting the model protocol (`openmm_stable.models.base`).
+        module meeting the model protocol (`openmm_stable.models.base`), of which the
+        calculator keeps a copy (later changes to the module are not seen).
     device, dtype: where and in which precision the network runs (default float64: ASE's
         optimisers and finite-difference checks want it; per-element offsets stay float64).
     atomic_numbers: the molecule the model is for, when `model` is a module (a file's
@@ -92,7 +93,9 @@ class Calculator(_AseCalculator):
             model = model_from_record(self.record)
             if atomic_numbers is None:
                 atomic_numbers = self.record.atomic_numbers
-        if not isinstance(model, nn.Module):
+        elif isinstance(model, nn.Module):
+            model = copy.deepcopy(model)  # its own dtype and device, leaving the caller's model as it is
+        else:
             raise InputError(f"model must be a model file or a torch module, not {type(model).__name__}")
         self.device = torch.device(device)
         self.dtype = _as_dtype(dtype)

@@ -75,7 +75,8 @@ def test_in_memory_model_float32_and_bfgs(ethanol_atoms):
     atoms = ethanol_atoms.copy()
     atoms.rattle(0.15, seed=2)
     atoms.calc = Calculator(model, dtype="float32", atomic_numbers=ethanol_atoms.numbers)
-    assert model.atom_energies.dtype == torch.float64  # the offsets keep their precision
+    assert atoms.calc.model.atom_energies.dtype == torch.float64  # the offsets keep their precision
+    assert next(model.net.parameters()).dtype == torch.float32  # the caller's model is left as it was
     e32 = atoms.get_potential_energy()
     atoms.calc = Calculator(model, dtype="float64")
     assert e32 == pytest.approx(atoms.get_potential_energy(), abs=1e-3)  # -3e3 eV of offsets, float32 network
