@@ -279,6 +279,11 @@ def test_scripted_adapter_and_replica_torchforce_give_the_pytorch_forces(importe
         energy, forces = _openmm_energy_forces(force, frames.numpy())
         assert abs(energy - expected_e) < RTOL * abs(expected_e), form
         assert _rel_error(forces, expected_f) < RTOL, form
+    # float32, the engine's default: the network is cast, the float64 offsets are not
+    force = make_torch_force(script_force_module(imported, ETHANOL_Z, 2, dtype=torch.float32, guarded=True),
+                             outputs_forces=True)
+    energy, forces = _openmm_energy_forces(force, frames.numpy())
+    assert abs(energy - expected_e) < 1e-6 * abs(expected_e) and _rel_error(forces, expected_f) < 1e-4
 
     # The exported file runs in a process that never imports mace (no extension ops).
     code = ("import sys, torch; m = torch.jit.load(sys.argv[1]); "
@@ -413,3 +418,38 @@ def test_presets_build_and_rebuild_from_their_hparams():
         FAMILY.hparams("tiny", {"chanels": 3})
     with pytest.raises(InputError, match="atomic_numbers"):
         build(**FAMILY.hparams("tiny", {"atomic_numbers": [8, 1]}))
+
+
+@pytest.mark.slow
+def test_a_file_written_by_mace_run_train_imports_exactly(tmp_path):
+    """The real tool's output (its own defaults: another first interaction block, an
+    unreduced CG basis, E0s averaged from the data): imported, saved as our record and
+    written back, MACECalculator gives the same forces at every step."""
+    from ase import Atoms
+    from ase.io import write
+
+    frames = _ethanol_frames(20, seed=14).requires_grad_(True)
+    energies = _bond_energy(frames)
+    (forces,) = torch.autograd.grad(-energies.sum(), frames)
+    atoms = []
+    for k in range(20):
+        a = Atoms(numbers=ETHANOL_Z, positions=frames[k].detach().numpy())
+        a.info["REF_energy"], a.arrays["REF_forces"] = float(energies[k]) - 100.0, forces[k].numpy()
+        atoms.append(a)
+    write(tmp_path / "train.xyz", atoms)
+    command = [os.path.join(os.path.dirname(sys.executable), "mace_run_train"), "--name", "eth",
+               "--train_file", "train.xyz", "--valid_fraction", "0.2", "--E0s", "average", "--model", "MACE",
+               "--hidden_irreps", "8x0e+8x1o", "--r_max", "4.0", "--batch_size", "4", "--max_num_epochs", "2",
+               "--device", "cpu", "--energy_key", "REF_energy", "--forces_key", "REF_forces",
+               "--default_dtype", "float64", "--seed", "1"]
+    subprocess.run(command, cwd=tmp_path, capture_output=True, timeout=600, check=True)
+    model = import_mace_model(tmp_path / "eth.model", allow_pickle=True)
+    save_model(model, tmp_path / "ours.pt", atomic_numbers=ETHANOL_Z)
+    export_mace_model(tmp_path / "ours.pt", tmp_path / "back.model")
+    pos = _ethanol_frames(1, seed=15, sigma=0.1)[0].numpy()
+    e, f = _ours(load_model(tmp_path / "ours.pt"), ETHANOL_Z, pos)
+    for path in ("eth.model", "back.model"):
+        e_ref, f_ref = _mace_energy_forces(_calculator(tmp_path / path), ETHANOL_Z, pos)
+        assert _rel_error(f, f_ref) < RTOL and abs(e - e_ref) < RTOL * abs(e_ref), path
+    with pytest.raises(InputError, match="TorchScript-compiled"):
+        import_mace_model(tmp_path / "eth_compiled.model", allow_pickle=True)

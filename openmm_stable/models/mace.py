@@ -42,12 +42,15 @@ DEFAULT_ATOMIC_NUMBERS = [1, 6, 7, 8, 9, 15, 16, 17]
 
 _COMMON = {"atomic_numbers": DEFAULT_ATOMIC_NUMBERS, "num_bessel": 8, "num_polynomial_cutoff": 5,
            "avg_num_neighbors": 8.0, "gate": "silu"}
+# Measured on this machine (one thread, a batch of 32 aspirin frames, a force-loss training
+# step, float32): tiny 0.19 s, small 0.33 s (schnet small: 0.10 s); medium (max_ell 2,
+# correlation 3) and large (MACE's own "large" widths) are for GPUs.
 PRESETS = {
     "tiny": {**_COMMON, "cutoff": 5.0, "hidden_irreps": "8x0e + 8x1o", "MLP_irreps": "8x0e", "max_ell": 1,
              "num_interactions": 2, "correlation": 2, "radial_MLP": [16, 16]},
-    "small": {**_COMMON, "cutoff": 5.0, "hidden_irreps": "32x0e + 32x1o", "MLP_irreps": "16x0e", "max_ell": 2,
+    "small": {**_COMMON, "cutoff": 5.0, "hidden_irreps": "32x0e + 32x1o", "MLP_irreps": "16x0e", "max_ell": 1,
               "num_interactions": 2, "correlation": 2, "radial_MLP": [32, 32]},
-    "medium": {**_COMMON, "cutoff": 5.0, "hidden_irreps": "64x0e + 64x1o", "MLP_irreps": "16x0e", "max_ell": 3,
+    "medium": {**_COMMON, "cutoff": 5.0, "hidden_irreps": "64x0e + 64x1o", "MLP_irreps": "16x0e", "max_ell": 2,
                "num_interactions": 2, "correlation": 3, "radial_MLP": [64, 64, 64]},
     "large": {**_COMMON, "cutoff": 6.0, "hidden_irreps": "128x0e + 128x1o + 128x2e", "MLP_irreps": "16x0e",
               "max_ell": 3, "num_interactions": 2, "correlation": 3, "radial_MLP": [64, 64, 64]},
