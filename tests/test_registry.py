@@ -219,6 +219,13 @@ def test_unknown_names_list_the_known_ones(toy_installed):
         create_model("toy", "small")
     with pytest.raises(InputError, match=r"'toy' has no hyper-parameter 'features'; known: init, width"):
         create_model("toy", "tiny", features=8)
+    importer = ArchitectureFamily(name="import-only", presets={}, build=lambda: None)
+    register_family(importer)
+    try:
+        with pytest.raises(InputError, match="'import-only' has no presets: it only reads models trained elsewhere"):
+            create_model("import-only", "small")
+    finally:
+        unregister_family("import-only")
 
 
 def test_register_family_in_process(ethanol):

@@ -86,6 +86,9 @@ class ArchitectureFamily:
         overrides = dict(overrides or {})
         if preset is None:
             base: dict = {}
+        elif not self.presets:
+            raise InputError(f"architecture {self.name!r} has no presets: it only reads models trained elsewhere "
+                             "(load_foreign; `openmm-stable import`)")
         elif preset not in self.presets:
             raise InputError(f"unknown preset {preset!r} for architecture {self.name!r}; "
                              f"known: {', '.join(self.presets)}")

@@ -136,6 +136,9 @@ class PretrainConfig:
             presets = get_family(self.architecture).presets  # imports the family's module: says what is missing
         except InputError as err:
             fail("architecture", str(err))
+        if not presets:
+            fail("architecture", f"{self.architecture!r} has no presets to train from: it only reads models "
+                                 "trained elsewhere (`openmm-stable import`)")
         if self.preset not in presets:
             fail("preset", f"unknown {self.preset!r} for {self.architecture}; known: {', '.join(presets)}")
         for name in ("energy_weight", "force_weight"):
