@@ -418,6 +418,12 @@ def test_presets_build_and_rebuild_from_their_hparams():
         FAMILY.hparams("tiny", {"chanels": 3})
     with pytest.raises(InputError, match="atomic_numbers"):
         build(**FAMILY.hparams("tiny", {"atomic_numbers": [8, 1]}))
+    water = create_model("mace", "tiny", atomic_numbers=[1, 8])
+    with pytest.raises(InputError, match=r"\['C'\] are outside this MACE model's element table \['H', 'O'\]"):
+        water(z, pos, batch_index(1, 9), None)
+    scripted = torch.jit.script(copy.deepcopy(water))
+    with pytest.raises(Exception, match="outside the MACE model's element table"):
+        scripted(z, pos, batch_index(1, 9), None)
 
 
 @pytest.mark.slow

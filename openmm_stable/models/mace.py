@@ -25,7 +25,7 @@ import contextlib
 import copy
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -150,6 +150,7 @@ class MACENetwork(nn.Module):
         self.mace = mace_model
         self.cutoff = float(cutoff)
         zs = [int(z) for z in atomic_numbers]
+        self.atomic_numbers: List[int] = zs
         self.n_elements = len(zs)
         table = torch.full((MAX_Z,), -1, dtype=torch.long)
         table[torch.tensor(zs, dtype=torch.long)] = torch.arange(len(zs))
@@ -200,7 +201,9 @@ class MACENetwork(nn.Module):
         ptr = torch.cat([torch.zeros(1, dtype=torch.long, device=batch.device), torch.cumsum(counts, 0)])
         index = self.element_index[z]
         if bool((index < 0).any()):
-            raise ValueError("an atomic number outside the MACE model's element table")
+            if torch.jit.is_scripting():
+                raise ValueError("an atomic number outside the MACE model's element table")
+            self._refuse_elements(z)
         node_attrs = nn.functional.one_hot(index, self.n_elements).to(pos.dtype)
         cell_rows = torch.zeros(3 * n_structures, 3, dtype=pos.dtype, device=pos.device)
         if box is not None:
@@ -211,6 +214,15 @@ class MACENetwork(nn.Module):
         return {"positions": positions, "node_attrs": node_attrs, "edge_index": torch.stack([i, j]),
                 "shifts": shifts, "unit_shifts": torch.zeros_like(shifts), "batch": batch, "ptr": ptr,
                 "cell": cell_rows}
+
+    @torch.jit.unused
+    def _refuse_elements(self, z: Tensor) -> None:
+        from ase.data import chemical_symbols
+
+        outside = sorted(set(int(a) for a in z.tolist()) - set(self.atomic_numbers))
+        raise InputError(f"element(s) {[chemical_symbols[a] for a in outside]} are outside this MACE model's "
+                         f"element table {[chemical_symbols[a] for a in self.atomic_numbers]} "
+                         "(pretrain: give the model the dataset's elements, hparam atomic_numbers)")
 
     def forward(self, z: Tensor, pos: Tensor, batch: Tensor, box: Optional[Tensor] = None) -> Tensor:
         out = self.mace(self._graph(z, pos, batch, box), training=True, compute_force=False)
