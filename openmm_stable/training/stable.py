@@ -698,6 +698,11 @@ def refine(model, dataset: QMDataset, config: StableConfig, out_dir, reference: 
     engine, reference = settle_temperatures(config.engine, dataset, reference if reference is not None else dataset,
                                             config.reference_temperature_K)
     config = dataclasses.replace(config, engine=engine)
+    choice = None
+    if config.learning == "auto":
+        from openmm_stable.training.auto import resolve_auto
+
+        config, choice = resolve_auto(model, dataset, config, out_dir, resume, progress)
     trainer_class = StableTrainer
     if config.learning == "failure_bank":
         from openmm_stable.training.failure_bank import FailureBankTrainer
@@ -706,4 +711,7 @@ def refine(model, dataset: QMDataset, config: StableConfig, out_dir, reference: 
     trainer = trainer_class(model, dataset, config, out_dir, reference=reference, progress=progress,
                             model_split=split, model_fingerprint=fingerprint)
     summary = trainer.fit(resume=resume)
+    if choice is not None:
+        summary["learning_choice"] = choice
+        atomic_write_json(Path(out_dir) / "metrics.json", summary)
     return trainer.model, summary

@@ -25,7 +25,9 @@ OBJECTIVES = ("ensemble", "per_frame")
 # instabilities happened (the paper's loop, with this project's recipe settings);
 # "failure_bank" banks every replica's frames near and at failures and steps whenever
 # enough failures are banked (`openmm_stable.training.failure_bank`; for starts that fail rarely).
-LEARNING_MODES = ("windows", "paper", "failure_bank")  # "paper": windows with `PAPER_SETTINGS`
+# "auto": a short probe of the start picks windows (fragile) or the failure bank (rare):
+# `openmm_stable.training.auto`.
+LEARNING_MODES = ("auto", "windows", "paper", "failure_bank")  # "paper": windows with `PAPER_SETTINGS`
 REPLAYS = ("states", "exact")
 LEARNING_WINDOWS = ("triggering_epoch", "failing_epochs")
 SCALE_SOURCES = ("first_learning_window", "simulation_epochs")
@@ -58,6 +60,10 @@ class StableConfig:
     learning: str = "windows"  # LEARNING_MODES
     # learning: failure_bank: its settings (`openmm_stable.training.failure_bank.FailureBankSettings` fields)
     failure_bank: dict = dataclasses.field(default_factory=dict)
+    # learning: auto: replica-ps per replica of the renewal probe, and the failures per replica
+    # per epoch below which the start counts as rare (training/auto.py says where 0.15 comes from)
+    probe_ps: float = 2.0
+    rare_start_failures_per_epoch: float = 0.15
     n_replicas: int = 16
     epoch_ps: float = 1.0  # simulated time per replica per epoch
     frame_interval_ps: float = 0.05  # stability checks and estimator samples
@@ -189,6 +195,10 @@ class StableConfig:
         if not 0 <= self.equilibration_ps < self.epoch_ps:
             fail("equilibration_ps", f"{self.equilibration_ps:g} ps must be >= 0 and shorter than epoch_ps "
                                      f"({self.epoch_ps:g} ps); set both (refine --epoch-ps, --equilibration-ps)")
+        if not self.probe_ps > 0:
+            fail("probe_ps", "must be > 0")
+        if not 0 < self.rare_start_failures_per_epoch < 1:
+            fail("rare_start_failures_per_epoch", "must be in (0, 1)")
         if not 0 < self.unstable_fraction <= 1:
             fail("unstable_fraction", "must be in (0, 1]")
         if self.stability not in STABILITY_KINDS:
