@@ -81,9 +81,13 @@ def parse_args(argv=None):
     p.add_argument("--converge-patience", type=int, default=100, help="L-BFGS iterations without a better validation "
                                                                        "force MAE before the converged start stops")
     p.add_argument("--converge-max-iterations", type=int, default=3000)
+    p.add_argument("--refinement-seeds", type=int, nargs="+", default=None,
+                   help="with --refine-only: only these refinements (k), so two processes can share a phase's arm")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every stage")
     args = p.parse_args(argv)
+    if args.refinement_seeds is not None and not args.refine_only:
+        p.error("--refinement-seeds needs --refine-only (a combining run evaluates every refinement)")
     # What stability_controlled's data and pre-training stages read.
     args.frames, args.eval_frames, args.rare_frames, args.pretrain_min, args.data = 3000, 500, 400, 4.0, None
     if args.quick:
@@ -304,8 +308,9 @@ def run_phase(phase: str, start, start_file, train, pool, held_out, reference_b,
         if not (wanted(arm) or (wanted(CONTROL_ARM) and arm == matched)):
             continue
         stage(f"{phase}: refine {arm} ({n} refinements)")
+        ks = [k for k in range(n) if args.refinement_seeds is None or k in args.refinement_seeds]
         runs = [timings(f"{phase}_refine_{arm}_{k}", lambda k=k: refined(start_file, arm, k, train, pool, work, args))
-                for k in range(n)]
+                for k in ks]
         if wanted(arm):
             models[arm] = [model for model, _ in runs]
         if arm.startswith("bank"):
