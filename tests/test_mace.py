@@ -81,7 +81,7 @@ def user_model_file(tmp_path_factory) -> pathlib.Path:
     """The user's trained ethanol MACE, as a .model file (a pickle of the module)."""
     zs = [1, 6, 8]
     mace_model = _user_mace(zs, 4.0, [E0S[z] for z in zs])
-    net = MACENetwork(mace_model, zs, 4.0)  # only to train it: the file holds mace's module alone
+    net = MACENetwork(mace_model)  # only to train it: the file holds mace's module alone
     frames = _ethanol_frames(8, seed=1).requires_grad_(True)
     energies = _bond_energy(frames)
     (forces,) = torch.autograd.grad(-energies.sum(), frames)
@@ -205,7 +205,7 @@ def _water(n_molecules=16, triclinic=False):
 def test_adapter_matches_mace_calculator_in_a_periodic_water_box(triclinic):
     zs, cutoff = [1, 8], 3.5
     mace_model = _user_mace(zs, cutoff, [-13.6, -2042.6], seed=5)
-    model = NNIP(MACENetwork(mace_model, zs, cutoff), spec={"architecture": "mace", "hparams": {"cutoff": cutoff}})
+    model = NNIP(MACENetwork(mace_model), spec={"architecture": "mace", "hparams": {"cutoff": cutoff}})
     z, pos, box = _water(triclinic=triclinic)
     check_cutoff_fits_box(model, box)
     # Our offsets are zero here: MACE's E0s stay inside the network, as in mace's own file.
@@ -298,7 +298,7 @@ def test_periodic_torchforce_matches_pytorch():
     from openmm_stable.export import make_torch_force, script_force_module
 
     zs, cutoff = [1, 8], 3.5
-    model = NNIP(MACENetwork(_user_mace(zs, cutoff, [0.0, 0.0], seed=8), zs, cutoff),
+    model = NNIP(MACENetwork(_user_mace(zs, cutoff, [0.0, 0.0], seed=8)),
                  spec={"architecture": "mace", "hparams": {"cutoff": cutoff}})
     z, pos, box = _water()
     e, f = _ours(model, z, pos, box)

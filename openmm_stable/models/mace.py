@@ -118,13 +118,15 @@ def mace_config(hparams: dict) -> dict:
                        ("readout", modules.readout_classes), ("gate", modules.gate_dict)):
         if str(h[key]) not in table:
             raise InputError(f"mace {key} {h[key]!r} is not one of {', '.join(table)}")
+    if len(h["heads"]) != 1:
+        raise InputError(f"mace models here have one head (an energy per structure), got heads {h['heads']}")
     return dict(
         r_max=float(h["cutoff"]), num_bessel=int(h["num_bessel"]), num_polynomial_cutoff=int(h["num_polynomial_cutoff"]),
         max_ell=int(h["max_ell"]), interaction_cls=modules.interaction_classes[h["interaction"]],
         interaction_cls_first=modules.interaction_classes[h["interaction_first"]],
         num_interactions=int(h["num_interactions"]), num_elements=len(zs), hidden_irreps=o3.Irreps(h["hidden_irreps"]),
         MLP_irreps=o3.Irreps(h["MLP_irreps"]), gate=modules.gate_dict[str(h["gate"])],
-        atomic_energies=torch.zeros(len(h["heads"]), len(zs)).numpy() if len(h["heads"]) > 1 else torch.zeros(len(zs)).numpy(),
+        atomic_energies=torch.zeros(len(zs), dtype=torch.float64).numpy(),
         avg_num_neighbors=float(h["avg_num_neighbors"]), atomic_numbers=zs, correlation=h["correlation"],
         radial_MLP=[int(x) for x in h["radial_MLP"]], radial_type=h["radial_type"],
         distance_transform=h["distance_transform"], pair_repulsion=bool(h["pair_repulsion"]),
@@ -145,11 +147,12 @@ class MACENetwork(nn.Module):
     atoms of the same structure closer than the cutoff, with the minimum-image shift
     (``shifts``, MACE's convention: vector = pos[receiver] - pos[sender] + shift) in a box."""
 
-    def __init__(self, mace_model: nn.Module, atomic_numbers, cutoff: float):
+    def __init__(self, mace_model: nn.Module):
         super().__init__()
         self.mace = mace_model
-        self.cutoff = float(cutoff)
-        zs = [int(z) for z in atomic_numbers]
+        # MACE's own element table (its one-hot order) and cutoff, read from the module
+        self.cutoff = float(mace_model.r_max)
+        zs = [int(z) for z in mace_model.atomic_numbers]
         self.atomic_numbers: List[int] = zs
         self.n_elements = len(zs)
         table = torch.full((MAX_Z,), -1, dtype=torch.long)
@@ -247,7 +250,7 @@ def build(**hparams) -> MACENetwork:
     modules = _mace()
     with _default_dtype(_DTYPES[h["dtype"]]):
         model = modules.ScaleShiftMACE(**config)
-    return MACENetwork(model, h["atomic_numbers"], h["cutoff"])
+    return MACENetwork(model)
 
 
 # --- bring your own: a trained MACE .model file ------------------------------------------------
