@@ -186,3 +186,22 @@ def test_simulate_and_refine_refuse_a_model_of_another_molecule_with_the_same_fo
     with pytest.raises(InputError, match="another molecule.*bonded differently"):
         check_model_matches(path / "model.pt", ether)
     check_model_matches(path / "model.pt", xtb_ethanol)  # the same molecule passes
+
+
+def test_a_setting_added_since_the_run_started_does_not_strand_it(xtb_ethanol, pretrained_ethanol_model_file,
+                                                                  tmp_path):
+    """A checkpoint written before a setting existed (its config lacks the key) resumes when
+    the setting still has its default, and is refused when it does not."""
+    from openmm_stable.io import save_torch_file
+
+    out = tmp_path / "run"
+    refine(pretrained_ethanol_model_file, xtb_ethanol, _config(max_epochs=1), out, progress=False)
+    payload = load_torch_file(out / "checkpoint.pt")
+    del payload["config"]["probe_ps"]  # as an earlier version wrote it
+    save_torch_file(payload, out / "checkpoint.pt")
+    with pytest.raises(InputError, match="probe_ps"):
+        refine(pretrained_ethanol_model_file, xtb_ethanol, _config(max_epochs=2, probe_ps=1.0), out, resume=True,
+               progress=False)
+    _, summary = refine(pretrained_ethanol_model_file, xtb_ethanol, _config(max_epochs=2), out, resume=True,
+                        progress=False)
+    assert summary["epochs"] == 2

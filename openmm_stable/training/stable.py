@@ -266,6 +266,10 @@ class StableTrainer:
         if payload.get("dataset_fingerprint") != self.dataset.fingerprint():
             raise InputError(f"{self.checkpoint_path}: written for another dataset; use a new --out folder")
         saved, now = payload.get("config", {}), config_to_dict(self.config)
+        # A setting added after the run started is absent from its checkpoint: unchanged if
+        # it still has its default (an upgrade does not strand a run).
+        defaults = config_to_dict(StableConfig())
+        saved = {**{k: defaults[k] for k in now if k not in saved and k in defaults}, **saved}
         changed = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
         if changed:
             detail = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
