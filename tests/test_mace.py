@@ -394,7 +394,8 @@ def test_export_to_mace_gives_our_forces(imported, tmp_path):
         system = MLPotential("mace", modelPath=str(out)).createSystem(topology, precision="double")
     context = openmm.Context(system, openmm.VerletIntegrator(1e-4), openmm.Platform.getPlatformByName("Reference"))
     context.setPositions(pos / NM_IN_ANGSTROM)
-    forces = context.getState(getForces=True).getForces(asNumpy=True).value_in_unit(unit.kilojoule_per_mole / unit.nanometer)
+    forces = context.getState(getForces=True).getForces(asNumpy=True)
+    forces = forces.value_in_unit(unit.kilojoule_per_mole / unit.nanometer)
     assert _rel_error(np.asarray(forces), f * EV_IN_KJ_PER_MOL * NM_IN_ANGSTROM) < RTOL
 
     with pytest.raises(InputError, match="only models of the 'mace' architecture"):

@@ -121,7 +121,8 @@ def mace_config(hparams: dict) -> dict:
     if len(h["heads"]) != 1:
         raise InputError(f"mace models here have one head (an energy per structure), got heads {h['heads']}")
     return dict(
-        r_max=float(h["cutoff"]), num_bessel=int(h["num_bessel"]), num_polynomial_cutoff=int(h["num_polynomial_cutoff"]),
+        r_max=float(h["cutoff"]), num_bessel=int(h["num_bessel"]),
+        num_polynomial_cutoff=int(h["num_polynomial_cutoff"]),
         max_ell=int(h["max_ell"]), interaction_cls=modules.interaction_classes[h["interaction"]],
         interaction_cls_first=modules.interaction_classes[h["interaction_first"]],
         num_interactions=int(h["num_interactions"]), num_elements=len(zs), hidden_irreps=o3.Irreps(h["hidden_irreps"]),
@@ -192,7 +193,8 @@ class MACENetwork(nn.Module):
             off_diagonal = cell - torch.diag(torch.diagonal(cell))
             if bool((off_diagonal != 0).any()):  # triclinic: the nearest of the 27 neighbouring images
                 steps = torch.arange(-1, 2, device=pos.device)
-                images = torch.stack(torch.meshgrid(steps, steps, steps, indexing="ij"), -1).reshape(-1, 3).to(pos.dtype) @ cell
+                grid = torch.stack(torch.meshgrid(steps, steps, steps, indexing="ij"), -1).reshape(-1, 3)
+                images = grid.to(pos.dtype) @ cell
                 candidates = (vec.detach() + shifts).unsqueeze(1) + images.unsqueeze(0)
                 best = (candidates * candidates).sum(-1).argmin(1)
                 shifts = shifts + images[best]
@@ -276,7 +278,8 @@ def hparams_of(mace_model: nn.Module) -> dict:
     c = extract_config_mace_model(mace_model)
     if "error" in c:
         raise InputError(f"cannot read this MACE model's configuration: {c['error']}")
-    scale, shift = torch.as_tensor(c["atomic_inter_scale"]).reshape(-1), torch.as_tensor(c["atomic_inter_shift"]).reshape(-1)
+    scale = torch.as_tensor(c["atomic_inter_scale"]).reshape(-1)
+    shift = torch.as_tensor(c["atomic_inter_shift"]).reshape(-1)
     if len(c["heads"]) != 1 or scale.numel() != 1:
         raise InputError(f"this MACE model has several heads {c['heads']}; pass head=<name> to keep one")
     dtype = next(iter(mace_model.parameters())).dtype
@@ -288,12 +291,14 @@ def hparams_of(mace_model: nn.Module) -> dict:
         "correlation": int(c["correlation"]), "avg_num_neighbors": float(c["avg_num_neighbors"]),
         "radial_MLP": [int(x) for x in c["radial_MLP"]], "gate": _name_of(c["gate"], modules.gate_dict, "gate"),
         "interaction": _name_of(c["interaction_cls"], modules.interaction_classes, "interaction block"),
-        "interaction_first": _name_of(c["interaction_cls_first"], modules.interaction_classes, "first interaction block"),
+        "interaction_first": _name_of(c["interaction_cls_first"], modules.interaction_classes,
+                                      "first interaction block"),
         "readout": _name_of(c["readout_cls"], modules.readout_classes, "readout block"),
         "radial_type": str(c["radial_type"]), "distance_transform": str(c["distance_transform"] or "None"),
         "pair_repulsion": bool(c["pair_repulsion"]), "apply_cutoff": bool(c["apply_cutoff"]),
         "use_reduced_cg": bool(c["use_reduced_cg"]), "use_so3": bool(c["use_so3"]),
-        "use_agnostic_product": bool(c["use_agnostic_product"]), "use_last_readout_only": bool(c["use_last_readout_only"]),
+        "use_agnostic_product": bool(c["use_agnostic_product"]),
+        "use_last_readout_only": bool(c["use_last_readout_only"]),
         "use_edge_irreps_first": bool(c["use_edge_irreps_first"]),
         "edge_irreps": None if c["edge_irreps"] is None else str(c["edge_irreps"]),
         "keep_last_layer_irreps": bool(getattr(mace_model, "keep_last_layer_irreps", False)),
@@ -355,10 +360,12 @@ def import_mace_model(path, allow_pickle: bool = False, head: Optional[str] = No
     try:
         mace_model = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as err:  # torch raises many kinds; the message is what matters
-        raise InputError(f"{path}: not a readable MACE model file ({str(err).splitlines()[0] if str(err) else err!r})") from None
+        first = str(err).splitlines()[0] if str(err) else repr(err)
+        raise InputError(f"{path}: not a readable MACE model file ({first})") from None
     if isinstance(mace_model, torch.jit.ScriptModule) or not isinstance(mace_model, nn.Module):
         raise InputError(f"{path}: holds a {type(mace_model).__name__}, not a MACE model module "
-                         "(TorchScript-compiled MACE files cannot be imported: use the .model file mace_run_train wrote)")
+                         "(TorchScript-compiled MACE files cannot be imported: use the .model file that "
+                         "mace_run_train wrote)")
     return wrap_mace_model(mace_model, head=head)
 
 
@@ -373,8 +380,8 @@ def to_mace_module(model: NNIP, dtype: Optional[torch.dtype] = None) -> nn.Modul
     become its E0s and our energy scale is folded into its scale and shift."""
     net = getattr(model, "net", None)
     if not isinstance(model, NNIP) or not isinstance(net, MACENetwork):
-        raise InputError(f"only models of the 'mace' architecture can be written as MACE files "
-                         f"(this one is {(getattr(model, 'spec', None) or {}).get('architecture', type(model).__name__)!r})")
+        arch = (getattr(model, "spec", None) or {}).get("architecture", type(model).__name__)
+        raise InputError(f"only models of the 'mace' architecture can be written as MACE files (this one is {arch!r})")
     python = net.__dict__.get("python_mace", net.mace)  # a scripted live model keeps the Python module here
     mace_model = copy.deepcopy(python).cpu()
     mace_model.load_state_dict(net.mace.state_dict())  # the weights the model computes with
@@ -424,5 +431,5 @@ FAMILY = ArchitectureFamily(
     description="MACE (mace-torch ScaleShiftMACE), neighbour list in the graph; imports and exports .model files",
 )
 
-__all__ = ["FAMILY", "MACENetwork", "PRESETS", "build", "export_mace_model", "hparams_of", "import_mace_model", "load_mace_file",
-           "to_mace_module", "wrap_mace_model"]
+__all__ = ["FAMILY", "MACENetwork", "PRESETS", "build", "export_mace_model", "hparams_of", "import_mace_model",
+           "load_mace_file", "to_mace_module", "wrap_mace_model"]
