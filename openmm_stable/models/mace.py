@@ -9,10 +9,11 @@ become a state dict plus the hyper-parameters that rebuild it: our file then ope
 pickle) and goes back out with `export_mace_model` (a ``.model`` that mace's
 ``MACECalculator`` and openmm-ml's ``MLPotential('mace')`` load).
 
->>> from openmm_stable.models.mace import FAMILY, import_mace_model, export_mace_model
->>> net = FAMILY.build(**FAMILY.hparams("tiny", {"atomic_numbers": [1, 6, 8]}))   # doctest: +SKIP
->>> model = import_mace_model("mine.model", allow_pickle=True)   # a pickle: trusted files only  # doctest: +SKIP
->>> export_mace_model(model, "refined.model")                                     # doctest: +SKIP
+>>> from openmm_stable.models import create_model
+>>> from openmm_stable.models.mace import import_mace_model, export_mace_model
+>>> model = create_model("mace", "small", atomic_numbers=[1, 6, 8])  # doctest: +SKIP
+>>> model = import_mace_model("mine.model", allow_pickle=True)  # a pickle: trusted files only  # doctest: +SKIP
+>>> export_mace_model(model, "refined.model")  # doctest: +SKIP
 
 mace-torch is imported lazily (inside functions): ``import mace`` sets
 ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` for the whole process (and e3nn 0.4.4 cannot be
