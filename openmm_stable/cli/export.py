@@ -3,6 +3,11 @@
     openmm-stable export model.ckpt --out model_openmm.pt
     openmm-stable export model.ckpt --molecule aspirin --replicas 8 --out aspirin_x8.pt
     openmm-stable export model.ckpt --atoms-from aspirin_xtb.npz --dtype float64 --out model64.pt
+    openmm-stable export refined/model.pt --format mace --out refined.model   # a mace-architecture model
+
+The default format is TorchScript for openmm-torch; `--format mace` writes a model of the
+`mace` architecture (pre-trained here or imported with `openmm-stable import`) back as a MACE
+`.model` file for mace's MACECalculator and openmm-ml's MLPotential('mace').
 
 The file takes positions (nm) [and box vectors (nm)] and returns the energy (kJ/mol),
 for R non-interacting copies of the molecule given one after the other. It needs the
@@ -20,6 +25,7 @@ from openmm_stable.errors import InputError
 from openmm_stable.models import read_model_record
 
 DTYPES = ("float32", "float64")
+FORMATS = ("torchscript", "mace")
 
 
 def register(subparsers) -> None:
@@ -30,10 +36,14 @@ def register(subparsers) -> None:
         "openmmtorch.TorchForce: positions (nm) -> energy (kJ/mol) of R non-interacting replicas.",
     )
     p.add_argument("model", help="model file written by openmm-stable (pretrain, refine or save_model)")
-    p.add_argument("--out", default=None, help="output file (default: MODEL's name with suffix _openmm.pt)")
+    p.add_argument("--format", choices=FORMATS, default="torchscript",
+                   help="torchscript (default): a TorchForce file; mace: a MACE .model file (mace models only)")
+    p.add_argument("--out", default=None,
+                   help="output file (default: MODEL's name with suffix _openmm.pt, or .model with --format mace)")
     p.add_argument("--replicas", type=int, default=1, help="copies of the molecule in one force (default 1)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32",
-                   help="precision the network runs in (default float32; float64 for energy-conservation checks)")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="precision the network runs in (default float32; float64 for energy-conservation checks; "
+                        "--format mace: float64, as mace writes its files)")
     atoms = p.add_mutually_exclusive_group()
     atoms.add_argument("--atoms-from", metavar="DATAFILE", default=None,
                        help="take the atomic numbers from this dataset file (any supported format)")
@@ -93,6 +103,9 @@ def run(args) -> int:
     if args.replicas < 1:
         raise InputError(f"--replicas must be at least 1 (got {args.replicas})")
     record = read_model_record(args.model)  # FileNotFoundError / InputError: clean messages
+    if args.format == "mace":
+        return run_mace(args, record)
+    args.dtype = args.dtype or "float32"
     model = model_from_record(record)
     z, positions, bonds, source = resolve_atoms(args)
     check_same_molecule(args, record, z, bonds, source)
@@ -124,4 +137,27 @@ def run(args) -> int:
     print("    system.addForce(force)")
     print(f"or, for a System from a Topology: MLPotential('openmm-stable', modelPath={str(args.model)!r})"
           ".createSystem(topology)")
+    return 0
+
+
+def run_mace(args, record) -> int:
+    """`--format mace`: the model back out as a MACE `.model` file."""
+    import torch
+
+    if record.architecture != "mace":
+        raise InputError(f"--format mace: {args.model} is a {record.architecture!r} model; only models of the mace "
+                         "architecture can be written as MACE .model files")
+    if args.replicas != 1 or args.atoms_from or args.molecule:
+        raise InputError("--format mace writes the model itself (MACE handles any molecule of its elements): "
+                         "--replicas, --atoms-from and --molecule do not apply")
+    from openmm_stable.models.mace import export_mace_model
+
+    out = Path(args.out) if args.out else Path(args.model).with_suffix(".model")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    dtype = getattr(torch, args.dtype or "float64")
+    export_mace_model(args.model, out, dtype=dtype)
+    print(f"wrote {out}: a MACE .model ({args.dtype or 'float64'}) of {args.model}. It is a pickle (as every MACE "
+          "model file): open it only where you trust it. Load it with:")
+    print(f"    from mace.calculators import MACECalculator; MACECalculator(model_paths={str(out)!r}, device='cpu')")
+    print(f"    MLPotential('mace', modelPath={str(out)!r}).createSystem(topology)   # openmm-ml")
     return 0

@@ -426,11 +426,24 @@ def export_mace_model(model_or_file, out_path, dtype: Optional[torch.dtype] = to
     return out_path
 
 
+def hparams_from_data(dataset, hparams: dict, max_frames: int = 100) -> dict:
+    """What MACE takes from its training frames: the element table (the one-hot covers the
+    dataset's elements, no more) and the mean number of neighbours within the cutoff (MACE
+    divides its messages by it), over up to `max_frames` frames."""
+    from openmm_stable.geometry import pair_distances
+
+    frames = dataset.positions[:: max(1, len(dataset) // max_frames)][:max_frames]
+    d = pair_distances(frames, dataset.box)  # (F, pairs), each unordered pair once
+    neighbours = 2.0 * float((d < float(hparams["cutoff"])).sum()) / (len(frames) * dataset.n_atoms)
+    return {"atomic_numbers": sorted({int(z) for z in dataset.atomic_numbers}),
+            "avg_num_neighbors": max(neighbours, 1.0)}
+
+
 FAMILY = ArchitectureFamily(
     name=NAME, presets=PRESETS, build=build, extension_imports=(), load_foreign=load_foreign,
-    extra_hparams=tuple(EXTRA_DEFAULTS),
+    extra_hparams=tuple(EXTRA_DEFAULTS), hparams_from_data=hparams_from_data,
     description="MACE (mace-torch ScaleShiftMACE), neighbour list in the graph; imports and exports .model files",
 )
 
 __all__ = ["FAMILY", "MACENetwork", "PRESETS", "build", "export_mace_model", "hparams_of", "import_mace_model",
-           "load_mace_file", "to_mace_module", "wrap_mace_model"]
+           "hparams_from_data", "load_mace_file", "to_mace_module", "wrap_mace_model"]

@@ -63,6 +63,10 @@ class ArchitectureFamily:
 
     ``extra_hparams``: names `build` accepts beyond the keys of the presets (an override
     with any other name is refused as a typo).
+
+    ``hparams_from_data(dataset, hparams)``: hyper-parameters `pretrain` takes from the
+    training frames (e.g. MACE's element table and mean neighbour count), merged under the
+    user's own overrides; None when the presets need nothing from the data.
     """
 
     name: str
@@ -72,6 +76,7 @@ class ArchitectureFamily:
     load_foreign: Optional[Callable[..., nn.Module]] = None
     extra_hparams: tuple[str, ...] = ()
     description: str = ""
+    hparams_from_data: Optional[Callable[..., dict]] = None
 
     def hparam_names(self) -> set[str]:
         names = set(self.extra_hparams)

@@ -344,8 +344,12 @@ class Pretrainer:
         """A new model with energy offsets and scale fitted to the training frames."""
         config = self.config
         torch.manual_seed(config.seed)
-        model = create_model(config.architecture, config.preset,
-                             **({} if config.cutoff is None else {"cutoff": float(config.cutoff)}))
+        overrides = {} if config.cutoff is None else {"cutoff": float(config.cutoff)}
+        family = get_family(config.architecture)
+        if family.hparams_from_data is not None:  # e.g. MACE's element table, from the training frames
+            overrides = {**family.hparams_from_data(self.train_set, family.hparams(config.preset, overrides)),
+                         **overrides}
+        model = create_model(config.architecture, config.preset, **overrides)
         check_cutoff_fits_box(model, self.dataset.box)
         atom_energies = fit_atom_energies([self.dataset.atomic_numbers] * len(self.train_set), self.train_set.energies)
         with torch.no_grad():
