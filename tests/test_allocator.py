@@ -31,13 +31,16 @@ _ROUNDS = textwrap.dedent("""
     if sys.argv[1] == "kept":
         from openmm_stable.allocator import keep_freed_memory
         assert keep_freed_memory()
+    elif sys.argv[1] == "threshold-only":  # the earlier setting: largest mmap threshold, 1 GiB trim
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        assert libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
     else:
         M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
         assert libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024) and libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024)
     libc.malloc.restype = ctypes.c_void_p
     libc.malloc.argtypes = [ctypes.c_size_t]
     libc.free.argtypes = [ctypes.c_void_p]
-    sizes = [3, 17, 5, 9, 12, 2, 7]
+    sizes = [int(mib) for mib in sys.argv[2].split(",")]
     def one_round():
         blocks = []
         for mib in sizes:
@@ -54,8 +57,14 @@ _ROUNDS = textwrap.dedent("""
 """)
 
 
-def _faults_and_pages(mode: str) -> tuple[int, int]:
-    out = subprocess.run([sys.executable, "-c", _ROUNDS, mode], capture_output=True, text=True, check=True)
+MIXED_MIB = "3,17,5,9,12,2,7"
+# One block above glibc's largest mmap threshold (32 MiB), alone: as a batch of R = 128
+# MACE replicas allocates while the heap is still smaller than it.
+LARGE_MIB = "40"
+
+
+def _faults_and_pages(mode: str, sizes_mib: str = MIXED_MIB) -> tuple[int, int]:
+    out = subprocess.run([sys.executable, "-c", _ROUNDS, mode, sizes_mib], capture_output=True, text=True, check=True)
     if out.stdout.strip() == "no-thp-control":
         pytest.skip("this kernel cannot switch transparent huge pages off for a process (prctl)")
     faults, pages = out.stdout.split()
@@ -70,6 +79,25 @@ def test_freed_memory_is_reused_without_page_faults():
     # shows that the count sees the faults); kept, they are reused without a fault.
     assert faults_returned > 0.9 * pages
     assert faults_kept < 0.01 * pages
+
+
+@glibc_only
+def test_blocks_above_the_largest_mmap_threshold_stay_too():
+    # the mmap threshold cannot go above 32 MiB, so raising it (the earlier setting) still
+    # maps and unmaps a 40 MiB block at every round; with mmap switched off it stays.
+    faults_threshold_only, pages = _faults_and_pages("threshold-only", LARGE_MIB)
+    faults_kept, _ = _faults_and_pages("kept", LARGE_MIB)
+    assert faults_threshold_only > 0.9 * pages
+    assert faults_kept < 0.01 * pages
+
+
+def test_the_settings_are_the_documented_ones():
+    from openmm_stable import allocator
+
+    # mallopt(3): M_MMAP_MAX 0 disables mmap for large blocks, M_TRIM_THRESHOLD -1 disables trimming
+    assert (allocator._M_MMAP_MAX, allocator.MMAP_MAX) == (-4, 0)
+    assert (allocator._M_TRIM_THRESHOLD, allocator.TRIM_THRESHOLD_BYTES) == (-1, -1)
+    assert allocator.MMAP_THRESHOLD_BYTES == 32 * 2**20
 
 
 def test_engine_applies_it_on_cpu_unless_told_not_to(monkeypatch, ethanol):

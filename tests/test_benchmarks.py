@@ -64,7 +64,19 @@ def test_estimator_cost_quick(tmp_path):
     assert (tmp_path / "estimator_cost_quick.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("script", ["engine_throughput.py", "estimator_cost.py"])
+def test_engine_mace_quick(tmp_path):
+    # our engine, the bare loop and openmm-ml's MLPotential('mace') on one exported .model (~20 s)
+    stdout = run_script("engine_mace.py", tmp_path)
+    payload = json.loads((tmp_path / "engine_mace_quick.json").read_text())
+    assert {r["method"] for r in payload["results"]} == {"batched", "bare", "openmm-ml"}
+    assert all(positive_finite(r["replica_steps_per_cpu_s"]) for r in payload["results"])
+    (row,) = payload["summary"]["ratios"]
+    assert row["replicas"] == 2
+    assert positive_finite(row["batched/openmm-ml"]) and positive_finite(row["batched/bare"])
+    assert "batched/openmm-ml" in stdout
+
+
+@pytest.mark.parametrize("script", ["engine_throughput.py", "estimator_cost.py", "engine_mace.py"])
 def test_help(script):
     proc = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True,
                           timeout=60)
