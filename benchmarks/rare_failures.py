@@ -83,11 +83,15 @@ def parse_args(argv=None):
     p.add_argument("--converge-max-iterations", type=int, default=3000)
     p.add_argument("--refinement-seeds", type=int, nargs="+", default=None,
                    help="with --refine-only: only these refinements (k), so two processes can share a phase's arm")
+    p.add_argument("--groups", type=int, nargs="+", default=None,
+                   help="with --only-arms: evaluate only these groups (indices), so two processes can share an arm")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every stage")
     args = p.parse_args(argv)
     if args.refinement_seeds is not None and not args.refine_only:
         p.error("--refinement-seeds needs --refine-only (a combining run evaluates every refinement)")
+    if args.groups is not None and args.only_arms is None:
+        p.error("--groups needs --only-arms (a combining run evaluates every group)")
     # What stability_controlled's data and pre-training stages read.
     args.frames, args.eval_frames, args.rare_frames, args.pretrain_min, args.data = 3000, 500, 400, 4.0, None
     if args.quick:
@@ -326,7 +330,8 @@ def run_phase(phase: str, start, start_file, train, pool, held_out, reference_b,
     for arm, arm_models in models.items():
         stage(f"{phase}: evaluate {arm}")
         groups = [evaluate(arm_models[g % len(arm_models)], f"{phase}_{arm}", g, seed, held_out, pool, reference_b,
-                           temperature, horizon, replicas, work) for g, seed in enumerate(seeds)]
+                           temperature, horizon, replicas, work) for g, seed in enumerate(seeds)
+                  if args.groups is None or g in args.groups]
         result["arms"][arm] = {**pooled(groups), "refinements": 0 if arm == "pretrained" else len(arm_models)}
         result["rate_ratio"] = rate_ratios(result["arms"])
         if args.only_arms is None:  # a process of a shared phase leaves the results file to the combining run
