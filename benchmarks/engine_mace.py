@@ -78,6 +78,15 @@ class OpenMMMLRunner(Runner):
             self.contexts.append((openmm.Context(system, integrator, platform), integrator))
         self._temperature = TEMPERATURE_K * unit.kelvin
 
+    def forces_kj_per_mol_nm(self, k: int) -> np.ndarray:
+        """Forces on replica k at its start structure (kJ/mol/nm)."""
+        from openmm import unit
+
+        context = self.contexts[k][0]
+        context.setPositions(self.starts_nm[k])
+        forces = context.getState(getForces=True).getForces(asNumpy=True)
+        return np.asarray(forces.value_in_unit(unit.kilojoule_per_mole / unit.nanometer))
+
     def reset(self, seed: int) -> None:
         for k, (context, _) in enumerate(self.contexts):
             context.setPositions(self.starts_nm[k])
@@ -89,6 +98,24 @@ class OpenMMMLRunner(Runner):
 
     def close(self) -> None:
         del self.contexts
+
+
+def same_model_check(model, model_path: str, z, positions: np.ndarray) -> dict:
+    """openmm-ml's forces on the exported file against our model's (autograd, float32) at one
+    structure: the comparison is only fair if both routes compute the same model."""
+    import torch
+
+    from openmm_stable.models import energy_and_forces
+    from openmm_stable.units import EV_IN_KJ_PER_MOL, NM_IN_ANGSTROM
+
+    ours = energy_and_forces(model.float().eval(), torch.as_tensor(np.asarray(z), dtype=torch.long),
+                             torch.as_tensor(positions, dtype=torch.float32),
+                             torch.zeros(len(z), dtype=torch.long))[1].detach().numpy()
+    ours = ours.astype(np.float64) * EV_IN_KJ_PER_MOL * NM_IN_ANGSTROM  # eV/A -> kJ/mol/nm
+    theirs = OpenMMMLRunner(model_path, z, positions[None]).forces_kj_per_mol_nm(0)
+    scale = float(np.abs(ours).max())
+    return {"max_abs_force_kj_per_mol_nm": scale,
+            "max_abs_difference_relative": float(np.abs(theirs - ours).max() / scale)}
 
 
 def build_runner(method: str, preset: str, z, starts, model_path: Optional[str]) -> Runner:
@@ -152,8 +179,13 @@ def run(args) -> dict:
                "results": []}
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        model_path = str(export_mace_model(mace_model(z, args.preset), Path(tmp) / "mace_small.model",
-                                           dtype=torch.float32))
+        model = mace_model(z, args.preset)
+        model_path = str(export_mace_model(model, Path(tmp) / "mace_small.model", dtype=torch.float32))
+        import mace  # noqa: F401  (as in build_runner)
+
+        payload["same_model_check"] = check = same_model_check(model, model_path, z, positions)
+        print(f"openmm-ml's forces against ours at the start structure: max |difference| / max |force| = "
+              f"{check['max_abs_difference_relative']:.2e}", flush=True)
         for R in args.replicas:
             starts = start_structures(positions, R)
             methods = [m for m in args.methods if m != "openmm-ml" or R <= args.openmm_ml_max_replicas]

@@ -74,6 +74,9 @@ def test_engine_mace_quick(tmp_path):
     assert row["replicas"] == 2
     assert positive_finite(row["batched/openmm-ml"]) and positive_finite(row["batched/bare"])
     assert "batched/openmm-ml" in stdout
+    # both routes compute the same model: openmm-ml's forces on the exported file are ours (float32)
+    assert payload["same_model_check"]["max_abs_force_kj_per_mol_nm"] > 1.0
+    assert payload["same_model_check"]["max_abs_difference_relative"] < 1e-3
 
 
 @pytest.mark.parametrize("script", ["engine_throughput.py", "estimator_cost.py", "engine_mace.py"])
