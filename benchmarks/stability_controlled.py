@@ -23,6 +23,12 @@ skipped when its output exists, so a run can span sessions:
 
     python benchmarks/stability_controlled.py --workdir runs/controlled           # full (about 3 h, 2 cores)
     python benchmarks/stability_controlled.py --workdir runs/controlled_q --quick # a smoke run of every stage
+
+StABlE across architectures (README 5f): the fragile experiment with a MACE start, the
+same data, replica groups, seeds and arms, into its own results file:
+
+    python benchmarks/stability_controlled.py --workdir ../mace_runs --experiments fragile \
+        --architecture mace --results benchmarks/results/stability_controlled_mace.json
 """
 from __future__ import annotations
 
@@ -109,12 +115,18 @@ def parse_args(argv=None):
                    help="give every variant arm its own energy/force-only control with its step counts")
     p.add_argument("--hr-window-ps", type=float, default=1.0,
                    help="also compare h(r) over stable frames of this first window, the same for every arm (0: off)")
+    p.add_argument("--architecture", default="schnet",
+                   help="the family every start is pre-trained with (StABlE across architectures: mace)")
+    p.add_argument("--preset", default="small")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every stage")
     args = p.parse_args(argv)
     if args.refine_seeds < 1 or args.replicas % args.refine_seeds:
         p.error(f"--replicas ({args.replicas}) must be a multiple of --refine-seeds ({args.refine_seeds})")
+    if args.architecture != "schnet" and "teacher_student" in args.experiments:
+        p.error("teacher_student scales the last readout layer, which is U_S = 0.8 U_T only for SchNet's single "
+                "readout: with --architecture, pass --experiments fragile and/or rare")
     args.sample_threshold = 0.5  # A: teacher-student frames come from replicas before this bond deviation
     if args.quick:
         args.frames, args.eval_frames, args.fragile_frames, args.rare_frames, args.large_frames = 120, 30, 20, 40, 80
@@ -152,7 +164,8 @@ def reference_data(args, work: Path):
 
 
 def pretrained(name: str, train, budget_min: float, work: Path, args):
-    """A SchNet-small pre-trained on `train` (90/10 train/val) for `budget_min` minutes."""
+    """A model of --architecture/--preset (SchNet-small by default) pre-trained on `train`
+    (90/10 train/val) for `budget_min` minutes."""
     from openmm_stable.models import load_model
     from openmm_stable.training.pretrain import PretrainConfig, pretrain
 
@@ -160,7 +173,7 @@ def pretrained(name: str, train, budget_min: float, work: Path, args):
     if (out / "model.pt").exists():
         return load_model(out / "model.pt")
     n_val = max(2, len(train) // 10)
-    config = PretrainConfig(architecture="schnet", preset="small", train=len(train) - n_val, val=n_val, test=0,
+    config = PretrainConfig(architecture=args.architecture, preset=args.preset, train=len(train) - n_val, val=n_val, test=0,
                             time_budget_min=budget_min, max_epochs=100000, patience=100000, device="cpu",
                             seed=args.seed)
     model, _ = pretrain(train, config, out, resume=(out / "checkpoint_last.pt").exists(), progress=True)
@@ -562,11 +575,13 @@ def main(argv=None) -> dict:
 
     stage("pre-training: fragile, rare and large-data starts")
     fragile = timings("pretrain_fragile", lambda: pretrained("fragile", fragile_train, args.pretrain_min[0], work, args))
-    rare = timings("pretrain_rare", lambda: pretrained("rare", rare_train, args.pretrain_min[1], work, args))
+    rare = (timings("pretrain_rare", lambda: pretrained("rare", rare_train, args.pretrain_min[1], work, args))
+            if "rare" in args.experiments else None)
     large = timings("pretrain_large", lambda: pretrained("large", large_train, args.pretrain_min[2], work, args))
 
     payload = json.loads(results_path.read_text()) if results_path.exists() else {}
-    payload.update({"benchmark": "stability_controlled", "molecule": "ethanol", "architecture": "schnet-small",
+    payload.update({"benchmark": "stability_controlled", "molecule": "ethanol",
+                    "architecture": f"{args.architecture}-{args.preset}",
                     "temperature_K": args.temperature, "n_eval_replicas": args.replicas, "quick": args.quick,
                     "frames": {"pool": len(pool), "held_out": len(held_out), "fragile": len(fragile_train),
                                "rare": len(rare_train), "large": len(large_train)},

@@ -138,3 +138,27 @@ def test_rare_failures_quick(tmp_path):
     assert converged["seeds"][0] == 300 and converged["start"]["lbfgs_iterations_run"] >= 10
     curve = (tmp_path / "converged" / "converged_start" / "curve.csv").read_text().splitlines()
     assert curve[0].startswith("iteration,") and len(curve) >= 3
+
+
+@pytest.mark.slow
+def test_stability_controlled_quick_mace(tmp_path):
+    """StABlE across architectures: the fragile experiment runs end to end with a MACE start
+    (pre-training, refinement through the exported MACE TorchForce, control, evaluation)."""
+    pytest.importorskip("mace")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MPLBACKEND="Agg")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--workdir", str(tmp_path), "--experiments",
+                           "fragile", "--architecture", "mace", "--preset", "tiny"],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = json.loads((tmp_path / "stability_controlled.json").read_text())
+    assert payload["architecture"] == "mace-tiny" and "rare" not in payload
+    from openmm_stable.models import read_model_record
+
+    assert read_model_record(tmp_path / "pretrain_fragile" / "model.pt").architecture == "mace"
+    arms = payload["fragile"]["arms"]
+    assert {"pretrained", "stable", "energy_force_only", "large_data"} <= set(arms)
+    assert arms["energy_force_only"]["learning_steps"] == arms["stable"]["learning_steps"]
+    assert all(len(arm["stable_time_ps"]) == 4 for arm in arms.values())
+    bad = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--workdir", str(tmp_path / "x"), "--architecture",
+                          "mace"], capture_output=True, text=True, timeout=120, env=env)
+    assert bad.returncode == 2 and "teacher_student" in bad.stderr
