@@ -16,8 +16,8 @@ from openmm_stable.models import create_model
 from openmm_stable.observables import BondDeviationObservable, make_observable
 from openmm_stable.training.estimator import log_mean_coefficients, model_energy_fn, surrogate_backward
 from openmm_stable.training.failure_bank import (FailureBank, FailureBankSettings, FailureBankTrainer,
-                                                 ProjectionBasis, constraint_rows, flat_grad, rate_stop_reason,
-                                                 set_flat_parameters)
+                                                 ProjectionBasis, constraint_rows, flat_grad, learning_overhead,
+                                                 rate_stop_reason, set_flat_parameters)
 from openmm_stable.training.stable import StableConfig, refine
 from openmm_stable.units import kT_eV
 
@@ -251,6 +251,13 @@ def test_refine_with_a_failure_bank_steps_writes_its_files_and_resumes_to_the_sa
         assert r["bank_failures"] >= 16 and r["step_norm"] > 0 and 0 < r["projected_grad_fraction"] <= 1
         assert r["train_force_mae_meV_per_A"] > 0 and r["failure_rate_per_ps"] > 0
     assert any(r["epoch"] > 3 for r in stepped), "the resume below would not cover a step"
+    # every part of a step is timed, in the log and summed in the summary's overhead
+    for r in stepped:
+        assert all(r[f"time_{part}_s"] >= 0 for part in ("bank", "projection", "estimator", "force_mae", "export"))
+        assert r["time_projection_s"] + r["time_estimator_s"] + r["time_export_s"] <= r["grad_time_s"]
+    overhead = bank["overhead"]
+    assert overhead["seconds"]["estimator"] == pytest.approx(sum(r.get("time_estimator_s", 0.0) for r in rows))
+    assert overhead["fraction_of_simulation"] == pytest.approx(overhead["learning_s"] / overhead["simulation_s"])
     # Stopped after 3 epochs (a half-filled bank, a projection built before the stop), then
     # resumed to 8: the weights of the uninterrupted run. To round-off, not bit for bit: the
     # frames OpenMM's CPU platform reports after a Context checkpoint is restored differ in
@@ -269,6 +276,17 @@ def test_training_temperature_below_the_run_temperature_is_refused(xtb_ethanol, 
     config = _config(bank={"training_temperature_K": 300.0})
     with pytest.raises(InputError, match="failure_bank.training_temperature_K: 300 K is below"):
         refine(copy.deepcopy(pretrained_ethanol_model), xtb_ethanol, config, tmp_path, progress=False)
+
+
+def test_learning_overhead_adds_the_timed_parts_and_takes_bank_upkeep_out_of_the_simulation():
+    rows = [{"sim_time_s": 10.0, "time_bank_s": 1.0, "time_validation_s": 0.5},
+            {"sim_time_s": 12.0, "time_bank_s": 1.0, "time_projection_s": 2.0, "time_estimator_s": 0.5,
+             "time_restore_s": 1.5, "time_export_s": 0.2, "time_validation_s": 0.5}]
+    overhead = learning_overhead(rows)
+    assert overhead["simulation_s"] == pytest.approx(20.0)  # 22 s of epochs, 2 s of it scoring frames
+    assert overhead["learning_s"] == pytest.approx(7.2)
+    assert overhead["fraction_of_simulation"] == pytest.approx(0.36)
+    assert overhead["seconds"]["split_half"] == 0.0 and overhead["seconds"]["projection"] == 2.0
 
 
 def test_stop_when_the_rate_over_the_start_exposure_fell_below_a_fifth():

@@ -22,6 +22,7 @@ learns from stable frames only, and h(r) of the stable ensemble points the wrong
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from typing import Optional
@@ -38,11 +39,15 @@ from openmm_stable.training.estimator import (ObservableLoss, log_mean_coefficie
                                               surrogate_backward)
 from openmm_stable.training.stable import StableTrainer
 
+# Timed parts (`PartTimes`): bank upkeep during the simulation, then the parts of a step.
+TIMED_PARTS = ("bank", "projection", "estimator", "split_half", "direction", "force_mae", "restore", "export",
+               "validation")
 BANK_LOG_COLUMNS = ["epoch", "step", "failures_this_epoch", "bank_failures", "bank_excursion_frames",
                     "bank_background", "background_population", "observable_loss", "step_norm",
                     "projected_grad_fraction", "split_half_cosine", "train_force_mae_meV_per_A",
                     "val_force_mae_meV_per_A", "val_energy_mae_meV", "restore_iterations",
-                    "start_failure_rate_per_ps", "failure_rate_per_ps", "replica_ps", "sim_time_s", "grad_time_s"]
+                    "start_failure_rate_per_ps", "failure_rate_per_ps", "replica_ps", "sim_time_s", "grad_time_s",
+                    *(f"time_{part}_s" for part in TIMED_PARTS)]
 
 
 DIRECTIONS = ("hinge", "random", "hr")
@@ -246,6 +251,25 @@ class FailureBank:
         self.open_run = [int(e) for e in values["open_run"]]
 
 
+class PartTimes:
+    """Seconds spent in each named part of the learning mode, so the overhead budget
+    (learning time as a fraction of simulation time) can be read part by part."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def part(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def columns(self) -> dict:
+        return {f"time_{name}_s": value for name, value in self.seconds.items()}
+
+
 # --- the projection ------------------------------------------------------------------------------
 @torch.no_grad()
 def set_flat_parameters(model: torch.nn.Module, vector: torch.Tensor) -> None:
@@ -318,6 +342,17 @@ def constraint_rows(model: torch.nn.Module, atomic_numbers, frames: np.ndarray, 
     return torch.stack(rows)
 
 
+def learning_overhead(history: list) -> dict:
+    """Seconds per timed part over a run's epochs and the learning time (bank upkeep, the
+    steps, validation) as a fraction of the pure simulation time (the epochs' simulation
+    less the bank upkeep inside it): the budget the issue sets at <= 15 %."""
+    parts = {part: float(sum(row.get(f"time_{part}_s", 0.0) or 0.0 for row in history)) for part in TIMED_PARTS}
+    simulation = float(sum(row.get("sim_time_s", 0.0) for row in history)) - parts["bank"]
+    learning = float(sum(parts.values()))
+    return {"seconds": parts, "simulation_s": simulation, "learning_s": learning,
+            "fraction_of_simulation": learning / simulation if simulation > 0 else None}
+
+
 def rate_stop_reason(mode: dict, ratio: float) -> Optional[str]:
     """Why to stop, or None: the model's failure rate since the last step, once it has run
     as many replica-ps as the start needed to fill its first bank (the same exposure, so
@@ -388,11 +423,13 @@ class FailureBankTrainer(StableTrainer):
         t0 = time.perf_counter()
         failures = [0]
         failed_replicas = np.zeros(cfg.n_replicas, dtype=bool)
+        self.times = times = PartTimes()
 
         def score_and_restart(frame) -> None:
-            scores = self.penalties(np.nan_to_num(frame.positions, nan=0.0))
-            scores[~np.isfinite(frame.positions).all(axis=(1, 2))] = np.nan
-            self.bank.add(frame.positions, scores, frame.unstable, self.rng)
+            with times.part("bank"):
+                scores = self.penalties(np.nan_to_num(frame.positions, nan=0.0))
+                scores[~np.isfinite(frame.positions).all(axis=(1, 2))] = np.nan
+                self.bank.add(frame.positions, scores, frame.unstable, self.rng)
             if frame.unstable.any():
                 idx = np.flatnonzero(frame.unstable)
                 failures[0] += idx.size
@@ -424,7 +461,9 @@ class FailureBankTrainer(StableTrainer):
         row["start_failure_rate_per_ps"] = m["start_rate"]
         row["failure_rate_per_ps"] = m["last_rate"] if m["steps"] else m["start_failures"] / m["start_exposure_ps"]
         row["step"] = m["steps"]
-        self._end_epoch(row)
+        with times.part("validation"):
+            self._end_epoch(row)
+        row.update(times.columns())
         write_csv(self.out / "bank_log.csv", st.history, BANK_LOG_COLUMNS)
         return row
 
@@ -499,27 +538,34 @@ class FailureBankTrainer(StableTrainer):
         # the rate of the model this step replaces
         m["last_rate"] = (m["failures_since_step"] / m["exposure_since_step"] if m["steps"] and m["exposure_since_step"]
                           else m["start_rate"])
-        basis = self.projection()
-        frames, scores, weights = self.bank.samples()
-        grad, mean_loss = self.log_excursion_gradient(frames, scores, weights)
-        projected = basis.project(grad)
+        times = self.times
+        with times.part("projection"):
+            basis = self.projection()
+        with times.part("estimator"):
+            frames, scores, weights = self.bank.samples()
+            grad, mean_loss = self.log_excursion_gradient(frames, scores, weights)
+            projected = basis.project(grad)
         row = {"observable_loss": mean_loss, "step_norm": m["step_norm"], **self.bank.composition(),
                "projected_grad_fraction": float(projected.norm() / grad.norm()) if grad.norm() > 0 else None}
-        halves = [self.bank.samples(half) for half in (0, 1)]
-        if all(h[2].size >= 2 and (h[1] > 0).any() for h in halves):
-            g0, g1 = (basis.project(self.log_excursion_gradient(*h)[0]) for h in halves)
-            row["split_half_cosine"] = float(torch.nn.functional.cosine_similarity(g0, g1, dim=0))
-        direction = self.step_direction(basis, projected, frames)
+        with times.part("split_half"):
+            halves = [self.bank.samples(half) for half in (0, 1)]
+            if all(h[2].size >= 2 and (h[1] > 0).any() for h in halves):
+                g0, g1 = (basis.project(self.log_excursion_gradient(*h)[0]) for h in halves)
+                row["split_half_cosine"] = float(torch.nn.functional.cosine_similarity(g0, g1, dim=0))
+        with times.part("direction"):
+            direction = self.step_direction(basis, projected, frames)
         if direction.norm() > 0:
             theta = torch.nn.utils.parameters_to_vector(self.model.parameters()).detach().double()
             theta = theta - m["step_norm"] * direction / direction.norm()
             set_flat_parameters(self.model, theta)
             refit_energy_shift(self.model, self.train_tensors)
-        mae = self._train_force_mae()
+        with times.part("force_mae"):
+            mae = self._train_force_mae()
         iterations = 0
         if mae > s.restore_above * m["start_force_mae"]:
-            iterations = self.restore()
-            mae = self._train_force_mae()
+            with times.part("restore"):
+                iterations = self.restore()
+                mae = self._train_force_mae()
         if mae > s.max_force_mae_ratio * m["start_force_mae"]:
             m["step_norm"] *= 0.5  # the QM fit did not come back: shorter steps from now on
         row.update({"train_force_mae_meV_per_A": mae, "restore_iterations": iterations})
@@ -527,7 +573,8 @@ class FailureBankTrainer(StableTrainer):
         st.learning_steps = m["steps"]
         m["exposure_since_step"], m["failures_since_step"] = 0.0, 0
         self.bank.clear()
-        self.engine.update_model(self.model)
+        with times.part("export"):
+            self.engine.update_model(self.model)
         st.cycle = m["steps"]
         self._save_snapshot(ended_stable=False)
         return row
@@ -557,6 +604,6 @@ class FailureBankTrainer(StableTrainer):
             "start_train_force_mae_meV_per_A": m["start_force_mae"], "stop_reason": m["stop_reason"],
             "training_temperature_K": self.temperature_K,
             "hinge_targets_A": [float(t) for t in self.hinge.target],
-            "settings": dataclasses.asdict(self.settings)}
+            "settings": dataclasses.asdict(self.settings), "overhead": learning_overhead(self.state.history)}
         atomic_write_json(self.out / "metrics.json", summary)
         return summary
