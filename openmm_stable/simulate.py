@@ -571,17 +571,51 @@ def hr_comparison(result: SimulationResult, dataset: QMDataset, reference: Optio
     return out
 
 
+def _rdf_observable(pair, dataset: QMDataset, config: SimulationConfig) -> RdfObservable:
+    """The comparison's RDF of one pair: a plain histogram up to min(rdf_r_max, half box)."""
+    r_max = min(config.rdf_r_max, half_box_width(dataset.box))
+    return RdfObservable(pair=pair, r_max=r_max, n_bins=config.rdf_bins, sigma=0.0)
+
+
+def rdf_target_curves(dataset: QMDataset, config: SimulationConfig, tables: Optional[dict]) -> dict:
+    """{pair label: target g(r) (n_bins,)}: each table ({'O-O': path}, `openmm_stable.targets`)
+    mapped onto the bins of `rdf_comparison`; InputError before any simulation."""
+    from openmm_stable.targets import map_curve, pair_key, read_table
+
+    if not tables:
+        return {}
+    if not dataset.periodic:
+        raise InputError(f"an RDF target (--rdf-target) is compared with the element-pair RDFs of a periodic box; "
+                         f"{dataset.source} has no box")
+    pairs = {pair_key(pair_label(p)): p for p in element_pair_list(dataset.atomic_numbers)}
+    curves = {}
+    for given, path in tables.items():
+        pair = pairs.get(pair_key(given))
+        if pair is None:
+            raise InputError(f"RDF target for pair {given!r}: this system's pairs are "
+                             f"{', '.join(pair_label(p) for p in pairs.values())}")
+        label = pair_label(pair)
+        if label in curves:
+            raise InputError(f"two RDF targets for the pair {label}")
+        obs = _rdf_observable(pair, dataset, config)
+        target = map_curve(read_table(path), obs.bin_centres.numpy(), [label], "rdf")
+        curves[label] = {"values": target.values.numpy(), "source": target.table.source,
+                         "sha256": target.table.sha256, "sigma_given": target.weights is not None}
+    return curves
+
+
 def rdf_comparison(result: SimulationResult, dataset: QMDataset, reference: Optional[QMDataset],
-                   config: SimulationConfig, chunk: int = 64) -> dict:
-    """Element-pair g(r) over stable frames against the reference, and their MAE per pair.
+                   config: SimulationConfig, chunk: int = 64, targets: Optional[dict] = None) -> dict:
+    """Element-pair g(r) over stable frames against the reference, and their MAE per pair;
+    with `targets` (`rdf_target_curves`), also against each target table (``rdf_target_mae``).
 
     Plain histograms (sigma = 0, mdtraj's normalisation) up to min(rdf_r_max, half box)."""
-    r_max = min(config.rdf_r_max, half_box_width(dataset.box))
     stable = result.positions[result.stable_mask]  # (K, N, 3)
-    out: dict = {"pairs": [], "rdf_mae": {}}
+    out: dict = {"pairs": [], "rdf_mae": {}, "rdf_target_mae": {}}
+    targets = targets or {}
     for pair in element_pair_list(dataset.atomic_numbers):
         label = pair_label(pair)
-        obs = RdfObservable(pair=pair, r_max=r_max, n_bins=config.rdf_bins, sigma=0.0)
+        obs = _rdf_observable(pair, dataset, config)
         out["r"] = obs.bin_centres.numpy()
         out["pairs"].append(label)
         if stable.shape[0]:
@@ -593,6 +627,24 @@ def rdf_comparison(result: SimulationResult, dataset: QMDataset, reference: Opti
             out[f"reference_{label}"], out["reference_ess"] = ref.numpy(), ess
             if f"model_{label}" in out:
                 out["rdf_mae"][label] = float(np.abs(out[f"model_{label}"] - out[f"reference_{label}"]).mean())
+        if label in targets:
+            out[f"target_{label}"] = targets[label]["values"]
+            if f"model_{label}" in out:
+                out["rdf_target_mae"][label] = float(np.abs(out[f"model_{label}"] - out[f"target_{label}"]).mean())
+    return out
+
+
+def diffusivity_target_error(diffusivity_A2_per_ps: Optional[float], target) -> dict:
+    """The model's (Einstein) diffusivity against a scalar target (`openmm_stable.targets.
+    ScalarTarget`, A^2/ps), in cm^2/s like the other diffusivities of metrics.json: the
+    error, relative error and, with the target's sigma, the error in sigmas (z)."""
+    c = A2_PER_PS_IN_CM2_PER_S
+    out = {"target_cm2_per_s": target.value * c, "sigma_cm2_per_s": None if target.sigma is None else target.sigma * c,
+           "given": target.given, "error_cm2_per_s": None, "relative_error": None, "z": None}
+    if diffusivity_A2_per_ps is not None:
+        error = diffusivity_A2_per_ps - target.value
+        out.update({"error_cm2_per_s": error * c, "relative_error": error / target.value,
+                    "z": None if target.sigma is None else error / target.sigma})
     return out
 
 
@@ -738,7 +790,8 @@ def check_molecules(dataset: QMDataset, reference: Optional[QMDataset] = None,
 def simulate(model: nn.Module, dataset: QMDataset, config: SimulationConfig, out_dir,
              reference: Optional[QMDataset] = None, test_set: Optional[QMDataset] = None,
              progress: bool = True, resume: bool = False, overwrite: bool = False,
-             on_chunk: Optional[Callable[[int], None]] = None, reference_b: Optional[QMDataset] = None) -> dict:
+             on_chunk: Optional[Callable[[int], None]] = None, reference_b: Optional[QMDataset] = None,
+             rdf_targets: Optional[dict] = None, diffusivity_target=None) -> dict:
     """Run, then write metrics.json, plots and (optionally) trajectories to `out_dir`.
 
     Frames stream to ``out_dir/frames`` and progress.json holds the stable times so far
@@ -747,11 +800,17 @@ def simulate(model: nn.Module, dataset: QMDataset, config: SimulationConfig, out
     refused unless `resume` or `overwrite`. With a labelled `test_set`, the model's
     energy/force errors on it are stored too, so one file holds stability, observables
     and accuracy. `reference_b`, a second independent reference chain of the molecule,
-    gives the h(r) noise band (`hr_comparison`). Every file is written atomically."""
+    gives the h(r) noise band (`hr_comparison`). `rdf_targets` ({'O-O': table path}) and
+    `diffusivity_target` (a `ScalarTarget`) add comparisons with a user's targets
+    (`openmm_stable.targets`; periodic data). Every file is written atomically."""
     from openmm_stable import report
     from openmm_stable.temperature import with_sampling_temperature
 
     check_molecules(dataset, reference)
+    target_curves = rdf_target_curves(dataset, config, rdf_targets)  # bad tables fail before the run
+    if diffusivity_target is not None and not dataset.periodic:
+        raise InputError(f"a diffusivity target is compared with the molecular diffusivity of a periodic box; "
+                         f"{dataset.source} has no box")
     if reference_b is not None:
         if reference is None or dataset.periodic:
             raise InputError("a second reference (--reference-b) gives the h(r) noise band of a molecule: it needs "
@@ -787,7 +846,8 @@ def simulate(model: nn.Module, dataset: QMDataset, config: SimulationConfig, out
         "platform": result.platform,
     })
     if dataset.periodic:
-        metrics.update(_periodic_observables(result, dataset, reference, config, out))
+        metrics.update(_periodic_observables(result, dataset, reference, config, out, target_curves,
+                                             diffusivity_target))
     else:
         hr = hr_comparison(result, dataset, reference, config, reference_b)
         metrics.update({k: hr[k] for k in ("hr_mae", "hr_mae_occupied", "hr_occupied_bins", "hr_noise_mae",
@@ -816,18 +876,25 @@ def simulate(model: nn.Module, dataset: QMDataset, config: SimulationConfig, out
 
 
 def _periodic_observables(result: SimulationResult, dataset: QMDataset, reference: Optional[QMDataset],
-                          config: SimulationConfig, out: Path) -> dict:
-    """RDF errors per element pair and diffusivities (cm^2/s) for metrics.json; writes
-    rdf.npz and rdf.png."""
+                          config: SimulationConfig, out: Path, target_curves: Optional[dict] = None,
+                          diffusivity_target=None) -> dict:
+    """RDF errors per element pair and diffusivities (cm^2/s) for metrics.json, against the
+    reference and any user targets; writes rdf.npz and rdf.png."""
     from openmm_stable import report
 
-    rdfs = rdf_comparison(result, dataset, reference, config)
+    rdfs = rdf_comparison(result, dataset, reference, config, targets=target_curves)
     metrics: dict = {}
     if rdfs["rdf_mae"]:
         metrics["rdf_mae"] = rdfs["rdf_mae"]
         metrics["rdf_mae_mean"] = float(np.mean(list(rdfs["rdf_mae"].values())))
         metrics["reference_ess"] = rdfs["reference_ess"]
+    if target_curves:
+        metrics["rdf_target_mae"] = rdfs["rdf_target_mae"]
+        metrics["rdf_target"] = {label: {k: v for k, v in t.items() if k != "values"}
+                                 for label, t in target_curves.items()}
     diff = diffusivity_comparison(result, dataset, reference, config)
+    if diffusivity_target is not None:
+        metrics["diffusivity_target_error"] = diffusivity_target_error(diff.get("diffusivity"), diffusivity_target)
     for key in ("diffusivity", "reference_diffusivity"):
         if key in diff:
             metrics[f"{key}_cm2_per_s"] = diff[key] * A2_PER_PS_IN_CM2_PER_S
@@ -835,7 +902,8 @@ def _periodic_observables(result: SimulationResult, dataset: QMDataset, referenc
         metrics["diffusivity_replicas"] = diff["diffusivity_replicas"]
     if "diffusivity" in diff and diff.get("reference_diffusivity"):
         metrics["diffusivity_relative_error"] = diff["diffusivity"] / diff["reference_diffusivity"] - 1.0
-    curves = {label: {name: rdfs[f"{name}_{label}"] for name in ("model", "reference") if f"{name}_{label}" in rdfs}
+    curves = {label: {name: rdfs[f"{name}_{label}"] for name in ("model", "reference", "target")
+                      if f"{name}_{label}" in rdfs}
               for label in rdfs["pairs"]}
     if any(curves.values()):
         report.plot_rdfs(rdfs["r"], curves, out / "rdf.png")
@@ -920,6 +988,15 @@ def summary(metrics: dict) -> str:
     if "rdf_mae" in metrics:
         pairs = "  ".join(f"{k} {v:.4f}" for k, v in metrics["rdf_mae"].items())
         lines.append(f"RDF MAE vs reference: {pairs} (reference ESS {metrics['reference_ess']:.0f})")
+    if "rdf_target_mae" in metrics:
+        pairs = "  ".join(f"{k} {v:.4f}" for k, v in metrics["rdf_target_mae"].items())
+        lines.append(f"RDF MAE vs target table: {pairs or 'no stable frames'}")
+    if "diffusivity_target_error" in metrics:
+        t = metrics["diffusivity_target_error"]
+        lines.append(f"diffusivity target {t['target_cm2_per_s']:.3g} cm^2/s"
+                     + (f" +- {t['sigma_cm2_per_s']:.2g}" if t["sigma_cm2_per_s"] is not None else "")
+                     + (f": relative error {t['relative_error']:+.2f}" if t["relative_error"] is not None else "")
+                     + (f" ({t['z']:+.1f} sigma)" if t["z"] is not None else ""))
     if "diffusivity_cm2_per_s" in metrics:
         ref = metrics.get("reference_diffusivity_cm2_per_s")
         lines.append(f"diffusivity: {metrics['diffusivity_cm2_per_s']:.3g} cm^2/s"

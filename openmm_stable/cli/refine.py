@@ -2,6 +2,7 @@
 
     openmm-stable refine pretrain/model.pt --data aspirin_xtb.npz --config refine.yaml --out refined/
     openmm-stable refine pretrain/model.pt --data aspirin_xtb.npz --out refined/ --resume   # after a kill
+    openmm-stable refine pre_w/model.pt --data water.npz --target exp_goo.csv --out refined_w/   # target from a g(r) table
 
 Settings come from `StableConfig` defaults, then the YAML file, then command-line flags.
 """
@@ -35,6 +36,9 @@ def register(subparsers) -> None:
     p.add_argument("--stability", choices=STABILITY_KINDS, default=None,
                    help="training stability criterion: bonds, min_distance, or auto (min_distance for periodic data)")
     p.add_argument("--min-distance-threshold", type=float, default=None, help="A, for --stability min_distance")
+    p.add_argument("--target", default=None, metavar="FILE",
+                   help="observable_target: a table of the target curve (e.g. r_A,g,sigma; for the rdf or hr "
+                        "observable) instead of the reference frames' average; format in openmm_stable/targets.py")
     p.add_argument("--no-progress", action="store_true")
     add_engine_arguments(p, defaults_from_config=True)
     p.set_defaults(func=run)
@@ -51,7 +55,7 @@ def config_from_args(args):
                  "equilibration_ps": args.equilibration_ps,
                  "lr": args.lr, "seed": args.seed, "stability": args.stability,
                  "min_distance_threshold": args.min_distance_threshold,
-                 "reference_temperature_K": args.reference_temperature}
+                 "reference_temperature_K": args.reference_temperature, "observable_target": args.target}
     config = (config_from_yaml(StableConfig, args.config, overrides) if args.config
               else StableConfig.from_dict({k: v for k, v in overrides.items() if v is not None}))
     given = {k: v for k, v in engine_overrides(args).items() if v is not None}

@@ -5,6 +5,7 @@
     openmm-stable simulate model.pt --data aspirin_xtb.npz --config simulate.yaml --replicas 32 --out sim/
     openmm-stable simulate model.pt --data aspirin_xtb.npz --replicas 16 --time 10 --out sim/ --resume  # after a kill
     openmm-stable simulate model.pt --data ethanol.npz --replicas 64 --time 16 --renewal --reference-b b.npz --out sim/
+    openmm-stable simulate model.pt --data water.npz --rdf-target O-O=exp_goo.csv --diffusivity-target 2.3e-5+-0.1e-5cm^2/s --out sim/
 
 ``--config FILE`` reads a YAML mapping of `SimulationConfig` fields (``engine:`` a mapping
 of `EngineConfig` fields); flags given on the command line override it, as for pretrain
@@ -53,6 +54,12 @@ def register(subparsers) -> None:
                    help="continue the run in --out that was killed (same model, data and settings), from its last "
                         "saved chunk")
     p.add_argument("--overwrite", action="store_true", help="replace the run that --out already holds")
+    p.add_argument("--rdf-target", action="append", default=None, metavar="PAIR=FILE",
+                   help="also compare the RDF of element pair PAIR with the table in FILE (e.g. O-O=exp_goo.csv; "
+                        "columns r_A or r_nm, g, optional sigma: openmm_stable/targets.py); repeatable")
+    p.add_argument("--diffusivity-target", default=None, metavar="VALUE[+-SIGMA]UNIT",
+                   help="also compare the diffusivity with a target, e.g. 2.3e-5+-0.1e-5cm^2/s (units A^2/ps, "
+                        "cm^2/s, m^2/s), or a YAML file {value, sigma, unit}")
     p.add_argument("--no-progress", action="store_true")
     add_engine_arguments(p, defaults_from_config=True)
     p.set_defaults(func=run)
@@ -84,12 +91,30 @@ def config_from_args(args):
     return load_config(SimulationConfig, args.config or None, overrides)
 
 
+def targets_from_args(args) -> tuple[dict, object]:
+    """({pair: table path} from the --rdf-target PAIR=FILE flags, the --diffusivity-target)."""
+    from openmm_stable.errors import InputError
+    from openmm_stable.targets import scalar_target
+
+    tables = {}
+    for item in args.rdf_target or []:
+        pair, sep, path = item.partition("=")
+        if not sep or not pair.strip() or not path.strip():
+            raise InputError(f"--rdf-target {item!r}: expected PAIR=FILE, e.g. O-O=exp_goo.csv")
+        if pair.strip() in tables:
+            raise InputError(f"--rdf-target: pair {pair.strip()} given twice")
+        tables[pair.strip()] = path.strip()
+    diffusivity = scalar_target(args.diffusivity_target) if args.diffusivity_target else None
+    return tables, diffusivity
+
+
 def run(args) -> int:
     from openmm_stable.data import load_dataset
     from openmm_stable.models import load_model
     from openmm_stable.simulate import simulate, summary
 
     config = config_from_args(args)  # bad settings fail before anything is loaded
+    rdf_targets, diffusivity_target = targets_from_args(args)
     model = load_model(args.model)
     dataset = load_dataset(args.data)
     reference = load_dataset(args.reference) if args.reference else dataset
@@ -98,7 +123,7 @@ def run(args) -> int:
     test_set = load_dataset(args.test_data) if args.test_data else None
     metrics = simulate(model, dataset, config, args.out, reference=reference, test_set=test_set,
                        progress=not args.no_progress, resume=args.resume, overwrite=args.overwrite,
-                       reference_b=reference_b)
+                       reference_b=reference_b, rdf_targets=rdf_targets, diffusivity_target=diffusivity_target)
     print(summary(metrics))
     print(f"wrote {args.out}/metrics.json and plots")
     return 0

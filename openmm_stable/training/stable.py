@@ -189,8 +189,16 @@ class StableTrainer:
         self.observable_config = observable_settings(config.observable, dataset)
         self.observable = make_observable(**self.observable_config).prepare(dataset.atomic_numbers,
                                                                             dataset.positions[0])
-        reference_target, self.reference_ess = reference_from_dataset(
-            self.observable, reference if reference is not None else dataset, config.engine.temperature_K)
+        self.target_record = None  # observable_target: where the target came from (metrics.json)
+        if config.observable_target is not None:  # a user's table (`openmm_stable.targets`)
+            from openmm_stable.targets import observable_target
+
+            target = observable_target(self.observable, config.observable_target)
+            reference_target, self.reference_ess = target.values, None
+            self.target_record = {**target.record(), "sigma_used_as_weight": False}
+        else:
+            reference_target, self.reference_ess = reference_from_dataset(
+                self.observable, reference if reference is not None else dataset, config.engine.temperature_K)
         if config.local_neighbourhoods:
             if dataset.box is None or not hasattr(self.observable, "local_samples"):
                 raise InputError("refine config: local_neighbourhoods: only for the rdf observable of a periodic box "
@@ -639,6 +647,7 @@ class StableTrainer:
             "val_energy_mae_meV": self.state.history[-1]["val_energy_mae_meV"],
             "val_force_mae_meV_per_A": self.state.history[-1]["val_force_mae_meV_per_A"],
             "reference_ess": self.reference_ess,
+            "observable_target": self.target_record or {"source": "reference frames"},
             "stability": self.criterion.__class__.__name__,
             "observable": {k: v for k, v in self.observable_config.items() if k != "molecule_ids"},
             "sim_time_s": sum(r["sim_time_s"] for r in self.state.history),

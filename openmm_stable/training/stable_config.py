@@ -105,6 +105,9 @@ class StableConfig:
     max_epochs: int = 20
     max_learning_steps: Optional[int] = None  # stop after this many optimizer steps (controls match a run's count)
     observable: dict = dataclasses.field(default_factory=lambda: {"name": "hr"})
+    # A target table file (r, g, sigma; `openmm_stable.targets`) for a curve observable (rdf,
+    # hr): the target comes from it instead of the reference frames. None: from the frames.
+    observable_target: Optional[str] = None
     observable_loss: str = "mse"
     # "ensemble": L(<O>), match the average; "per_frame": <L(O(x))>, score every frame
     # against the target, so frames far from it (the failures) raise their own energy
@@ -227,6 +230,15 @@ class StableConfig:
         if self.neighbourhood_radius is not None and not self.neighbourhood_radius > 0:
             fail("neighbourhood_radius", "must be > 0 (or unset: the RDF's r_max)")
         ObservableLoss(torch.zeros(1), self.observable_loss)  # validates the loss name
+        if self.observable_target is not None:
+            from openmm_stable.targets import CURVE_OBSERVABLES, read_table
+
+            if self.observable["name"] not in CURVE_OBSERVABLES:
+                fail("observable_target", f"a target table gives a curve over r bins, for the "
+                                          f"{' or '.join(CURVE_OBSERVABLES)} observable, not "
+                                          f"{self.observable['name']!r}")
+            self.observable_target = str(self.observable_target)
+            read_table(self.observable_target)  # a malformed table fails here, before any simulation
 
     @classmethod
     def from_dict(cls, values: dict) -> "StableConfig":
